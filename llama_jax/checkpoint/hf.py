@@ -1,0 +1,231 @@
+"""Hugging Face Llama checkpoints: config.json + safetensors (single file or sharded index).
+
+`load_hf_checkpoint` reads tensor by tensor into the target sharding;
+`save_hf_checkpoint` writes a directory that `transformers.LlamaForCausalLM` loads.
+config.json is accepted both as published with the Llama checkpoints (`rope_theta` +
+`rope_scaling`) and in the `rope_parameters` form that recent `transformers` writes. Any
+field that is neither handled nor known to be irrelevant raises.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from llama_jax import sharding as shd
+from llama_jax.checkpoint.params import CheckpointError, build_params, iter_hf_tensors
+from llama_jax.config import LlamaConfig, RopeScaling
+
+# HF field -> LlamaConfig field.
+_FIELDS = {
+  "vocab_size": "vocab_size",
+  "num_hidden_layers": "num_layers",
+  "hidden_size": "d_model",
+  "num_attention_heads": "num_heads",
+  "num_key_value_heads": "num_kv_heads",
+  "head_dim": "head_dim",
+  "intermediate_size": "mlp_dim",
+  "rms_norm_eps": "norm_eps",
+  "max_position_embeddings": "max_seq_len",
+  "tie_word_embeddings": "tie_embeddings",
+  "bos_token_id": "bos_token_id",
+  "eos_token_id": "eos_token_id",
+  "initializer_range": "initializer_range",
+}
+# Fields that must hold one value, because the model implements only that one.
+_REQUIRED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+             "attention_dropout": 0.0, "model_type": "llama"}
+# Fields that do not affect the model's function.
+_IGNORED = {"architectures", "torch_dtype", "dtype", "transformers_version", "use_cache",
+            "pad_token_id", "pretraining_tp", "_name_or_path", "output_attentions",
+            "output_hidden_states", "return_dict"}
+_ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "low_freq_factor",
+              "high_freq_factor", "original_max_position_embeddings"}
+
+
+def config_from_hf(hf: dict[str, Any], source: str = "config.json", **overrides) -> LlamaConfig:
+  """LlamaConfig from a HF config dict; unknown fields and unsupported values raise."""
+  known = set(_FIELDS) | set(_REQUIRED) | _IGNORED | {"rope_theta", "rope_scaling",
+                                                      "rope_parameters"}
+  unknown = sorted(set(hf) - known)
+  if unknown:
+    raise CheckpointError(
+      f"{source}: unsupported field(s) {unknown} (values {[hf[k] for k in unknown]}); "
+      "llama_jax would silently ignore them"
+    )
+  for key, value in _REQUIRED.items():
+    if key in hf and hf[key] != value:
+      raise CheckpointError(f"{source}: {key}={hf[key]!r} is not supported (need {value!r})")
+  kwargs = {ours: hf[theirs] for theirs, ours in _FIELDS.items() if theirs in hf}
+  kwargs.setdefault("num_kv_heads", hf["num_attention_heads"])
+  kwargs.setdefault("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
+  if isinstance(kwargs.get("eos_token_id"), list):
+    kwargs["eos_token_id"] = tuple(kwargs["eos_token_id"])
+  kwargs["rope_theta"], kwargs["rope_scaling"] = _rope_from_hf(hf, source)
+  return LlamaConfig(**kwargs).replace(**overrides)
+
+
+def _rope_from_hf(hf: dict[str, Any], source: str) -> tuple[float, RopeScaling | None]:
+  """(theta, scaling) from `rope_theta` + `rope_scaling` or from `rope_parameters`."""
+  theta = hf.get("rope_theta")
+  rope = hf.get("rope_parameters") or hf.get("rope_scaling")
+  if rope is None:
+    return float(theta if theta is not None else 10000.0), None
+  field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+  unknown = sorted(set(rope) - _ROPE_KEYS)
+  if unknown:
+    raise CheckpointError(f"{source}: unsupported {field} key(s) {unknown} in {rope}")
+  theta = rope.get("rope_theta", theta)
+  kind = rope.get("rope_type", rope.get("type", "default"))
+  if kind == "default":
+    return float(theta if theta is not None else 10000.0), None
+  if kind != "llama3":
+    raise CheckpointError(
+      f"{source}: {field} type {kind!r} is not supported (supported: 'default', 'llama3')"
+    )
+  try:
+    scaling = RopeScaling(
+      factor=float(rope["factor"]),
+      low_freq_factor=float(rope["low_freq_factor"]),
+      high_freq_factor=float(rope["high_freq_factor"]),
+      original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+    )
+  except KeyError as e:
+    raise CheckpointError(f"{source}: {field} of type 'llama3' lacks {e.args[0]!r}: {rope}") from e
+  return float(theta), scaling
+
+
+def config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
+  """HF config dict in the form published with the Llama checkpoints."""
+  hf = {theirs: getattr(cfg, ours) for theirs, ours in _FIELDS.items()}
+  if isinstance(hf["eos_token_id"], tuple):
+    hf["eos_token_id"] = list(hf["eos_token_id"])
+  hf |= dict(_REQUIRED, architectures=["LlamaForCausalLM"], rope_theta=cfg.rope_theta,
+             torch_dtype=cfg.param_dtype, rope_scaling=None)
+  if cfg.rope_scaling is not None:
+    s = cfg.rope_scaling
+    hf["rope_scaling"] = {"rope_type": "llama3", "factor": s.factor,
+                          "low_freq_factor": s.low_freq_factor,
+                          "high_freq_factor": s.high_freq_factor,
+                          "original_max_position_embeddings": s.original_max_position_embeddings}
+  return hf
+
+
+def _tensor_files(path: Path) -> dict[str, Path]:
+  """Tensor name -> safetensors file, from the sharded index or the single file."""
+  index = path / "model.safetensors.index.json"
+  if index.exists():
+    weight_map = json.loads(index.read_text())["weight_map"]
+    return {name: path / file for name, file in weight_map.items()}
+  files = sorted(path.glob("*.safetensors"))
+  if not files:
+    raise CheckpointError(f"{path}: no model.safetensors, no index, no *.safetensors files")
+  out = {}
+  for file in files:
+    with safe_open(file, framework="numpy") as f:
+      for name in f.keys():
+        if name in out:
+          raise CheckpointError(f"{path}: tensor {name} is in both {out[name]} and {file}")
+        out[name] = file
+  return out
+
+
+def _reader(file: Path, name: str):
+  def read() -> np.ndarray:
+    with safe_open(file, framework="numpy") as f:
+      return f.get_tensor(name)
+
+  return read
+
+
+def load_hf_checkpoint(
+  path: str | Path,
+  *,
+  dtype: str = "float32",
+  mesh: Mesh | None = None,
+  rules: shd.Rules = shd.DEFAULT_RULES,
+  **config_overrides,
+) -> tuple[LlamaConfig, dict]:
+  """Reads a HF Llama directory into `(config, params)`.
+
+  Args:
+    path: directory with config.json and model.safetensors (or an index + shards).
+    dtype: parameter dtype (also the config's `param_dtype`).
+    mesh: if given, every tensor goes straight into its sharding on this mesh.
+    rules: logical-axis rules for the shardings.
+    **config_overrides: LlamaConfig fields such as `dtype="bfloat16"` or `scan_layers=True`.
+  """
+  path = Path(path)
+  config_file = path / "config.json"
+  if not config_file.exists():
+    raise CheckpointError(f"{path}: no config.json")
+  cfg = config_from_hf(json.loads(config_file.read_text()), str(config_file),
+                       param_dtype=dtype, **config_overrides)
+  files = _tensor_files(path)
+  tensors = {name: _reader(file, name) for name, file in files.items()}
+  ignore = {n for n in tensors if n.endswith("rotary_emb.inv_freq")}
+  if cfg.tie_embeddings and "lm_head.weight" in tensors:
+    _check_tied_head(tensors, path)
+    ignore.add("lm_head.weight")
+  return cfg, build_params(cfg, tensors, source=str(path), mesh=mesh, rules=rules, ignore=ignore)
+
+
+def _check_tied_head(tensors, path):
+  """Some exports store the tied head anyway; accept it only if it equals the embedding."""
+  if not np.array_equal(tensors["lm_head.weight"](), tensors["model.embed_tokens.weight"]()):
+    raise CheckpointError(
+      f"{path}: tie_word_embeddings=true but lm_head.weight differs from model.embed_tokens.weight"
+    )
+
+
+def save_hf_checkpoint(path: str | Path, config: LlamaConfig, params, *,
+                       max_shard_bytes: int = 2 * 1024**3) -> None:
+  """Writes config.json + safetensors that `transformers.LlamaForCausalLM` loads.
+
+  Tensors are fetched one at a time; host memory peaks at about `max_shard_bytes`. With
+  several processes every process must call this (sharded parameters are gathered), and
+  process 0 writes.
+  """
+  path = Path(path)
+  write = jax.process_index() == 0
+  if write:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config_to_hf(config), indent=2) + "\n")
+  shards: list[dict[str, np.ndarray]] = [{}]
+  files: list[Path] = []
+  weight_map: dict[str, str] = {}
+  total = 0
+
+  def flush():
+    file = path / f"model-{len(files) + 1:05d}.safetensors"
+    if write:
+      save_file(shards[-1], file, metadata={"format": "pt"})
+    files.append(file)
+    weight_map.update({name: file.name for name in shards[-1]})
+    shards.append({})
+
+  for name, array in iter_hf_tensors(config, params):
+    if shards[-1] and sum(a.nbytes for a in shards[-1].values()) + array.nbytes > max_shard_bytes:
+      flush()
+    shards[-1][name] = array
+    total += array.nbytes
+  flush()
+  if not write:
+    return
+  if len(files) == 1:
+    files[0].rename(path / "model.safetensors")
+    return
+  count = len(files)
+  for i, file in enumerate(files, 1):  # HF's naming: model-00001-of-00003.safetensors
+    final = path / f"model-{i:05d}-of-{count:05d}.safetensors"
+    file.rename(final)
+    weight_map = {n: (final.name if f == file.name else f) for n, f in weight_map.items()}
+  index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+  (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,402 @@
+"""The Llama 2 / Llama 3 decoder in Flax linen.
+
+Dimension vocabulary (used in every einsum, name and comment of the project):
+  B batch, T query length, S key length, D model width (d_model), N query heads,
+  K kv heads, G = N/K query heads per kv head, H head dim, F MLP hidden, V vocab, L layers.
+
+Attention masks come from segment ids: a query attends to a key iff both carry the same
+segment id and the key is not later than the query. Segment 0 marks padding (and empty KV
+cache slots), so one rule covers plain causal attention, padded batches, packed documents
+and decoding against a cache.
+
+Every parameter carries logical axis names (see `llama_jax.sharding` for the table that maps
+them to mesh axes), and the main activations are constrained with logical names prefixed
+`act_`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax.config import LlamaConfig, RopeScaling
+
+# A large finite negative instead of -inf: rows with every key masked (padding queries)
+# then give a harmless uniform average instead of NaNs.
+_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+# --------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+  """Inverse frequencies [H/2] of the rotary embedding, with optional Llama 3.1 scaling."""
+  inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+  if scaling is not None:
+    inv_freq = llama3_scale_frequencies(inv_freq, scaling)
+  return inv_freq.astype(np.float32)
+
+
+def llama3_scale_frequencies(inv_freq: np.ndarray, s: RopeScaling) -> np.ndarray:
+  """Llama 3.1 "llama3" scaling: keep high frequencies, divide low ones, blend between."""
+  wavelen = 2 * np.pi / inv_freq
+  old_ctx = s.original_max_position_embeddings
+  high_freq_wavelen, low_freq_wavelen = old_ctx / s.high_freq_factor, old_ctx / s.low_freq_factor
+  blend = (old_ctx / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+  blended = (1 - blend) * inv_freq / s.factor + blend * inv_freq
+  return np.where(
+    wavelen < high_freq_wavelen,
+    inv_freq,
+    np.where(wavelen > low_freq_wavelen, inv_freq / s.factor, blended),
+  )
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+  """Rotates x [B, T, N, H] by positions [B, T] in the half-split layout of HF Llama.
+
+  Pairs are (x[i], x[i + H/2]); Meta's checkpoints pair neighbours instead, which
+  `llama_jax.checkpoint.meta` undoes once at import time.
+  """
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+  """Positions [B, T] that restart at 0 where the segment id changes (packed documents)."""
+  t = jnp.arange(segment_ids.shape[1])
+  starts = jnp.concatenate(
+    [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+  )
+  return t - jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
+
+
+def segment_mask(q_segments: jax.Array, kv_segments: jax.Array, causal: bool) -> jax.Array:
+  """[B, T, S] bool: same segment and, if causal, key slot ≤ query slot."""
+  mask = q_segments[:, :, None] == kv_segments[:, None, :]
+  if causal:
+    t, s = q_segments.shape[1], kv_segments.shape[1]
+    mask &= jnp.arange(t)[:, None] >= jnp.arange(s)[None, :]
+  return mask
+
+
+# --------------------------------------------------------------------------- KV cache
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of earlier tokens, for decoding through `Llama.__call__`.
+
+  All rows write the same slot range: a call with T new tokens writes slots
+  [index, index + T). Rows of different lengths are left-padded (segment id 0), so padding
+  occupies slots that no real query attends to. The cache is a plain pytree, so it can be
+  donated to, and carried through, a compiled decode loop.
+  """
+
+  k: jax.Array  # [L, B, S, K, H]
+  v: jax.Array  # [L, B, S, K, H]
+  segment_ids: jax.Array  # [B, S] int32; 0 = empty slot or padding
+  index: jax.Array  # [] int32; the next slot to write
+
+  @classmethod
+  def init(cls, config: LlamaConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
+    """An empty cache with room for `max_len` tokens per row."""
+    dtype = jnp.dtype(dtype or config.dtype)
+    shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+    return cls(
+      k=jnp.zeros(shape, dtype),
+      v=jnp.zeros(shape, dtype),
+      segment_ids=jnp.zeros((batch_size, max_len), jnp.int32),
+      index=jnp.zeros((), jnp.int32),
+    )
+
+  @property
+  def max_len(self) -> int:
+    return self.segment_ids.shape[1]
+
+  def lengths(self) -> jax.Array:
+    """Number of real (non-padding) tokens stored per row [B]."""
+    return jnp.sum(self.segment_ids != 0, axis=1, dtype=jnp.int32)
+
+  def write(self, new_k: jax.Array, new_v: jax.Array, segment_ids: jax.Array) -> KVCache:
+    """Writes new keys/values [L, B, T, K, H] and their segment ids [B, T] at `index`."""
+    at = (0, 0, self.index, 0, 0)
+    return KVCache(
+      k=jax.lax.dynamic_update_slice(self.k, new_k.astype(self.k.dtype), at),
+      v=jax.lax.dynamic_update_slice(self.v, new_v.astype(self.v.dtype), at),
+      segment_ids=jax.lax.dynamic_update_slice(self.segment_ids, segment_ids, (0, self.index)),
+      index=self.index + segment_ids.shape[1],
+    )
+
+
+# --------------------------------------------------------------------------- attention
+
+# One attention input part: keys [B, S, K, H], values [B, S, K, H], mask [B, T, S].
+KVPart = tuple[jax.Array, jax.Array, jax.Array]
+
+
+def attend_xla(q: jax.Array, parts: Sequence[KVPart]) -> jax.Array:
+  """Softmax attention of q [B, T, N, H] over the concatenation of key/value parts.
+
+  GQA without repeating K/V: queries are viewed as [B, T, K, G, H], so KV head j serves
+  query heads j·G … (j+1)·G−1. Scores and softmax are float32 whatever the input dtype.
+  Several parts (a KV cache and the new tokens) are scored separately and share one
+  softmax, so the cache is never concatenated with, or copied into, a new buffer.
+  """
+  b, t, n, h = q.shape
+  kv_heads = parts[0][0].shape[2]
+  q = q.reshape(b, t, kv_heads, n // kv_heads, h) * (h**-0.5)
+  scores = [
+    jnp.where(
+      mask[:, None, None],
+      jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32),
+      _MASK_VALUE,
+    )
+    for k, _, mask in parts
+  ]
+  probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(q.dtype)
+  sizes = np.cumsum([k.shape[1] for k, _, _ in parts])[:-1]
+  out = sum(
+    jnp.einsum("BKGTS,BSKH->BTKGH", p, v)
+    for p, (_, v, _) in zip(jnp.split(probs, sizes, axis=-1), parts, strict=True)
+  )
+  return out.reshape(b, t, n, h)
+
+
+def attend_dot_product(
+  q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, implementation
+) -> jax.Array:
+  """`jax.nn.dot_product_attention` (cuDNN flash attention on GPU), causal + segments."""
+  mask = None if segment_ids is None else segment_mask(segment_ids, segment_ids, False)[:, None]
+  return jax.nn.dot_product_attention(
+    q, k, v, mask=mask, is_causal=True, implementation=implementation
+  )
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def _dense_param(module: nn.Module, name: str, shape, axes, cfg: LlamaConfig) -> jax.Array:
+  init = nn.initializers.normal(cfg.initializer_range)
+  w = module.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.param_dtype)
+  return w.astype(cfg.dtype)
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square normalization, computed in float32 whatever the activation dtype."""
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.config
+    scale = self.param(
+      "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+      (x.shape[-1],), cfg.param_dtype,
+    )
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
+    return (x32 * scale.astype(jnp.float32)).astype(cfg.dtype)
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention with RoPE; optionally attends to a KV cache too."""
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, positions, masks, cached_kv):
+    cfg = self.config
+    d, n, kh, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    wq = _dense_param(self, "q", (d, n, h), ("embed", "q_heads", "head_dim"), cfg)
+    wk = _dense_param(self, "k", (d, kh, h), ("embed", "kv_heads", "head_dim"), cfg)
+    wv = _dense_param(self, "v", (d, kh, h), ("embed", "kv_heads", "head_dim"), cfg)
+    wo = _dense_param(self, "o", (n, h, d), ("q_heads", "head_dim", "embed"), cfg)
+
+    inv_freq = rope_inv_frequencies(h, cfg.rope_theta, cfg.rope_scaling)
+    heads = ("act_batch", "act_seq", "act_heads", None)
+    q = nn.with_logical_constraint(jnp.einsum("BTD,DNH->BTNH", x, wq), heads)
+    k = nn.with_logical_constraint(jnp.einsum("BTD,DKH->BTKH", x, wk), heads)
+    v = nn.with_logical_constraint(jnp.einsum("BTD,DKH->BTKH", x, wv), heads)
+    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+
+    if cached_kv is not None:  # decoding: cached keys, then the new tokens
+      cache_k, cache_v = cached_kv
+      out = attend_xla(q, [(cache_k.astype(q.dtype), cache_v.astype(q.dtype), masks[0]),
+                           (k, v, masks[1])])
+    elif cfg.attention_impl == "xla":
+      out = attend_xla(q, [(k, v, masks[0])])
+    else:
+      impl = "cudnn" if cfg.attention_impl == "cudnn" else None
+      out = attend_dot_product(q, k, v, masks[1], impl)
+    out = nn.with_logical_constraint(out, heads)
+    y = jnp.einsum("BTNH,NHD->BTD", out, wo)
+    return y, ((k, v) if cached_kv is not None else None)
+
+
+class MLP(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    d, f = cfg.d_model, cfg.mlp_dim
+    w_gate = _dense_param(self, "gate", (d, f), ("embed", "mlp"), cfg)
+    w_up = _dense_param(self, "up", (d, f), ("embed", "mlp"), cfg)
+    w_down = _dense_param(self, "down", (f, d), ("mlp", "embed"), cfg)
+    hidden = ("act_batch", "act_seq", "act_mlp")
+    gate = nn.with_logical_constraint(jnp.einsum("BTD,DF->BTF", x, w_gate), hidden)
+    up = nn.with_logical_constraint(jnp.einsum("BTD,DF->BTF", x, w_up), hidden)
+    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, w_down)
+
+
+class Block(nn.Module):
+  """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, positions, masks, cached_kv=None):
+    cfg = self.config
+    residual = ("act_batch", "act_seq", "act_embed")
+    attn_out, new_kv = Attention(cfg, name="attn")(
+      RMSNorm(cfg, name="attn_norm")(x), positions, masks, cached_kv
+    )
+    x = nn.with_logical_constraint(x + attn_out, residual)
+    x = x + MLP(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x))
+    return nn.with_logical_constraint(x, residual), new_kv
+
+
+_REMAT_POLICIES = {
+  "full": None,  # save nothing, recompute the whole layer
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _block_class(cfg: LlamaConfig):
+  if cfg.remat_policy == "none":
+    return Block
+  return nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+
+
+class Llama(nn.Module):
+  """The Llama decoder: embeddings, L pre-norm blocks, final RMSNorm, LM head.
+
+  `apply({"params": p}, tokens [B, T], positions=None, segment_ids=None)` returns float32
+  logits [B, T, V]. With `cache=KVCache(...)` it returns `(logits, new_cache)`: the new
+  tokens attend to the cached ones and are appended at `cache.index`.
+
+  Args of `__call__` / `hidden_states`:
+    tokens: int [B, T].
+    positions: int [B, T] RoPE positions. Default: 0… per segment (restarting where
+      `segment_ids` changes); with a cache, the number of real tokens already cached.
+    segment_ids: int [B, T]; 0 = padding, equal ids = one document. Default: all ones.
+    cache: optional `KVCache`.
+  """
+
+  config: LlamaConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embedding = self.param(
+      "embed", nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
+                                            ("vocab", "embed")),
+      (cfg.vocab_size, cfg.d_model), cfg.param_dtype,
+    )
+    block = _block_class(cfg)
+    if cfg.scan_layers:
+      self.layers = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, 0),
+        length=cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg, name="layers")
+    else:
+      self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+    self.final_norm = RMSNorm(cfg, name="final_norm")
+    if not cfg.tie_embeddings:
+      self.lm_head = self.param(
+        "lm_head", nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
+                                                ("embed", "vocab")),
+        (cfg.d_model, cfg.vocab_size), cfg.param_dtype,
+      )
+
+  def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None):
+    hidden, cache = self.hidden_states(tokens, positions, segment_ids, cache)
+    logits = self.logits(hidden)
+    return logits if cache is None else (logits, cache)
+
+  def hidden_states(self, tokens, positions=None, segment_ids=None, cache=None):
+    """Final-normed hidden states [B, T, D] (and the updated cache, or None)."""
+    cfg = self.config
+    if segment_ids is None:
+      segment_ids = jnp.ones(tokens.shape, jnp.int32)
+    if positions is None:
+      positions = (
+        positions_from_segments(segment_ids) if cache is None
+        else cache.lengths()[:, None] + jnp.cumsum(segment_ids != 0, axis=1) - 1
+      )
+    x = jnp.take(self.embedding, tokens, axis=0).astype(cfg.dtype)
+    x = nn.with_logical_constraint(x, ("act_batch", "act_seq", "act_embed"))
+
+    if cache is None:
+      masks = (segment_mask(segment_ids, segment_ids, causal=True), segment_ids)
+      cached_kv = None
+    else:
+      masks = (segment_mask(segment_ids, cache.segment_ids, causal=False),
+               segment_mask(segment_ids, segment_ids, causal=True))
+      cached_kv = (cache.k, cache.v)
+
+    x, new_kv = self._run_layers(x, positions, masks, cached_kv)
+    if cache is not None:
+      cache = cache.write(*new_kv, segment_ids.astype(jnp.int32))
+    return self.final_norm(x), cache
+
+  def _run_layers(self, x, positions, masks, cached_kv):
+    if self.config.scan_layers:
+      return self.layers(x, positions, masks, cached_kv)
+    new_kvs = []
+    for i, layer in enumerate(self.layers):
+      layer_kv = None if cached_kv is None else (cached_kv[0][i], cached_kv[1][i])
+      x, kv = layer(x, positions, masks, layer_kv)
+      new_kvs.append(kv)
+    if cached_kv is None:
+      return x, None
+    return x, tuple(jnp.stack(parts) for parts in zip(*new_kvs, strict=True))
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """LM-head logits [B, T, V] in float32 from hidden states [B, T, D]."""
+    cfg = self.config
+    if cfg.tie_embeddings:  # Llama 3.2 1B/3B: the embedding is the head, no extra scaling
+      out = jnp.einsum("BTD,VD->BTV", hidden, self.embedding.astype(cfg.dtype),
+                       preferred_element_type=jnp.float32)
+    else:
+      out = jnp.einsum("BTD,DV->BTV", hidden, self.lm_head.astype(cfg.dtype),
+                       preferred_element_type=jnp.float32)
+    return nn.with_logical_constraint(out, ("act_batch", "act_seq", "act_vocab"))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(config: LlamaConfig, rng: jax.Array):
+  return Llama(config).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def init_params(config: LlamaConfig, rng: jax.Array):
+  """Unsharded, unboxed parameters (for tests and small models; see `sharding.init_params`)."""
+  return nn.meta.unbox(_init(config, rng))

@@ -1,0 +1,263 @@
+"""Device meshes, the logical-axis table, and sharded parameter initialization.
+
+Sharding is declared once, as data: parameters and activations carry logical axis names
+(see `llama_jax.model`), and `DEFAULT_RULES` maps each name to mesh axes of a
+`('data', 'fsdp', 'tensor')` mesh. A parameter axis with no rule is an error, never a
+silent replication.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llama_jax.config import LlamaConfig
+from llama_jax.model import Llama
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+DEFAULT_RULES: Rules = (
+  # Parameters: FSDP shards the model width, tensor parallelism the heads / MLP / vocab.
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("q_heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("head_dim", None),
+  ("mlp", "tensor"),
+  ("norm", None),
+  ("layers", None),
+  # Activations: batch over data × fsdp, heads / MLP / vocab over tensor.
+  ("act_batch", BATCH_AXES),
+  ("act_seq", None),
+  ("act_embed", None),
+  ("act_heads", "tensor"),
+  ("act_mlp", "tensor"),
+  ("act_vocab", "tensor"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Mesh shape; one axis may be -1 to take the remaining devices."""
+
+  data: int = 1
+  fsdp: int = -1
+  tensor: int = 1
+
+  def resolve(self, num_devices: int) -> tuple[int, int, int]:
+    shape = [self.data, self.fsdp, self.tensor]
+    if shape.count(-1) > 1:
+      raise ValueError(f"MeshConfig {self}: at most one axis may be -1")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+      if num_devices % known:
+        raise ValueError(f"MeshConfig {self}: {num_devices} devices are not divisible by {known}")
+      shape[shape.index(-1)] = num_devices // known
+    if math.prod(shape) != num_devices or min(shape) < 1:
+      raise ValueError(
+        f"MeshConfig data={shape[0]} × fsdp={shape[1]} × tensor={shape[2]} = "
+        f"{math.prod(shape)} does not match the {num_devices} available devices"
+      )
+    return tuple(shape)
+
+
+def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None,
+              **axes: int) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh, e.g. `make_mesh(fsdp=4, tensor=2)`.
+
+  Devices are laid out by `mesh_utils` so that the innermost axis (tensor) gets the
+  fastest interconnect. Works across hosts once `initialize_distributed` has run.
+  """
+  config = config or MeshConfig(**axes)
+  devices = list(devices if devices is not None else jax.devices())
+  shape = config.resolve(len(devices))
+  try:
+    grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
+  except (AssertionError, NotImplementedError, ValueError):  # e.g. CPU / uneven topologies
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, MESH_AXES)
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None,
+                           local_device_ids: Sequence[int] | None = None) -> None:
+  """Joins a multi-process JAX job (no-op for a single process that passed nothing).
+
+  On TPU VMs and SLURM / Open MPI GPU clusters all arguments can be left out: JAX finds
+  the coordinator itself. On localhost pass them explicitly (see tests).
+  """
+  if jax.distributed.is_initialized():
+    return
+  explicit = coordinator_address is not None or num_processes is not None
+  if not explicit and not _on_managed_cluster():
+    return
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address, num_processes=num_processes,
+    process_id=process_id, local_device_ids=local_device_ids,
+  )
+
+
+def _on_managed_cluster() -> bool:
+  import os
+
+  return any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID",
+                                       "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS"))
+
+
+# --------------------------------------------------------------------------- logical axes
+
+
+def logical_to_mesh_spec(logical: Sequence[str | None], rules: Rules = DEFAULT_RULES,
+                         what: str = "array") -> PartitionSpec:
+  """PartitionSpec for logical axis names; an axis name with no rule raises."""
+  table = dict(rules)
+  missing = [name for name in logical if name is not None and name not in table]
+  if missing:
+    raise ValueError(
+      f"{what}: logical axis {missing[0]!r} (axes {tuple(logical)}) has no sharding rule; "
+      f"add it to the rules (known: {sorted(table)})"
+    )
+  return PartitionSpec(*(None if name is None else table[name] for name in logical))
+
+
+def _mesh_axis_size(mesh: Mesh, axes) -> int:
+  if axes is None:
+    return 1
+  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+def _path_name(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def abstract_params(config: LlamaConfig):
+  """Boxed (`nn.Partitioned`) parameter shapes, nothing allocated."""
+  return jax.eval_shape(
+    lambda: Llama(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+  )
+
+
+def param_partition_specs(config: LlamaConfig, rules: Rules = DEFAULT_RULES):
+  """Tree of mesh PartitionSpecs for the parameters of `config`."""
+  boxed = abstract_params(config)
+
+  def spec(path, leaf):
+    name = _path_name(path)
+    if not isinstance(leaf, nn.Partitioned):
+      raise ValueError(f"parameter {name} has no logical axis names; annotate it in the model")
+    return logical_to_mesh_spec(leaf.names, rules, what=f"parameter {name}")
+
+  return jax.tree_util.tree_map_with_path(
+    spec, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+  )
+
+
+def check_fits_mesh(config: LlamaConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> None:
+  """Raises if a parameter dimension is not divisible by the mesh axes it is sharded over."""
+  shapes = nn.meta.unbox(abstract_params(config))
+  specs = param_partition_specs(config, rules)
+  for (path, leaf), spec in zip(jax.tree_util.tree_leaves_with_path(shapes),
+                                jax.tree_util.tree_leaves(specs, is_leaf=_is_spec), strict=True):
+    for dim, (size, axes) in enumerate(zip(leaf.shape, spec, strict=False)):
+      n = _mesh_axis_size(mesh, axes)
+      if size % n:
+        raise ValueError(
+          f"parameter {_path_name(path)} of shape {leaf.shape}: dimension {dim} (size {size}) "
+          f"is not divisible by mesh axes {axes} of size {n} (mesh {dict(mesh.shape)})"
+        )
+
+
+def _is_spec(x) -> bool:
+  return isinstance(x, PartitionSpec)
+
+
+def param_shardings(config: LlamaConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+  """Tree of `NamedSharding`s for the parameters, after checking they fit the mesh."""
+  check_fits_mesh(config, mesh, rules)
+  return jax.tree_util.tree_map(
+    lambda spec: NamedSharding(mesh, spec), param_partition_specs(config, rules), is_leaf=_is_spec
+  )
+
+
+def named_sharding(mesh: Mesh, logical: Sequence[str | None],
+                   rules: Rules = DEFAULT_RULES) -> NamedSharding:
+  """NamedSharding of an activation / batch array from its logical axis names."""
+  return NamedSharding(mesh, logical_to_mesh_spec(logical, rules))
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh | None, rules: Rules = DEFAULT_RULES):
+  """Context under which the model's `with_logical_constraint`s take effect."""
+  if mesh is None:
+    yield
+    return
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def check_batch_fits_mesh(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
+  """Raises, naming the values, if a global batch does not divide over data × fsdp."""
+  n = _mesh_axis_size(mesh, BATCH_AXES)
+  if batch_size % n:
+    raise ValueError(
+      f"{what}={batch_size} is not divisible by the mesh's batch axes data × fsdp = {n} "
+      f"(mesh {dict(mesh.shape)})"
+    )
+
+
+def init_params(config: LlamaConfig, rng: jax.Array, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+  """Parameters initialized directly into their shardings.
+
+  The initializer is jit-compiled with `out_shardings`, so every device computes only its
+  own shards: a model larger than one device never exists on one device.
+  """
+  shardings = param_shardings(config, mesh, rules)
+
+  def init(rng):
+    variables = Llama(config).init(rng, jnp.zeros((1, 1), jnp.int32))
+    return nn.meta.unbox(variables["params"])
+
+  with activation_sharding(mesh, rules):
+    return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def make_forward(config: LlamaConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+  """`forward(params, tokens, positions, segment_ids) -> logits`, jitted with explicit
+  in/out shardings: batch over data × fsdp, vocab logits over tensor.
+
+  Pass `positions` / `segment_ids` as arrays (`None` is allowed and means the defaults).
+  """
+  model = Llama(config)
+  batch = named_sharding(mesh, ("act_batch", "act_seq"), rules)
+
+  def forward(params, tokens, positions=None, segment_ids=None):
+    with activation_sharding(mesh, rules):
+      return model.apply({"params": params}, tokens, positions, segment_ids)
+
+  return jax.jit(
+    forward,
+    in_shardings=(param_shardings(config, mesh, rules), batch, batch, batch),
+    out_shardings=named_sharding(mesh, ("act_batch", "act_seq", "act_vocab"), rules),
+  )
+
+
+def bytes_per_device(tree) -> dict[jax.Device, int]:
+  """Bytes of `tree`'s arrays held on each addressable device (counts real shards)."""
+  out: dict[jax.Device, int] = {}
+  for leaf in jax.tree_util.tree_leaves(tree):
+    for shard in leaf.addressable_shards:
+      out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+  return out
