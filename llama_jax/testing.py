@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +70,17 @@ def save_hf_tiny(name: str, path: str | Path, seed: int = 0):
   model = hf_tiny_model(name, seed)
   model.save_pretrained(str(path))
   return model
+
+
+@functools.cache
+def _jitted_apply(config):
+  import jax
+
+  from llama_jax.model import Llama
+
+  return jax.jit(lambda params, tokens, **kw: Llama(config).apply({"params": params}, tokens, **kw))
+
+
+def apply(config, params, tokens, **kwargs):
+  """`Llama(config).apply({"params": params}, tokens, **kwargs)`, jit-compiled once per config."""
+  return _jitted_apply(config)(params, tokens, **kwargs)

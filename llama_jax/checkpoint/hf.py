@@ -149,6 +149,7 @@ def load_hf_checkpoint(
   path: str | Path,
   *,
   dtype: str = "float32",
+  compute_dtype: str | None = None,
   mesh: Mesh | None = None,
   rules: shd.Rules = shd.DEFAULT_RULES,
   **config_overrides,
@@ -157,7 +158,8 @@ def load_hf_checkpoint(
 
   Args:
     path: directory with config.json and model.safetensors (or an index + shards).
-    dtype: parameter dtype (also the config's `param_dtype`).
+    dtype: parameter dtype (the config's `param_dtype`).
+    compute_dtype: activation / matmul dtype (the config's `dtype`); default: `dtype`.
     mesh: if given, every tensor goes straight into its sharding on this mesh.
     rules: logical-axis rules for the shardings.
     **config_overrides: LlamaConfig fields such as `dtype="bfloat16"` or `scan_layers=True`.
@@ -167,7 +169,8 @@ def load_hf_checkpoint(
   if not config_file.exists():
     raise CheckpointError(f"{path}: no config.json")
   cfg = config_from_hf(json.loads(config_file.read_text()), str(config_file),
-                       param_dtype=dtype, **config_overrides)
+                       param_dtype=dtype,
+                       dtype=compute_dtype or dtype, **config_overrides)
   files = _tensor_files(path)
   tensors = {name: _reader(file, name) for name, file in files.items()}
   ignore = {n for n in tensors if n.endswith("rotary_emb.inv_freq")}

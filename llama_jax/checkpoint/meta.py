@@ -117,6 +117,7 @@ def load_meta_checkpoint(
   path: str | Path,
   *,
   dtype: str = "float32",
+  compute_dtype: str | None = None,
   mesh: Mesh | None = None,
   rules: shd.Rules = shd.DEFAULT_RULES,
   rope_scaling: RopeScaling | None = None,
@@ -147,6 +148,7 @@ def load_meta_checkpoint(
   emb_axis = _embedding_axis(emb, meta["dim"]) if len(emb) > 1 else 0
   vocab = sum(p.shape[0] for p in emb) if emb_axis == 0 else emb[0].shape[0]
   cfg = config_from_meta(meta, vocab, str(params_file), rope_scaling, param_dtype=dtype,
+                       dtype=compute_dtype or dtype,
                          **config_overrides)
 
   tensors = {"model.embed_tokens.weight": _concat_shards("tok_embeddings.weight", emb,
