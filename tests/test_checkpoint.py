@@ -249,5 +249,5 @@ def test_torch_free_reader_matches_torch(tmp_path):
 
 def test_torch_free_reader_refuses_other_objects(tmp_path):
   torch.save({"w": torch.zeros(2), "hook": print}, tmp_path / "x.pth")
-  with pytest.raises(Exception, match="refusing to load pickled object builtins.print"):
+  with pytest.raises(Exception, match="refusing to load pickled object .*print"):
     load_torch_file(tmp_path / "x.pth")
