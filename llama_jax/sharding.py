@@ -235,23 +235,39 @@ def init_params(config: LlamaConfig, rng: jax.Array, mesh: Mesh, rules: Rules = 
 
 
 def make_forward(config: LlamaConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES):
-  """`forward(params, tokens, positions, segment_ids) -> logits`, jitted with explicit
-  in/out shardings: batch over data × fsdp, vocab logits over tensor.
+  """`forward(params, tokens, positions=None, segment_ids=None) -> logits`, jitted with
+  explicit in/out shardings: batch over data × fsdp, vocab logits over tensor.
 
-  Pass `positions` / `segment_ids` as arrays (`None` is allowed and means the defaults).
+  Host (numpy) inputs are the *global* batch, identical on every process; each device
+  receives only its rows.
   """
   model = Llama(config)
   batch = named_sharding(mesh, ("act_batch", "act_seq"), rules)
 
-  def forward(params, tokens, positions=None, segment_ids=None):
+  def forward(params, tokens, positions, segment_ids):
     with activation_sharding(mesh, rules):
       return model.apply({"params": params}, tokens, positions, segment_ids)
 
-  return jax.jit(
+  jitted = jax.jit(
     forward,
     in_shardings=(param_shardings(config, mesh, rules), batch, batch, batch),
     out_shardings=named_sharding(mesh, ("act_batch", "act_seq", "act_vocab"), rules),
   )
+
+  def call(params, tokens, positions=None, segment_ids=None):
+    place = lambda x: None if x is None else to_global(x, batch)
+    return jitted(params, place(tokens), place(positions), place(segment_ids))
+
+  call.jitted = jitted
+  return call
+
+
+def to_global(x, sharding: NamedSharding) -> jax.Array:
+  """A global host array (the same on every process) -> a sharded `jax.Array`."""
+  if isinstance(x, jax.Array):
+    return x
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def bytes_per_device(tree) -> dict[jax.Device, int]:
