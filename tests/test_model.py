@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax import KVCache, Llama, LlamaConfig
+from llama_jax import KVCache, LlamaConfig
 from llama_jax.checkpoint import load_hf_checkpoint
 from llama_jax.model import init_params, llama3_scale_frequencies, rope_inv_frequencies
 from llama_jax.testing import HF_TINY, apply, hf_logits, save_hf_tiny

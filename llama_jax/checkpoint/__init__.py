@@ -1,6 +1,11 @@
 """Checkpoint I/O: Hugging Face safetensors and Meta `.pth` imports."""
 
-from llama_jax.checkpoint.hf import config_from_hf, config_to_hf, load_hf_checkpoint, save_hf_checkpoint
+from llama_jax.checkpoint.hf import (
+  config_from_hf,
+  config_to_hf,
+  load_hf_checkpoint,
+  save_hf_checkpoint,
+)
 from llama_jax.checkpoint.meta import load_meta_checkpoint
 from llama_jax.checkpoint.params import CheckpointError
 

@@ -8,8 +8,8 @@ so a caller can hold one tensor at a time.
 from __future__ import annotations
 
 import collections
-import io
 import dataclasses
+import io
 import pickle
 import zipfile
 from pathlib import Path

@@ -43,9 +43,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import grain
-from absl import flags
 import jax
 import numpy as np
+from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.data import packing
