@@ -529,6 +529,7 @@ def make_pipeline(
   batch_axes: Sequence[str] = ("data", "fsdp"),
   shard_index: int | None = None,
   shard_count: int | None = None,
+  evaluation: bool = False,
 ) -> PipelineIterator:
   """A training pipeline over `source`: batches of `config.batch_size` rows of T tokens.
 
@@ -541,6 +542,7 @@ def make_pipeline(
     batch_axes: mesh axes the batch dimension is split over.
     shard_index, shard_count: this host's share of the data; default
       `jax.process_index()` / `jax.process_count()` (override to simulate hosts in tests).
+    evaluation: one finite pass with a fixed batch count, see `make_eval_pipeline`.
 
   Returns:
     A `PipelineIterator`; see the module docstring for the batch fields.
@@ -552,43 +554,8 @@ def make_pipeline(
   dataset, accounted, schema = build_dataset(
     source, tokenize_fn, config, local_batch_size=local, shard_index=index, shard_count=count
   )
-  return PipelineIterator(
-    dataset,
-    accounted,
-    schema=schema,
-    config=config,
-    local_batch_size=local,
-    mesh=mesh,
-    batch_axes=batch_axes,
-  )
-
-
-def make_eval_pipeline(
-  source: Sequence[Any],
-  tokenize_fn: TokenizeFn,
-  config: PipelineConfig,
-  *,
-  mesh: Mesh | None = None,
-  batch_axes: Sequence[str] = ("data", "fsdp"),
-  shard_index: int | None = None,
-  shard_count: int | None = None,
-) -> PipelineIterator:
-  """One unshuffled pass in pad mode: every example exactly once, then padding rows.
-
-  Uses `config`'s seq_len, batch_size, too-long/error policies and reading options; forces
-  `mode="pad"`, no shuffle, one epoch, no dropped remainder. Every host yields the same number
-  of batches (`len(it)`), the last ones padded with all-zero rows whose `valid` is 0, so
-  metrics weighted by `valid` (or `target_mask`) count each example once.
-  """
-  config = dataclasses.replace(
-    config, mode="pad", shuffle=False, num_epochs=1, drop_remainder=False
-  )
-  index, count = _resolve_shards(shard_index, shard_count, mesh)
-  local = local_batch_size(config.batch_size, count, mesh, batch_axes)
-  dataset, accounted, schema = build_dataset(
-    source, tokenize_fn, config, local_batch_size=local, shard_index=index, shard_count=count
-  )
-  num_batches = math.ceil(math.ceil(len(source) / count) / local)
+  # Every host yields the same number of evaluation batches, whatever its share of examples.
+  num_batches = math.ceil(math.ceil(len(source) / count) / local) if evaluation else None
   return PipelineIterator(
     dataset,
     accounted,
@@ -599,3 +566,20 @@ def make_eval_pipeline(
     batch_axes=batch_axes,
     num_batches=num_batches,
   )
+
+
+def make_eval_pipeline(
+  source: Sequence[Any], tokenize_fn: TokenizeFn, config: PipelineConfig, **kwargs: Any
+) -> PipelineIterator:
+  """One unshuffled pass in pad mode: every example exactly once, then padding rows.
+
+  Uses `config`'s seq_len, batch_size, too-long/error policies and reading options; forces
+  `mode="pad"`, no shuffle, one epoch, no dropped remainder. Every host yields the same number
+  of batches (`len(it)`), the last ones padded with all-zero rows whose `valid` is 0, so
+  metrics weighted by `valid` (or `target_mask`) count each example once. Keyword arguments
+  are those of `make_pipeline`.
+  """
+  config = dataclasses.replace(
+    config, mode="pad", shuffle=False, num_epochs=1, drop_remainder=False
+  )
+  return make_pipeline(source, tokenize_fn, config, evaluation=True, **kwargs)
