@@ -102,6 +102,15 @@ class LlamaConfig:
       raise TypeError(f"Unknown LlamaConfig field(s) {unknown}; known fields: {sorted(fields)}")
     return dataclasses.replace(self, **overrides)
 
+  def to_dict(self) -> dict[str, Any]:
+    """JSON-serializable fields (stored next to checkpoints); inverse of `from_dict`."""
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, fields: dict[str, Any]) -> LlamaConfig:
+    """A config from `to_dict()` output (e.g. read back from JSON); unknown keys raise."""
+    return cls().replace(**fields)
+
   def num_params(self) -> int:
     """Number of parameters, computed from the shapes (equals the initialized tree)."""
     d, h = self.d_model, self.head_dim

@@ -1,0 +1,1 @@
+"""Model-free training objectives: plain functions of arrays that return `(loss, metrics)`."""

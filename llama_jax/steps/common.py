@@ -1,0 +1,115 @@
+"""Pieces every train step shares: micro-batching, gradient accumulation, the guarded
+optimizer update, and jitting with explicit shardings and a donated state."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llama_jax import sharding
+from llama_jax.train_state import TrainState
+
+Batch = Mapping[str, jax.Array]
+SumsFn = Callable[[Any, Batch], dict[str, jax.Array]]
+
+
+def split_microbatches(batch: Batch, num: int) -> Batch:
+  """[B, ...] -> [num, B / num, ...], micro-batch a = rows a, a + num, a + 2·num, ...
+
+  Strided rather than contiguous: each device's block of rows splits into `num` local
+  pieces, so forming micro-batches needs no communication across the batch axes.
+  """
+
+  def split(x):
+    if x.shape[0] % num:
+      raise ValueError(f"batch of {x.shape[0]} rows does not split into {num} micro-batches")
+    return jnp.swapaxes(x.reshape(x.shape[0] // num, num, *x.shape[1:]), 0, 1)
+
+  return jax.tree.map(split, dict(batch))
+
+
+def accumulate_gradients(
+  sums_fn: SumsFn, params: Any, batch: Batch, num: int
+) -> tuple[dict[str, jax.Array], Any]:
+  """Sums of `sums_fn` and gradients of their `"loss_sum"`, added up over `num` micro-batches.
+
+  Objectives return sums (not means), so the caller divides once by the whole batch's count
+  and the result equals a single step on all rows.
+  """
+
+  def loss_and_sums(p, b):
+    sums = sums_fn(p, b)
+    return sums["loss_sum"], sums
+
+  grad_fn = jax.grad(loss_and_sums, has_aux=True)
+  if num == 1:
+    grads, sums = grad_fn(params, batch)
+    return sums, grads
+
+  micro = split_microbatches(batch, num)
+
+  def body(carry, mb):
+    grads, sums = grad_fn(params, mb)
+    return jax.tree.map(jnp.add, carry, (sums, grads)), None
+
+  first = jax.tree.map(lambda x: x[0], micro)
+  shapes = jax.eval_shape(lambda: grad_fn(params, first))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), (shapes[1], shapes[0]))
+  (sums, grads), _ = jax.lax.scan(body, zeros, micro)
+  return sums, grads
+
+
+def apply_gradients(
+  state: TrainState, grads: Any, optimizer: optax.GradientTransformation
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update, or none (counted in `skipped`) if any gradient is non-finite.
+
+  The step counter advances either way so the schedule and the data stay in step; the
+  training loop decides whether a skipped step is tolerated or stops the run.
+  """
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(grad_norm)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(
+    step=state.step + 1,
+    params=keep(params, state.params),
+    opt_state=keep(opt_state, state.opt_state),
+    skipped=state.skipped + (~finite).astype(jnp.int32),
+  )
+  return new_state, {"grad_norm": grad_norm, "finite": finite, "skipped": new_state.skipped}
+
+
+def batch_sharding(mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES) -> NamedSharding:
+  """Rows over the batch axes (data × fsdp), everything else replicated: a prefix sharding
+  that fits every field of a batch dict, [B], [B, T] or [B, T, ...]."""
+  return sharding.named_sharding(mesh, ("act_batch",), rules)
+
+
+def jit_train_step(
+  step_fn, state_shardings: TrainState, mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES
+):
+  """`step_fn(state, batch)` jitted with explicit shardings and the state donated."""
+  return jax.jit(
+    step_fn,
+    in_shardings=(state_shardings, batch_sharding(mesh, rules)),
+    out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
+    donate_argnums=0,
+  )
+
+
+def jit_eval_step(
+  eval_fn, params_shardings: Any, mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES
+):
+  """`eval_fn(params, batch)` jitted with explicit shardings (nothing donated)."""
+  return jax.jit(
+    eval_fn,
+    in_shardings=(params_shardings, batch_sharding(mesh, rules)),
+    out_shardings=NamedSharding(mesh, PartitionSpec()),
+  )

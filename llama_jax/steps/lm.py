@@ -1,0 +1,108 @@
+"""The LM train and eval steps (pretraining and SFT): masked cross entropy on `targets`.
+
+    step = make_train_step(model_config, optimizer, mesh=mesh, grad_accum_steps=4)
+    step = steps.common.jit_train_step(step, state_shardings, mesh)   # donated state
+    state, metrics = step(state, batch)
+
+The batch is the data pipeline's: `tokens`, `positions`, `segment_ids`, `targets`,
+`target_mask`, each [B, T] (global B). With `grad_accum_steps=A` the B rows are split into
+A micro-batches of B / A run one after another; summed losses and gradients are divided
+once by the token count of the whole batch, so the update equals one step on all B rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from llama_jax import sharding
+from llama_jax.config import LlamaConfig
+from llama_jax.model import Llama
+from llama_jax.objectives import lm as lm_obj
+from llama_jax.steps.common import Batch, accumulate_gradients, apply_gradients
+from llama_jax.train_state import TrainState
+
+LM_FIELDS = ("tokens", "positions", "segment_ids", "targets", "target_mask")
+
+
+def loss_sums(
+  config: LlamaConfig, params: Any, batch: Batch, *, z_loss: float, chunk_size: int
+) -> dict[str, jax.Array]:
+  """Summed LM loss terms of one (micro-)batch under `params` (see `objectives.lm`)."""
+  model = Llama(config)
+  variables = {"params": params}
+  hidden, _ = model.apply(
+    variables,
+    batch["tokens"],
+    batch["positions"],
+    batch["segment_ids"],
+    method=Llama.hidden_states,
+  )
+  return lm_obj.chunked_cross_entropy_sums(
+    hidden,
+    lambda h: model.apply(variables, h, method=Llama.logits),
+    batch["targets"],
+    batch["target_mask"],
+    chunk_size=chunk_size,
+    z_loss=z_loss,
+  )
+
+
+def make_train_step(
+  config: LlamaConfig,
+  optimizer: optax.GradientTransformation,
+  *,
+  mesh: Mesh | None = None,
+  rules: sharding.Rules = sharding.DEFAULT_RULES,
+  z_loss: float = 0.0,
+  loss_chunk_size: int = 0,
+  grad_accum_steps: int = 1,
+  learning_rate_fn: optax.Schedule | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+  """`train_step(state, batch) -> (state, metrics)`, pure and not yet jitted.
+
+  Metrics: loss (token mean incl. z-loss), nll, z_loss, accuracy, tokens, grad_norm (before
+  clipping), finite, skipped, and learning_rate if `learning_rate_fn` is given.
+  """
+
+  def sums_fn(params, batch):
+    return loss_sums(config, params, batch, z_loss=z_loss, chunk_size=loss_chunk_size)
+
+  def train_step(state: TrainState, batch: Batch):
+    with sharding.activation_sharding(mesh, rules):
+      sums, grads = accumulate_gradients(
+        sums_fn, state.params, {k: batch[k] for k in LM_FIELDS}, grad_accum_steps
+      )
+    count = jnp.maximum(sums["tokens"], 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    loss, metrics = lm_obj.token_mean(sums)
+    new_state, update_metrics = apply_gradients(state, grads, optimizer)
+    metrics |= update_metrics
+    metrics["finite"] = update_metrics["finite"] & jnp.isfinite(loss)
+    if learning_rate_fn is not None:
+      metrics["learning_rate"] = learning_rate_fn(state.step)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(
+  config: LlamaConfig,
+  *,
+  mesh: Mesh | None = None,
+  rules: sharding.Rules = sharding.DEFAULT_RULES,
+  loss_chunk_size: int = 0,
+) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+  """`eval_step(params, batch) -> sums` (`objectives.lm.SUM_KEYS`); add them up over the
+  evaluation set and call `objectives.lm.token_mean` once."""
+
+  def eval_step(params, batch: Batch):
+    with sharding.activation_sharding(mesh, rules):
+      return loss_sums(config, params, batch, z_loss=0.0, chunk_size=loss_chunk_size)
+
+  return eval_step

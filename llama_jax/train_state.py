@@ -1,0 +1,205 @@
+"""The training state, the optimizer factory with Llama's settings, and sharded state init.
+
+    opt = OptimizerConfig(learning_rate=3e-4, warmup_steps=2000, total_steps=100_000)
+    tx = make_optimizer(opt)
+    state = init_train_state(model_config, tx, mesh, jax.random.PRNGKey(0))
+    shardings = state_shardings(model_config, tx, mesh)   # for jit in/out_shardings
+
+The state holds data only (no functions), so it checkpoints as a plain pytree and every step
+function gets the optimizer and model config from its closure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llama_jax import sharding
+from llama_jax.config import LlamaConfig
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue bit-identically (besides the data position).
+
+  Attributes:
+    step: int32 scalar, optimizer steps taken (skipped non-finite steps included, so the
+      learning-rate schedule and the data stay aligned).
+    params: the trained parameters (float32 master copy when compute is bfloat16).
+    opt_state: the optax state.
+    rng: uint32[2] key; each step folds in `step` and never advances it, so a resumed run
+      draws the same randomness.
+    skipped: int32 scalar, steps whose loss or gradient was non-finite and were not applied.
+  """
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+  skipped: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """AdamW with warmup and a decay schedule; defaults are the Llama 2 pretraining settings.
+
+  Attributes:
+    learning_rate: the peak learning rate.
+    schedule: "cosine" (warmup, then cosine to `final_lr_fraction` · peak at `total_steps`),
+      "linear" (same, straight line) or "constant" (warmup, then flat).
+    warmup_steps: linear warmup from 0 to the peak.
+    total_steps: where the decay ends (the run length); unused by "constant".
+    final_lr_fraction: floor of the decay as a fraction of the peak (Llama 2: 0.1).
+    b1, b2, eps: Adam moments; Llama uses 0.9, 0.95, 1e-5.
+    weight_decay: decoupled (AdamW) decay, multiplied by the learning rate as in optax.
+    decay_norms: also decay the RMSNorm scales; off by default (they are gains around 1, and
+      decaying them toward 0 only fights the data).
+    grad_clip: clip by global norm (Llama: 1.0); 0 disables.
+  """
+
+  learning_rate: float = 3e-4
+  schedule: Literal["cosine", "linear", "constant"] = "cosine"
+  warmup_steps: int = 2000
+  total_steps: int = 100_000
+  final_lr_fraction: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-5
+  weight_decay: float = 0.1
+  decay_norms: bool = False
+  grad_clip: float = 1.0
+
+  def __post_init__(self):
+    if self.schedule not in ("cosine", "linear", "constant"):
+      raise ValueError(
+        f"optimizer schedule={self.schedule!r}; expected 'cosine', 'linear' or 'constant'"
+      )
+    if self.schedule != "constant" and self.total_steps <= self.warmup_steps:
+      raise ValueError(
+        f"optimizer total_steps={self.total_steps} must exceed warmup_steps="
+        f"{self.warmup_steps} for a {self.schedule} schedule"
+      )
+
+
+def learning_rate_schedule(cfg: OptimizerConfig) -> optax.Schedule:
+  """Linear warmup to the peak, then cosine / linear decay to the floor, or constant."""
+  warmup = optax.linear_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1))
+  floor = cfg.learning_rate * cfg.final_lr_fraction
+  decay_steps = cfg.total_steps - cfg.warmup_steps
+  if cfg.schedule == "constant":
+    decay = optax.constant_schedule(cfg.learning_rate)
+  elif cfg.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(cfg.learning_rate, decay_steps, cfg.final_lr_fraction)
+  else:
+    decay = optax.linear_schedule(cfg.learning_rate, floor, decay_steps)
+  if cfg.warmup_steps == 0:
+    return decay
+  return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """True for every parameter except the RMSNorm scales (any path containing 'norm')."""
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: "norm" not in jax.tree_util.keystr(path), params
+  )
+
+
+def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+  """Global-norm clipping followed by AdamW on the schedule of `cfg`."""
+  adamw = optax.adamw(
+    learning_rate_schedule(cfg),
+    b1=cfg.b1,
+    b2=cfg.b2,
+    eps=cfg.eps,
+    weight_decay=cfg.weight_decay,
+    mask=None if cfg.decay_norms else weight_decay_mask,
+  )
+  if cfg.grad_clip <= 0:
+    return adamw
+  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+
+
+def _abstract_params(config: LlamaConfig):
+  return nn.meta.unbox(sharding.abstract_params(config))
+
+
+def _replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def state_shardings(
+  config: LlamaConfig,
+  optimizer: optax.GradientTransformation,
+  mesh: Mesh,
+  rules: sharding.Rules = sharding.DEFAULT_RULES,
+) -> TrainState:
+  """A `TrainState` of `NamedSharding`s: optimizer moments follow their parameters (fsdp /
+  tensor sharded), counters and the key are replicated."""
+  params = sharding.param_shardings(config, mesh, rules)
+  abstract_opt = jax.eval_shape(optimizer.init, _abstract_params(config))
+  opt = optax.tree_utils.tree_map_params(
+    optimizer,
+    lambda _, s: s,
+    abstract_opt,
+    params,
+    transform_non_params=lambda _: _replicated(mesh),
+  )
+  rep = _replicated(mesh)
+  return TrainState(step=rep, params=params, opt_state=opt, rng=rep, skipped=rep)
+
+
+def _new_state(params, optimizer, rng) -> TrainState:
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    opt_state=optimizer.init(params),
+    rng=rng,
+    skipped=jnp.zeros((), jnp.int32),
+  )
+
+
+def abstract_train_state(
+  config: LlamaConfig,
+  optimizer: optax.GradientTransformation,
+  mesh: Mesh,
+  rules: sharding.Rules = sharding.DEFAULT_RULES,
+) -> TrainState:
+  """`jax.ShapeDtypeStruct`s with shardings: the restore target of a checkpoint on `mesh`."""
+  shapes = jax.eval_shape(
+    lambda p: _new_state(p, optimizer, jax.random.PRNGKey(0)), _abstract_params(config)
+  )
+  return jax.tree.map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+    shapes,
+    state_shardings(config, optimizer, mesh, rules),
+  )
+
+
+def init_train_state(
+  config: LlamaConfig,
+  optimizer: optax.GradientTransformation,
+  mesh: Mesh,
+  rng: jax.Array,
+  params: Any = None,
+  rules: sharding.Rules = sharding.DEFAULT_RULES,
+) -> TrainState:
+  """A fresh state placed on `mesh`: new parameters from `rng` unless `params` are given
+  (e.g. loaded from a checkpoint; they are resharded if needed). The step key is derived
+  from `rng` too, independently of the parameter init."""
+  init_rng, step_rng = jax.random.split(rng)
+  if params is None:
+    params = sharding.init_params(config, init_rng, mesh, rules)
+  shardings = state_shardings(config, optimizer, mesh, rules)
+  make = jax.jit(
+    lambda p, key: _new_state(p, optimizer, key),
+    in_shardings=(shardings.params, shardings.rng),
+    out_shardings=shardings,
+  )
+  return make(params, step_rng)
