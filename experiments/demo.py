@@ -51,9 +51,11 @@ def main(argv=None):
   config = LlamaConfig.preset(args.preset, vocab_size=tokenizer.vocab_size)
   mesh = sharding.make_mesh(fsdp=-1)
   print(f"devices: {jax.device_count()} × {jax.devices()[0].platform}; mesh {dict(mesh.shape)}")
-  print(f"model {args.preset}: {human_count(config.num_params())} parameters, "
-        f"{config.num_layers} layers, d_model {config.d_model}, "
-        f"{config.num_heads} heads / {config.num_kv_heads} kv heads")
+  print(
+    f"model {args.preset}: {human_count(config.num_params())} parameters, "
+    f"{config.num_layers} layers, d_model {config.d_model}, "
+    f"{config.num_heads} heads / {config.num_kv_heads} kv heads"
+  )
 
   params = sharding.init_params(config, jax.random.key(0), mesh)
   with tempfile.TemporaryDirectory() as hf_dir:
@@ -68,19 +70,23 @@ def main(argv=None):
   tokens = np.zeros((len(prompts), width), np.int32)  # left-padded, segment id 0 = padding
   segments = np.zeros_like(tokens)
   for row, ids in enumerate(encoded):
-    tokens[row, width - len(ids):], segments[row, width - len(ids):] = ids, 1
+    tokens[row, width - len(ids) :], segments[row, width - len(ids) :] = ids, 1
 
   forward = sharding.make_forward(config, mesh)
   t0 = time.perf_counter()
   logits = jax.block_until_ready(forward(params, tokens, None, segments))
-  print(f"forward: tokens {tokens.shape} -> logits {logits.shape} {logits.dtype}, "
-        f"sharded {logits.sharding.spec}, {time.perf_counter() - t0:.2f}s (incl. compile)")
+  print(
+    f"forward: tokens {tokens.shape} -> logits {logits.shape} {logits.dtype}, "
+    f"sharded {logits.sharding.spec}, {time.perf_counter() - t0:.2f}s (incl. compile)"
+  )
 
   cache = KVCache.init(config, len(prompts), width + args.new_tokens)
   t0 = time.perf_counter()
   out = np.asarray(greedy(config, params, cache, args.new_tokens, tokens))
-  print(f"greedy decode: {args.new_tokens} new tokens × {len(prompts)} prompts in "
-        f"{time.perf_counter() - t0:.2f}s (incl. compile; random weights, so the text is noise)")
+  print(
+    f"greedy decode: {args.new_tokens} new tokens × {len(prompts)} prompts in "
+    f"{time.perf_counter() - t0:.2f}s (incl. compile; random weights, so the text is noise)"
+  )
   for prompt, row in zip(prompts, out, strict=True):
     print(f"  {prompt!r} -> {tokenizer.decode(row.tolist())!r}")
 

@@ -7,13 +7,17 @@ from llama_jax.checkpoint.hf import (
   save_hf_checkpoint,
 )
 from llama_jax.checkpoint.meta import load_meta_checkpoint
+from llama_jax.checkpoint.orbax import CheckpointManager, checkpoint_dir, load_params
 from llama_jax.checkpoint.params import CheckpointError
 
 __all__ = [
   "CheckpointError",
+  "CheckpointManager",
+  "checkpoint_dir",
   "config_from_hf",
   "config_to_hf",
   "load_hf_checkpoint",
   "load_meta_checkpoint",
+  "load_params",
   "save_hf_checkpoint",
 ]

@@ -1,0 +1,201 @@
+"""Config -> library objects, shared by the experiment modules (no algorithms here).
+
+Every experiment config (`experiments/configs/<stage>.py:get_config(variant)`) has the
+sections read below: `model`, `tokenizer`, `init_from`, `mesh`, `data`, `optimizer`,
+`train`. Their fields are documented in `experiments/configs/base.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from llama_jax import LlamaConfig, sharding
+from llama_jax.checkpoint import load_hf_checkpoint
+from llama_jax.checkpoint import orbax as ckpt_lib
+from llama_jax.data import (
+  PipelineConfig,
+  bundled,
+  load_source,
+  make_eval_pipeline,
+  make_pipeline,
+  make_tokenize_fn,
+)
+from llama_jax.tokenizer import Tokenizer, load_tokenizer, tiny_tokenizer
+from llama_jax.train_state import OptimizerConfig
+from llama_jax.trainer import LoopConfig
+
+log = logging.getLogger(__name__)
+
+MODEL_CONFIG_FILE = "model_config.json"
+_COMPUTE_FIELDS = ("dtype", "param_dtype", "attention_impl", "scan_layers", "remat_policy")
+
+
+def define_flags() -> None:
+  """`--config=experiments/configs/<stage>.py:<variant>` (+ `--config.a.b=v`) and `--workdir`."""
+  config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file:variant.", lock_config=True
+  )
+  flags.DEFINE_string("workdir", None, "Where metrics, checkpoints and reports go.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+def setup_logging() -> None:
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+
+def build_tokenizer(name: str) -> Tokenizer:
+  """`tiny:llama3` / `tiny:llama2` (bundled), or a path to tokenizer.model / tokenizer.json."""
+  if name.startswith("tiny:"):
+    return tiny_tokenizer(name.split(":", 1)[1])
+  return load_tokenizer(name)
+
+
+def build_mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  return sharding.make_mesh(sharding.MeshConfig(data=cfg.data, fsdp=cfg.fsdp, tensor=cfg.tensor))
+
+
+def _model_overrides(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  return {k: v for k, v in cfg.to_dict().items() if k != "preset"}
+
+
+def is_hf_checkpoint(path: str | os.PathLike) -> bool:
+  return (Path(path) / "config.json").exists()
+
+
+def load_model(cfg: ml_collections.ConfigDict, mesh) -> tuple[LlamaConfig, Any]:
+  """`(model_config, params or None)`: from `cfg.init_from` if set (a Hugging Face directory
+  or an experiment workdir with Orbax checkpoints), else the preset (params None: fresh).
+
+  When loading, only the compute fields of `cfg.model` (dtype, remat, ...) apply; the
+  architecture is the checkpoint's.
+  """
+  compute = {k: v for k, v in _model_overrides(cfg.model).items() if k in _COMPUTE_FIELDS}
+  path = cfg.init_from
+  if not path:
+    return LlamaConfig.preset(cfg.model.preset, **_model_overrides(cfg.model)), None
+  if is_hf_checkpoint(path):
+    log.info("Initializing from the Hugging Face checkpoint %s", path)
+    param_dtype = compute.pop("param_dtype", "float32")
+    model_cfg, params = load_hf_checkpoint(
+      path, dtype=param_dtype, compute_dtype=compute.pop("dtype", None), mesh=mesh, **compute
+    )
+    return model_cfg, params
+  config_file = Path(path) / MODEL_CONFIG_FILE
+  if not config_file.exists():
+    raise FileNotFoundError(
+      f"init_from={path!r} is neither a Hugging Face checkpoint (no config.json) nor an "
+      f"experiment workdir (no {MODEL_CONFIG_FILE})"
+    )
+  model_cfg = LlamaConfig.from_dict(json.loads(config_file.read_text())).replace(**compute)
+  log.info("Initializing from the Orbax checkpoints of the workdir %s", path)
+  abstract = jax.tree.map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+    jax.eval_shape(lambda: _unboxed_shapes(model_cfg)),
+    sharding.param_shardings(model_cfg, mesh),
+  )
+  return model_cfg, ckpt_lib.load_params(ckpt_lib.checkpoint_dir(path), abstract)
+
+
+def _unboxed_shapes(model_cfg: LlamaConfig):
+  import flax.linen as nn
+
+  return nn.meta.unbox(sharding.abstract_params(model_cfg))
+
+
+def write_run_files(workdir: str, cfg: ml_collections.ConfigDict, model_cfg: LlamaConfig) -> None:
+  """Writes `experiment_config.json` and `model_config.json` (what later stages load)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  Path(workdir, "experiment_config.json").write_text(cfg.to_json_best_effort(indent=2))
+  Path(workdir, MODEL_CONFIG_FILE).write_text(json.dumps(model_cfg.to_dict(), indent=2))
+
+
+def load_records(cfg: ml_collections.ConfigDict, split: str):
+  """Records of one split: the bundled data, or a TFDS dataset built by `data.builders`."""
+  if cfg.source == "bundled":
+    return bundled.load(cfg.name, split)
+  if cfg.source == "tfds":
+    return load_source(cfg.name, split, cfg.data_dir or None)
+  raise ValueError(f"data.source={cfg.source!r}; expected 'bundled' or 'tfds'")
+
+
+def pipeline_config(cfg: ml_collections.ConfigDict) -> PipelineConfig:
+  return PipelineConfig(
+    seq_len=cfg.seq_len,
+    batch_size=cfg.batch_size,
+    mode=cfg.mode,
+    seed=cfg.seed,
+    num_threads=cfg.num_threads,
+    worker_count=cfg.worker_count,
+    prefetch_batches=cfg.prefetch_batches,
+  )
+
+
+def make_train_pipeline(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, mesh):
+  tokenize = make_tokenize_fn(cfg.kind, tokenizer)
+  return make_pipeline(
+    load_records(cfg, cfg.train_split), tokenize, pipeline_config(cfg), mesh=mesh
+  )
+
+
+def make_eval_batches(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, mesh):
+  """A function returning a fresh pass over the evaluation split (None if there is none)."""
+  if not cfg.eval_split:
+    return None
+  records = load_records(cfg, cfg.eval_split)
+  tokenize = make_tokenize_fn(cfg.kind, tokenizer)
+  return lambda: make_eval_pipeline(records, tokenize, pipeline_config(cfg), mesh=mesh)
+
+
+def optimizer_config(cfg: ml_collections.ConfigDict, num_steps: int) -> OptimizerConfig:
+  fields = cfg.to_dict()
+  fields["total_steps"] = fields.get("total_steps") or num_steps
+  return OptimizerConfig(**fields)
+
+
+def loop_config(cfg: ml_collections.ConfigDict) -> LoopConfig:
+  return LoopConfig(
+    num_steps=cfg.num_steps,
+    log_every=cfg.log_every,
+    eval_every=cfg.eval_every,
+    checkpoint_every=cfg.checkpoint_every,
+    keep_checkpoints=cfg.keep_checkpoints,
+    async_checkpoint=cfg.async_checkpoint,
+    on_nonfinite=cfg.on_nonfinite,
+    max_skipped=cfg.max_skipped,
+  )
+
+
+def check_fits(
+  model_cfg: LlamaConfig, cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, mesh
+) -> None:
+  """Everything that would otherwise fail late (or silently) checked before compiling."""
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    raise ValueError(
+      f"the tokenizer has {tokenizer.vocab_size} tokens but model vocab_size="
+      f"{model_cfg.vocab_size}; set --config.model.vocab_size"
+    )
+  if cfg.data.seq_len > model_cfg.max_seq_len:
+    raise ValueError(
+      f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}"
+    )
+  sharding.check_fits_mesh(model_cfg, mesh)
+  sharding.check_batch_fits_mesh(cfg.data.batch_size, mesh, "data.batch_size")
+  accum = cfg.train.grad_accum_steps
+  if cfg.data.batch_size % accum:
+    raise ValueError(
+      f"data.batch_size={cfg.data.batch_size} is not divisible by train.grad_accum_steps={accum}"
+    )
+  sharding.check_batch_fits_mesh(
+    cfg.data.batch_size // accum, mesh, f"micro-batch data.batch_size / {accum}"
+  )

@@ -1,0 +1,95 @@
+"""Fields every LM-training experiment config has (pretrain, SFT; later stages extend them).
+
+model       preset (a `LlamaConfig.preset` name) plus any `LlamaConfig` field to override;
+            with `init_from` only the compute fields apply (dtype, param_dtype,
+            attention_impl, scan_layers, remat_policy).
+tokenizer   "tiny:llama3" / "tiny:llama2" (bundled) or a tokenizer.model / tokenizer.json path.
+init_from   "" (fresh init), a Hugging Face checkpoint directory, or an experiment workdir
+            (its `model_config.json` and newest Orbax checkpoint).
+mesh        data × fsdp × tensor device counts; one may be -1 (the remaining devices).
+data        source ("bundled" | "tfds"), name, data_dir (tfds), kind (text | sft),
+            train_split, eval_split ("" for none), seq_len, global batch_size, mode
+            (pack | pad), seed, num_threads, worker_count, prefetch_batches.
+optimizer   `llama_jax.train_state.OptimizerConfig` fields; total_steps 0 = train.num_steps.
+train       num_steps, seed, grad_accum_steps, z_loss, loss_chunk_size (0: no chunking),
+            log_every, eval_every (0: only at the end), checkpoint_every, keep_checkpoints,
+            async_checkpoint, on_nonfinite (skip | raise), max_skipped, peak_flops (per
+            device, for MFU; 0 = detect from the device kind).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def lm_config(**model_fields) -> ml_collections.ConfigDict:
+  """The defaults shared by LM experiments; variants override what differs."""
+  return ml_collections.ConfigDict(
+    {
+      "model": {"preset": "tiny", **model_fields},
+      "tokenizer": "tiny:llama3",
+      "init_from": "",
+      "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
+      "data": {
+        "source": "bundled",
+        "name": "corpus",
+        "data_dir": "",
+        "kind": "text",
+        "train_split": "train",
+        "eval_split": "test",
+        "seq_len": 256,
+        "batch_size": 16,
+        "mode": "pack",
+        "seed": 0,
+        "num_threads": 0,
+        "worker_count": 0,
+        "prefetch_batches": 1,
+      },
+      "optimizer": {
+        "learning_rate": 3e-4,
+        "schedule": "cosine",
+        "warmup_steps": 2000,
+        "total_steps": 0,
+        "final_lr_fraction": 0.1,
+        "b1": 0.9,
+        "b2": 0.95,
+        "eps": 1e-5,
+        "weight_decay": 0.1,
+        "decay_norms": False,
+        "grad_clip": 1.0,
+      },
+      "train": {
+        "num_steps": 1000,
+        "seed": 0,
+        "grad_accum_steps": 1,
+        "z_loss": 0.0,
+        "loss_chunk_size": 0,
+        "log_every": 10,
+        "eval_every": 0,
+        "checkpoint_every": 500,
+        "keep_checkpoints": 3,
+        "async_checkpoint": True,
+        "on_nonfinite": "skip",
+        "max_skipped": 100,
+        "peak_flops": 0.0,
+      },
+    }
+  )
+
+
+# The tiny model of the CPU experiments over the 1280-token tiny Llama 3 tokenizer (special
+# ids as in Llama 3.1 Instruct: <|begin_of_text|>, then <|end_of_text|>, <|eom_id|>,
+# <|eot_id|> as stop tokens), small enough to learn the bundled corpus on a laptop in minutes.
+TINY_MODEL = dict(
+  preset="tiny",
+  vocab_size=1280,
+  num_layers=4,
+  d_model=128,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=32,
+  mlp_dim=384,
+  max_seq_len=512,
+  bos_token_id=1024,
+  eos_token_id=(1025, 1032, 1033),
+)

@@ -1,0 +1,73 @@
+"""SFT configs.
+
+    python -m experiments.sft --config=experiments/configs/sft.py:<variant> --workdir=DIR
+
+The loss is on the assistant tokens only (the chat format's loss mask); prompts and answers
+are packed into rows, as in Llama 2.
+
+Variants
+  tiny          the tiny model on the bundled SFT data (3000 chats), CPU, minutes. Set
+                `--config.init_from=<pretrain workdir or HF dir>`; empty trains from scratch.
+  llama2_7b     Llama 2-Chat SFT: lr 2e-5 cosine, batch 64 × 4096, 2 epochs (num_steps is
+                the step count of 2 epochs of your data), loss on answers only. Target: one
+                host of 8 × H100/A100 80GB, fsdp=8, remat "dots", bf16 compute.
+  llama3p1_8b   Llama 3 SFT: lr 1e-5, loss on target tokens only, seq 8192, batch 64.
+                Target: 8 × H100 (fsdp=8) or TPU v5p-32 (fsdp=-1).
+"""
+
+from __future__ import annotations
+
+from experiments.configs.base import TINY_MODEL, lm_config
+
+
+def get_config(variant: str = "tiny"):
+  variants = {"tiny": tiny, "llama2_7b": llama2_7b, "llama3p1_8b": llama3p1_8b}
+  if variant not in variants:
+    raise ValueError(f"unknown sft variant {variant!r}; known: {sorted(variants)}")
+  return variants[variant]()
+
+
+def _sft(config):
+  config.data.update(name="sft", kind="sft")
+  config.optimizer.update(warmup_steps=0, schedule="cosine", weight_decay=0.1)
+  return config
+
+
+def tiny():
+  config = _sft(lm_config(**TINY_MODEL))
+  config.data.update(seq_len=256, batch_size=16)
+  config.optimizer.update(learning_rate=1e-3, warmup_steps=10)
+  config.train.update(num_steps=300, log_every=20, checkpoint_every=100)
+  return config
+
+
+def _real(preset: str, tokenizer: str, seq_len: int, lr: float):
+  config = _sft(
+    lm_config(
+      preset=preset, dtype="bfloat16", param_dtype="float32", remat_policy="dots", scan_layers=True
+    )
+  )
+  config.tokenizer = tokenizer
+  config.init_from = "/path/to/hf/checkpoint"
+  config.data.update(
+    source="tfds",
+    name="my_sft_data",
+    data_dir="",
+    eval_split="",
+    seq_len=seq_len,
+    batch_size=64,
+    num_threads=16,
+    prefetch_batches=2,
+  )
+  config.optimizer.update(learning_rate=lr, warmup_steps=100)
+  config.train.update(num_steps=2000, log_every=10, checkpoint_every=500, loss_chunk_size=1024)
+  config.mesh.update(fsdp=-1)
+  return config
+
+
+def llama2_7b():
+  return _real("llama2_7b", "/path/to/llama2/tokenizer.model", 4096, 2e-5)
+
+
+def llama3p1_8b():
+  return _real("llama3p1_8b", "/path/to/llama3/tokenizer.model", 8192, 1e-5)

@@ -1,0 +1,92 @@
+"""The LM training run behind `experiments.pretrain` and `experiments.sft`.
+
+Builds the mesh, model (fresh or from `init_from`), optimizer, data pipelines and the
+jitted steps from a config, then hands them to `llama_jax.trainer.fit`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from experiments import common
+from llama_jax import train_state as ts
+from llama_jax.objectives import lm as lm_obj
+from llama_jax.steps import common as step_lib
+from llama_jax.steps import lm as lm_steps
+from llama_jax.trainer import fit
+
+log = logging.getLogger(__name__)
+
+
+def make_eval_fn(eval_batches, eval_step):
+  """`state -> {loss, accuracy, ...}` over one full pass of the evaluation split."""
+
+  def evaluate(state) -> dict[str, float]:
+    total = None
+    with eval_batches() as batches:
+      for batch in batches:
+        sums = eval_step(state.params, batch)
+        total = sums if total is None else jax.tree.map(np.add, total, sums)
+    _, metrics = lm_obj.token_mean(jax.device_get(total))
+    return {k: float(v) for k, v in metrics.items() if k != "z_loss"}
+
+  return evaluate
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics."""
+  tokenizer = common.build_tokenizer(cfg.tokenizer)
+  mesh = common.build_mesh(cfg.mesh)
+  model_cfg, params = common.load_model(cfg, mesh)
+  common.check_fits(model_cfg, cfg, tokenizer, mesh)
+  common.write_run_files(workdir, cfg, model_cfg)
+  log.info("Model: %s parameters on mesh %s", f"{model_cfg.num_params():,}", dict(mesh.shape))
+
+  opt_cfg = common.optimizer_config(cfg.optimizer, cfg.train.num_steps)
+  optimizer = ts.make_optimizer(opt_cfg)
+  shardings = ts.state_shardings(model_cfg, optimizer, mesh)
+  train_step = lm_steps.make_train_step(
+    model_cfg,
+    optimizer,
+    mesh=mesh,
+    z_loss=cfg.train.z_loss,
+    loss_chunk_size=cfg.train.loss_chunk_size,
+    grad_accum_steps=cfg.train.grad_accum_steps,
+    learning_rate_fn=ts.learning_rate_schedule(opt_cfg),
+  )
+  eval_step = step_lib.jit_eval_step(
+    lm_steps.make_eval_step(model_cfg, mesh=mesh, loss_chunk_size=cfg.train.loss_chunk_size),
+    shardings.params,
+    mesh,
+  )
+  eval_batches = common.make_eval_batches(cfg.data, tokenizer, mesh)
+  eval_fn = None if eval_batches is None else make_eval_fn(eval_batches, eval_step)
+
+  results: dict[str, Any] = {}
+
+  def final_eval(state):
+    results.update(eval_fn(state))
+    return results
+
+  with common.make_train_pipeline(cfg.data, tokenizer, mesh) as train_iter:
+    state = fit(
+      init_state=lambda: ts.init_train_state(
+        model_cfg, optimizer, mesh, jax.random.PRNGKey(cfg.train.seed), params=params
+      ),
+      abstract_state=ts.abstract_train_state(model_cfg, optimizer, mesh),
+      train_step=step_lib.jit_train_step(train_step, shardings, mesh),
+      train_iter=train_iter,
+      workdir=workdir,
+      loop=common.loop_config(cfg.train),
+      eval_fn=None if eval_fn is None else final_eval,
+      flops_per_token=model_cfg.flops_per_token(cfg.data.seq_len),
+      peak_flops_per_device=cfg.train.peak_flops or None,
+      meta={"model": model_cfg.to_dict()},
+    )
+  log.info("Finished at step %d: %s", int(state.step), results)
+  return results

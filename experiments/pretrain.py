@@ -1,0 +1,23 @@
+"""Pretraining.
+
+    python -m experiments.pretrain --config=experiments/configs/pretrain.py:tiny --workdir=DIR
+
+Writes DIR/metrics.jsonl, DIR/metrics.png, TensorBoard events and Orbax checkpoints under
+DIR/checkpoints/; rerunning with the same workdir resumes.
+"""
+
+from absl import app, flags
+
+from experiments import common, lm
+
+common.define_flags()
+
+
+def main(argv):
+  del argv
+  common.setup_logging()
+  lm.run(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

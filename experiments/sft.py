@@ -1,0 +1,24 @@
+"""Supervised fine-tuning.
+
+    python -m experiments.sft --config=experiments/configs/sft.py:tiny --workdir=DIR \
+      [--config.init_from=PRETRAIN_WORKDIR_OR_HF_DIR]
+
+Writes DIR/metrics.jsonl, DIR/metrics.png, TensorBoard events and Orbax checkpoints under
+DIR/checkpoints/; rerunning with the same workdir resumes.
+"""
+
+from absl import app, flags
+
+from experiments import common, lm
+
+common.define_flags()
+
+
+def main(argv):
+  del argv
+  common.setup_logging()
+  lm.run(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)
