@@ -7,6 +7,7 @@ sections read below: `model`, `tokenizer`, `init_from`, `mesh`, `data`, `optimiz
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -50,6 +51,8 @@ def define_flags() -> None:
 
 def setup_logging() -> None:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  # Orbax logs every save step at INFO through absl; keep its warnings only.
+  logging.getLogger("absl").setLevel(logging.WARNING)
 
 
 def build_tokenizer(name: str) -> Tokenizer:
@@ -129,16 +132,14 @@ def load_records(cfg: ml_collections.ConfigDict, split: str):
   raise ValueError(f"data.source={cfg.source!r}; expected 'bundled' or 'tfds'")
 
 
+def from_section(cls, section: ml_collections.ConfigDict, **extra):
+  """The dataclass `cls` from the config section's fields of the same names."""
+  names = {f.name for f in dataclasses.fields(cls)}
+  return cls(**{k: v for k, v in section.items() if k in names}, **extra)
+
+
 def pipeline_config(cfg: ml_collections.ConfigDict) -> PipelineConfig:
-  return PipelineConfig(
-    seq_len=cfg.seq_len,
-    batch_size=cfg.batch_size,
-    mode=cfg.mode,
-    seed=cfg.seed,
-    num_threads=cfg.num_threads,
-    worker_count=cfg.worker_count,
-    prefetch_batches=cfg.prefetch_batches,
-  )
+  return from_section(PipelineConfig, cfg)
 
 
 def make_train_pipeline(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, mesh):
@@ -158,22 +159,12 @@ def make_eval_batches(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, mesh
 
 
 def optimizer_config(cfg: ml_collections.ConfigDict, num_steps: int) -> OptimizerConfig:
-  fields = cfg.to_dict()
-  fields["total_steps"] = fields.get("total_steps") or num_steps
-  return OptimizerConfig(**fields)
+  """`optimizer` section; its total_steps 0 means the run length."""
+  return OptimizerConfig(**(cfg.to_dict() | {"total_steps": cfg.total_steps or num_steps}))
 
 
 def loop_config(cfg: ml_collections.ConfigDict) -> LoopConfig:
-  return LoopConfig(
-    num_steps=cfg.num_steps,
-    log_every=cfg.log_every,
-    eval_every=cfg.eval_every,
-    checkpoint_every=cfg.checkpoint_every,
-    keep_checkpoints=cfg.keep_checkpoints,
-    async_checkpoint=cfg.async_checkpoint,
-    on_nonfinite=cfg.on_nonfinite,
-    max_skipped=cfg.max_skipped,
-  )
+  return from_section(LoopConfig, cfg)
 
 
 def check_fits(

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from experiments import common
+from llama_jax import sharding
 from llama_jax import train_state as ts
 from llama_jax.objectives import lm as lm_obj
 from llama_jax.steps import common as step_lib
@@ -40,6 +41,7 @@ def make_eval_fn(eval_batches, eval_step):
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics."""
+  sharding.initialize_distributed()  # multi-host TPU / SLURM; a no-op on one process
   tokenizer = common.build_tokenizer(cfg.tokenizer)
   mesh = common.build_mesh(cfg.mesh)
   model_cfg, params = common.load_model(cfg, mesh)

@@ -3,22 +3,13 @@
     python -m experiments.sft --config=experiments/configs/sft.py:tiny --workdir=DIR \
       [--config.init_from=PRETRAIN_WORKDIR_OR_HF_DIR]
 
-Writes DIR/metrics.jsonl, DIR/metrics.png, TensorBoard events and Orbax checkpoints under
-DIR/checkpoints/; rerunning with the same workdir resumes.
+The same LM training run as `experiments.pretrain` (see `experiments.lm`), on chat data with
+the loss on the assistant tokens; writes and resumes the workdir the same way.
 """
 
-from absl import app, flags
+from absl import app
 
-from experiments import common, lm
-
-common.define_flags()
-
-
-def main(argv):
-  del argv
-  common.setup_logging()
-  lm.run(flags.FLAGS.config, flags.FLAGS.workdir)
-
+from experiments.pretrain import main
 
 if __name__ == "__main__":
   app.run(main)

@@ -229,15 +229,19 @@ def _numeric_keys(records: Sequence[Mapping]) -> list[str]:
 
 def plot_metrics(
   workdir: str | os.PathLike,
-  keys: Sequence[str] | None = None,
+  keys: Sequence[str | Sequence[str]] | None = None,
   path: str | os.PathLike | None = None,
+  *,
+  skip_missing: bool = False,
 ) -> Path:
   """Plots metric curves against step from `workdir/metrics.jsonl` into a PNG.
 
   Args:
     workdir: the run's directory.
-    keys: the metrics to plot, one subplot each; default: every numeric metric.
+    keys: the metrics to plot, one subplot each, or a tuple of metrics sharing a subplot
+      (e.g. `("loss", "eval/loss")`); default: every numeric metric.
     path: the PNG to write; default `workdir/metrics.png`.
+    skip_missing: leave out requested metrics the file does not have instead of raising.
 
   Returns:
     The path of the PNG.
@@ -249,22 +253,27 @@ def plot_metrics(
 
   records = read_metrics(workdir)
   available = _numeric_keys(records)
-  keys = available if keys is None else list(keys)
-  if not keys:
-    raise ValueError(f"{Path(workdir) / METRICS_FILE} has no numeric metrics to plot")
-  unknown = [k for k in keys if k not in available]
-  if unknown:
+  panels = [(k,) if isinstance(k, str) else tuple(k) for k in (keys or available)]
+  unknown = [k for panel in panels for k in panel if k not in available]
+  if unknown and not skip_missing:
     raise ValueError(f"no numeric metric named {unknown}; available: {available}")
+  panels = [p for p in (tuple(k for k in panel if k in available) for panel in panels) if p]
+  if not panels:
+    raise ValueError(f"{Path(workdir) / METRICS_FILE} has no numeric metrics to plot")
+  keys = panels
 
   ncols = min(3, len(keys))
   nrows = math.ceil(len(keys) / ncols)
   fig = Figure(figsize=(4.5 * ncols, 3 * nrows), layout="constrained")
   FigureCanvasAgg(fig)
   axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-  for ax, key in zip(axes, keys, strict=False):
-    points = [(r["step"], r[key]) for r in records if key in r]
-    ax.plot(*zip(*points, strict=True), marker="." if len(points) < 50 else None)
-    ax.set_title(key)
+  for ax, panel in zip(axes, keys, strict=False):
+    for key in panel:
+      points = [(r["step"], r[key]) for r in records if key in r]
+      ax.plot(*zip(*points, strict=True), marker="." if len(points) < 50 else None, label=key)
+    ax.set_title(" / ".join(panel))
+    if len(panel) > 1:
+      ax.legend()
     ax.grid(alpha=0.3)
   for ax in axes[len(keys) - ncols : len(keys)]:  # the bottom plot of each column
     ax.set_xlabel("step")

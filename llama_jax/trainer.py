@@ -31,6 +31,16 @@ log = logging.getLogger(__name__)
 StepFn = Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
 
 
+# What `metrics.png` shows: train and eval curves of a metric share a panel.
+PLOT_PANELS = (
+  ("loss", "eval/loss"),
+  ("accuracy", "eval/accuracy"),
+  ("grad_norm",),
+  ("learning_rate",),
+  ("tokens_per_second",),
+)
+
+
 class NonFiniteError(FloatingPointError):
   """A step produced a non-finite loss or gradient and the run is set to stop."""
 
@@ -211,5 +221,5 @@ def fit(
     writer.close()
     manager.close()
   if jax.process_index() == 0 and int(state.step) != start:
-    metrics_lib.plot_metrics(workdir)
+    metrics_lib.plot_metrics(workdir, PLOT_PANELS, skip_missing=True)
   return state

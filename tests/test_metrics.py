@@ -107,6 +107,9 @@ def test_plot_metrics_writes_a_png(tmp_path):
   assert custom.read_bytes().startswith(b"\x89PNG")
   with pytest.raises(ValueError, match="no numeric metric named"):
     M.plot_metrics(tmp_path, keys=["nope"])
+  shared = M.plot_metrics(tmp_path, keys=[("loss", "eval_loss"), ("nope",)],
+                          path=tmp_path / "shared.png", skip_missing=True)
+  assert shared.read_bytes().startswith(b"\x89PNG")
 
 
 def _device(kind, platform="gpu"):

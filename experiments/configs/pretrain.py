@@ -29,9 +29,9 @@ def get_config(variant: str = "tiny"):
 
 def tiny():
   config = lm_config(**TINY_MODEL)
-  config.data.update(seq_len=128, batch_size=16)
+  config.data.update(seq_len=256, batch_size=8)
   config.optimizer.update(learning_rate=3e-3, warmup_steps=30, weight_decay=0.1)
-  config.train.update(num_steps=600, log_every=20, checkpoint_every=200)
+  config.train.update(num_steps=600, log_every=20, eval_every=200, checkpoint_every=200)
   return config
 
 
