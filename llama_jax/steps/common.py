@@ -74,13 +74,20 @@ def apply_gradients(
   """
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(grad_norm)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+  def update(params, opt_state):
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  # A branch rather than a `where` over every parameter and moment: the skipped path costs
+  # nothing and the taken one no extra pass over the state.
+  params, opt_state = jax.lax.cond(
+    finite, update, lambda *state_: state_, state.params, state.opt_state
+  )
   new_state = state.replace(
     step=state.step + 1,
-    params=keep(params, state.params),
-    opt_state=keep(opt_state, state.opt_state),
+    params=params,
+    opt_state=opt_state,
     skipped=state.skipped + (~finite).astype(jnp.int32),
   )
   return new_state, {"grad_norm": grad_norm, "finite": finite, "skipped": new_state.skipped}
