@@ -22,7 +22,7 @@ published peak (GPU / TPU), the FLOP/s XLA reaches on one matmul of the model's 
 hosts; parameters then come from `llama_jax.sharding.init_params`. E.g. on an H100:
 
     python -m benchmarks.train_step --preset llama3p2_1b --batch 8 --seq 2048 \\
-        --dtype bfloat16 --remat dots --loss-chunk 512 --no-baseline
+        --dtype bfloat16 --remat dots_no_batch --attention cudnn --loss-chunk 512 --no-baseline
 
 `--dtype bfloat16` means bfloat16 compute with float32 master parameters and optimizer state
 (and, for the baseline, `torch.autocast` to bfloat16, so the losses then agree only to ~1e-3).
@@ -39,7 +39,7 @@ import time
 import jax
 import numpy as np
 
-from llama_jax.config import RematPolicy
+from llama_jax.config import AttentionImpl, RematPolicy
 
 
 def _make_batch(vocab_size: int, batch: int, seq: int) -> dict[str, np.ndarray]:
@@ -172,6 +172,12 @@ def main(argv=None):
   parser.add_argument("--remat", choices=RematPolicy.__args__, default="none")
   parser.add_argument("--scan", action="store_true", help="scan over layers (scan_layers)")
   parser.add_argument(
+    "--attention",
+    choices=AttentionImpl.__args__,
+    default="xla",
+    help="attention implementation; `cudnn` is flash attention on NVIDIA GPUs",
+  )
+  parser.add_argument(
     "--loss-chunk",
     type=int,
     default=0,
@@ -195,7 +201,11 @@ def main(argv=None):
   mesh = sharding.make_mesh(devices=devices)
   sharding.check_batch_fits_mesh(args.batch, mesh, "--batch")
   numerics = dict(
-    dtype=args.dtype, param_dtype="float32", remat_policy=args.remat, scan_layers=args.scan
+    dtype=args.dtype,
+    param_dtype="float32",
+    remat_policy=args.remat,
+    scan_layers=args.scan,
+    attention_impl=args.attention,
   )
   opt = OptimizerConfig(learning_rate=args.lr, schedule="constant", warmup_steps=0)
   tx = make_optimizer(opt)
@@ -218,6 +228,7 @@ def main(argv=None):
         mesh=mesh,
         remat_policy=args.remat,
         scan_layers=args.scan,
+        attention_impl=args.attention,
       )
     state = init_train_state(config, tx, mesh, rng, params=params)
     del params  # the state holds them now, and the step donates it
@@ -284,6 +295,7 @@ def main(argv=None):
   print(
     f"model {args.preset}: {config.num_params() / 1e6:.1f}M params, batch {args.batch} × "
     f"{args.seq} tokens, {args.dtype} compute / float32 params, remat {args.remat}, "
+    f"attention {args.attention}, "
     f"scan {args.scan}, loss chunk {args.loss_chunk or 'none'}"
   )
   print(
