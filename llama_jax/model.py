@@ -2,7 +2,8 @@
 
 Dimension vocabulary (used in every einsum, name and comment of the project):
   B batch, T query length, S key length, D model width (d_model), N query heads,
-  K kv heads, G = N/K query heads per kv head, H head dim, F MLP hidden, V vocab, L layers.
+  K kv heads, G = N/K query heads per kv head, H head dim, F MLP hidden, V vocab, L layers,
+  R query rows that share one row of a KV part (samples per prompt, see `attend_xla`).
 
 Attention masks come from segment ids: a query attends to a key iff both carry the same
 segment id and the key is not later than the query. Segment 0 marks padding (and empty KV
@@ -142,7 +143,7 @@ class KVCache:
 
 # --------------------------------------------------------------------------- attention
 
-# One attention input part: keys [B, S, K, H], values [B, S, K, H], mask [B, T, S].
+# One attention input part: keys [B/R, S, K, H], values [B/R, S, K, H], mask [B, T, S].
 KVPart = tuple[jax.Array, jax.Array, jax.Array]
 
 
@@ -153,23 +154,32 @@ def attend_xla(q: jax.Array, parts: Sequence[KVPart]) -> jax.Array:
   query heads j·G … (j+1)·G−1. Scores and softmax are float32 whatever the input dtype.
   Several parts (a KV cache and the new tokens) are scored separately and share one
   softmax, so the cache is never concatenated with, or copied into, a new buffer.
+
+  A part may hold fewer rows than q: with B/R rows, key row i serves the R consecutive
+  query rows i·R … (i+1)·R−1 (a prompt prefilled once and shared by R samples), without
+  repeating it. Masks are per query row, [B, T, S], for every part.
   """
   b, t, n, h = q.shape
   kv_heads = parts[0][0].shape[2]
-  q = q.reshape(b, t, kv_heads, n // kv_heads, h) * (h**-0.5)
-  scores = [
-    jnp.where(
-      mask[:, None, None],
-      jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32),
-      _MASK_VALUE,
-    )
-    for k, _, mask in parts
-  ]
-  probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(q.dtype)
+  g = n // kv_heads
+  q = q.reshape(b, t, kv_heads, g, h) * (h**-0.5)
+
+  def scores(k, mask):  # [B, K, G, T, S]
+    r = b // k.shape[0]
+    qr = q.reshape(b // r, r, t, kv_heads, g, h)
+    s = jnp.einsum("BRTKGH,BSKH->BRKGTS", qr, k, preferred_element_type=jnp.float32)
+    return jnp.where(mask[:, None, None], s.reshape(b, kv_heads, g, t, -1), _MASK_VALUE)
+
+  def values(p, v):  # [B, T, K, G, H]
+    r = b // v.shape[0]
+    pr = p.reshape(b // r, r, kv_heads, g, t, -1)
+    return jnp.einsum("BRKGTS,BSKH->BRTKGH", pr, v).reshape(b, t, kv_heads, g, h)
+
+  logits = jnp.concatenate([scores(k, mask) for k, _, mask in parts], axis=-1)
+  probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
   sizes = np.cumsum([k.shape[1] for k, _, _ in parts])[:-1]
   out = sum(
-    jnp.einsum("BKGTS,BSKH->BTKGH", p, v)
-    for p, (_, v, _) in zip(jnp.split(probs, sizes, axis=-1), parts, strict=True)
+    values(p, v) for p, (_, v, _) in zip(jnp.split(probs, sizes, axis=-1), parts, strict=True)
   )
   return out.reshape(b, t, n, h)
 
@@ -210,13 +220,34 @@ class RMSNorm(nn.Module):
     return (x32 * scale.astype(jnp.float32)).astype(cfg.dtype)
 
 
+@flax.struct.dataclass
+class LayerCache:
+  """A `KVCache` as carried through the layers of one call."""
+
+  k: jax.Array  # [L, B, S, K, H]
+  v: jax.Array  # [L, B, S, K, H]
+  layer: jax.Array  # [] int32: the layer about to run
+  index: jax.Array  # [] int32: the slot of the first new token
+  # Static: the new tokens fill the whole cache (a prefill), so attention needs nothing
+  # from it and takes the cache-free path (cuDNN flash attention on GPU).
+  prefill: bool = flax.struct.field(pytree_node=False, default=False)
+
+
 class Attention(nn.Module):
-  """Grouped-query self-attention with RoPE; optionally attends to a KV cache too."""
+  """Grouped-query self-attention with RoPE; optionally attends to cached keys too.
+
+  With a `cache`, the layer first writes its new keys/values into the cache at
+  [layer, :, index:index+T], then attends to the read-only `prefix_kv` parts (keys, values
+  [B/R, P, K, H]) and to its whole updated cache slice. Writing before reading lets XLA
+  update the cache in place; reading the old cache and writing after makes it copy the
+  whole cache on every decode step. `masks` then holds one mask per prefix part, then the
+  cache's; for a prefill they are those of the cache-free path.
+  """
 
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, positions, masks, cached_kv):
+  def __call__(self, x, positions, masks, prefix_kv=(), cache: LayerCache | None = None):
     cfg = self.config
     d, n, kh, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     wq = _dense_param(self, "q", (d, n, h), ("embed", "q_heads", "head_dim"), cfg)
@@ -231,10 +262,18 @@ class Attention(nn.Module):
     v = nn.with_logical_constraint(jnp.einsum("BTD,DKH->BTKH", x, wv), heads)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
 
-    if cached_kv is not None:  # decoding: cached keys, then the new tokens
-      cache_k, cache_v = cached_kv
-      out = attend_xla(q, [(cache_k.astype(q.dtype), cache_v.astype(q.dtype), masks[0]),
-                           (k, v, masks[1])])
+    if cache is not None:  # write first, then read (see the class docstring)
+      layer, at = cache.layer, (cache.layer, 0, cache.index, 0, 0)
+      cache = cache.replace(
+        k=jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), at),
+        v=jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at),
+        layer=layer + 1,
+      )
+    if cache is not None and not cache.prefill:
+      own = lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False).astype(q.dtype)
+      parts = [(pk.astype(q.dtype), pv.astype(q.dtype), m)
+               for (pk, pv), m in zip(prefix_kv, masks[:-1], strict=True)]
+      out = attend_xla(q, [*parts, (own(cache.k), own(cache.v), masks[-1])])
     elif cfg.attention_impl == "xla":
       out = attend_xla(q, [(k, v, masks[0])])
     else:
@@ -242,7 +281,7 @@ class Attention(nn.Module):
       out = attend_dot_product(q, k, v, masks[1], impl)
     out = nn.with_logical_constraint(out, heads)
     y = jnp.einsum("BTNH,NHD->BTD", out, wo)
-    return y, ((k, v) if cached_kv is not None else None)
+    return y, cache
 
 
 class MLP(nn.Module):
@@ -264,20 +303,25 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x)).
+
+  The carry is `(x, cache)` (cache a `LayerCache` or None) and the result `(carry, None)`,
+  the shape `nn.scan` over layers needs.
+  """
 
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, positions, masks, cached_kv=None):
+  def __call__(self, carry, positions, masks, prefix_kv=()):
     cfg = self.config
+    x, cache = carry
     residual = ("act_batch", "act_seq", "act_embed")
-    attn_out, new_kv = Attention(cfg, name="attn")(
-      RMSNorm(cfg, name="attn_norm")(x), positions, masks, cached_kv
+    attn_out, cache = Attention(cfg, name="attn")(
+      RMSNorm(cfg, name="attn_norm")(x), positions, masks, prefix_kv, cache
     )
     x = nn.with_logical_constraint(x + attn_out, residual)
     x = x + MLP(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x))
-    return nn.with_logical_constraint(x, residual), new_kv
+    return (nn.with_logical_constraint(x, residual), cache), None
 
 
 _REMAT_POLICIES = {
@@ -298,7 +342,9 @@ class Llama(nn.Module):
 
   `apply({"params": p}, tokens [B, T], positions=None, segment_ids=None)` returns float32
   logits [B, T, V]. With `cache=KVCache(...)` it returns `(logits, new_cache)`: the new
-  tokens attend to the cached ones and are appended at `cache.index`.
+  tokens attend to the cached ones and are appended at `cache.index`. With also
+  `prefix=KVCache(...)` of B/R rows (a prompt prefilled once), each prefix row is attended,
+  read-only and without copies, by R consecutive rows of tokens (R samples of that prompt).
 
   Args of `__call__` / `hidden_states`:
     tokens: int [B, T].
@@ -306,6 +352,10 @@ class Llama(nn.Module):
       `segment_ids` changes); with a cache, the number of real tokens already cached.
     segment_ids: int [B, T]; 0 = padding, equal ids = one document. Default: all ones.
     cache: optional `KVCache`.
+    prefix: optional read-only `KVCache` of B/R rows, attended before `cache` (needs one).
+    attention_mask: optional bool [B, T, T] of `hidden_states` without a cache: which keys
+      each query may see, ANDed with the causal segment mask (e.g. responses packed after
+      one shared prompt, see `llama_jax.data.ranking`). Needs attention_impl "xla".
   """
 
   config: LlamaConfig
@@ -337,48 +387,77 @@ class Llama(nn.Module):
         (cfg.d_model, cfg.vocab_size), cfg.param_dtype,
       )
 
-  def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None):
-    hidden, cache = self.hidden_states(tokens, positions, segment_ids, cache)
+  def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
+               *, prefix: KVCache | None = None):
+    hidden, cache = self.hidden_states(tokens, positions, segment_ids, cache, prefix=prefix)
     logits = self.logits(hidden)
     return logits if cache is None else (logits, cache)
 
-  def hidden_states(self, tokens, positions=None, segment_ids=None, cache=None):
+  def hidden_states(self, tokens, positions=None, segment_ids=None, cache=None, *, prefix=None,
+                    attention_mask=None):
     """Final-normed hidden states [B, T, D] (and the updated cache, or None)."""
     cfg = self.config
+    if attention_mask is not None and (cache is not None or cfg.attention_impl != "xla"):
+      # The cuDNN / dot-product path builds its mask from segment ids alone.
+      raise ValueError(
+        "Llama: attention_mask needs attention_impl='xla' and no cache (got attention_impl="
+        f"{cfg.attention_impl!r}, cache {'given' if cache is not None else 'None'})"
+      )
+    if prefix is not None and cache is None:
+      raise ValueError("Llama: a shared `prefix` needs a `cache` for the new tokens")
+    if prefix is not None and tokens.shape[0] % prefix.k.shape[1]:
+      raise ValueError(
+        f"Llama: {tokens.shape[0]} rows of tokens cannot share a prefix of "
+        f"{prefix.k.shape[1]} rows; the prefix rows must divide the token rows"
+      )
     if segment_ids is None:
       segment_ids = jnp.ones(tokens.shape, jnp.int32)
+    caches = [c for c in (prefix, cache) if c is not None]
     if positions is None:
       positions = (
         positions_from_segments(segment_ids) if cache is None
-        else cache.lengths()[:, None] + jnp.cumsum(segment_ids != 0, axis=1) - 1
+        else sum(_per_row(c.lengths(), tokens.shape[0]) for c in caches)[:, None]
+        + jnp.cumsum(segment_ids != 0, axis=1) - 1
       )
     x = jnp.take(self.embedding, tokens, axis=0).astype(cfg.dtype)
     x = nn.with_logical_constraint(x, ("act_batch", "act_seq", "act_embed"))
 
     if cache is None:
-      masks = (segment_mask(segment_ids, segment_ids, causal=True), segment_ids)
-      cached_kv = None
-    else:
-      masks = (segment_mask(segment_ids, cache.segment_ids, causal=False),
-               segment_mask(segment_ids, segment_ids, causal=True))
-      cached_kv = (cache.k, cache.v)
+      mask = segment_mask(segment_ids, segment_ids, causal=True)
+      if attention_mask is not None:
+        mask &= attention_mask
+      x, _ = self._run_layers(x, positions, (mask, segment_ids), (), None)
+      return self.final_norm(x), None
 
-    x, new_kv = self._run_layers(x, positions, masks, cached_kv)
-    if cache is not None:
-      cache = cache.write(*new_kv, segment_ids.astype(jnp.int32))
+    t, rows = tokens.shape[1], tokens.shape[0]
+    # Writing T tokens into T slots replaces the whole cache: a prefill, attended as without
+    # a cache. (The write starts at slot 0: dynamic_update_slice clamps the index.)
+    prefill = prefix is None and cache.max_len == t
+    written = jax.lax.dynamic_update_slice(
+      cache.segment_ids, segment_ids.astype(jnp.int32), (0, cache.index)
+    )
+    # New token t sits in slot index + t and sees the slots up to its own (same segment).
+    causal = jnp.arange(cache.max_len)[None, :] <= cache.index + jnp.arange(t)[:, None]
+    masks = (segment_mask(segment_ids, written, causal=False) & causal[None],)
+    prefix_kv = ()
+    if prefix is not None:
+      shared = segment_mask(segment_ids, _per_row(prefix.segment_ids, rows), causal=False)
+      masks, prefix_kv = (shared, *masks), ((prefix.k, prefix.v),)
+    if prefill:
+      masks = (segment_mask(segment_ids, segment_ids, causal=True), segment_ids)
+    layer_cache = LayerCache(cache.k, cache.v, jnp.zeros((), jnp.int32), cache.index, prefill)
+    x, layer_cache = self._run_layers(x, positions, masks, prefix_kv, layer_cache)
+    cache = KVCache(k=layer_cache.k, v=layer_cache.v, segment_ids=written, index=cache.index + t)
     return self.final_norm(x), cache
 
-  def _run_layers(self, x, positions, masks, cached_kv):
+  def _run_layers(self, x, positions, masks, prefix_kv, cache):
+    carry = (x, cache)
     if self.config.scan_layers:
-      return self.layers(x, positions, masks, cached_kv)
-    new_kvs = []
+      carry, _ = self.layers(carry, positions, masks, prefix_kv)
+      return carry
     for i, layer in enumerate(self.layers):
-      layer_kv = None if cached_kv is None else (cached_kv[0][i], cached_kv[1][i])
-      x, kv = layer(x, positions, masks, layer_kv)
-      new_kvs.append(kv)
-    if cached_kv is None:
-      return x, None
-    return x, tuple(jnp.stack(parts) for parts in zip(*new_kvs, strict=True))
+      carry, _ = layer(carry, positions, masks, jax.tree.map(lambda a, i=i: a[i], prefix_kv))
+    return carry
 
   def logits(self, hidden: jax.Array) -> jax.Array:
     """LM-head logits [B, T, V] in float32 from hidden states [B, T, D]."""
@@ -390,6 +469,11 @@ class Llama(nn.Module):
       out = jnp.einsum("BTD,DV->BTV", hidden, self.lm_head.astype(cfg.dtype),
                        preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(out, ("act_batch", "act_seq", "act_vocab"))
+
+
+def _per_row(x: jax.Array, rows: int) -> jax.Array:
+  """x [B/R, ...] of a prefix shared by R consecutive rows, repeated to [B, ...]."""
+  return jnp.repeat(x, rows // x.shape[0], axis=0) if x.shape[0] != rows else x
 
 
 @functools.partial(jax.jit, static_argnums=0)

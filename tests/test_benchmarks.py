@@ -19,3 +19,19 @@ def test_train_step_benchmark_runs(capsys):
   assert "ratio (llama_jax / transformers tokens/s)" in out
   err = float(out.split("loss difference llama_jax vs transformers: ")[1].split()[0])
   assert err < 1e-4
+
+
+def test_generate_benchmark_runs(capsys):
+  from benchmarks import generate
+
+  args = ["--preset", "tiny", "--batches", "2", "--prompt-len", "8", "--new-tokens", "4"]
+  generate.main([*args, "--iters", "1"])
+  out = capsys.readouterr().out
+  assert "ratio (llama_jax / transformers decode tokens/s)" in out
+  assert "greedy tokens identical" in out
+  generate.main([*args, "--iters", "1", "--no-baseline"])
+  out = capsys.readouterr().out
+  assert "transformers" not in out and "roofline: no known HBM bandwidth for cpu" in out
+  assert generate.hbm_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+  assert generate.hbm_bandwidth("NVIDIA H200") == 4.8e12
+  assert generate.hbm_bandwidth("cpu") is None

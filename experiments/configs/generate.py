@@ -1,0 +1,86 @@
+"""Sampling configs.
+
+    python -m experiments.generate --config=experiments/configs/generate.py:<variant> \
+      --workdir=DIR --config.init_from=<experiment workdir or Hugging Face dir>
+
+Writes DIR/samples.jsonl (one line per prompt: its id and prompt, the responses, their token
+counts and summed model log-probs, and with a scorer their scores and the best index) and
+DIR/generate_config.json.
+
+Fields
+  model, tokenizer, init_from, mesh  as in `experiments/configs/base.py`; with init_from
+              empty the model is the preset with random weights (a smoke test, not text).
+  data        source ("bundled" | "tfds"), name, data_dir, split, num_prompts (0 = all),
+              batch_size (prompts per generate call). Records need a "prompt": a string or
+              a list of chat messages (the rl_prompt kind).
+  generation  max_new_tokens, num_samples (per prompt, sharing its prefilled KV cache),
+              temperature (0 = greedy), top_k (0 = off), top_p (1 = off), prompt_bucket
+              (0 = powers of two), seed.
+  chat        wrap string prompts as a user message of the tokenizer's chat format.
+  scorer      "" or "check_answer" (`llama_jax.data.scoring.check_answer` on rl_prompt
+              records: reference answers, refusals of unsafe prompts).
+
+Variants
+  tiny         the tiny Llama 3-style model of the pretrain/SFT configs on 16 bundled
+               rl_prompt test prompts, 4 samples each; CPU, seconds. With init_from an SFT
+               workdir of the tiny recipe the answers are mostly right (see `scorer`).
+  llama3p1_8b  Llama 3.1 8B Instruct from a Hugging Face directory, bf16, 512 prompts × 8
+               samples at temperature 1.0 (rejection sampling); one host of 8 × H100,
+               each GPU holding the weights (data=8).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from experiments.configs.base import TINY_MODEL
+
+
+def get_config(variant: str = "tiny"):
+  variants = {"tiny": tiny, "llama3p1_8b": llama3p1_8b}
+  if variant not in variants:
+    raise ValueError(f"unknown generate variant {variant!r}; known: {sorted(variants)}")
+  return variants[variant]()
+
+
+def _base(**model_fields) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(
+    {
+      "model": {"preset": "tiny", **model_fields},
+      "tokenizer": "tiny:llama3",
+      "init_from": "",
+      "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+      "data": {
+        "source": "bundled",
+        "name": "rl_prompt",
+        "data_dir": "",
+        "split": "test",
+        "num_prompts": 16,
+        "batch_size": 8,
+      },
+      "generation": {
+        "max_new_tokens": 48,
+        "num_samples": 4,
+        "temperature": 1.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "prompt_bucket": 0,
+        "seed": 0,
+      },
+      "chat": True,
+      "scorer": "check_answer",
+    }
+  )
+
+
+def tiny():
+  return _base(**TINY_MODEL)
+
+
+def llama3p1_8b():
+  config = _base(preset="llama3p1_8b", dtype="bfloat16", param_dtype="bfloat16")
+  config.tokenizer = "/path/to/llama3.1-8b-instruct/original/tokenizer.model"
+  config.init_from = "/path/to/llama3.1-8b-instruct"
+  config.data.update(num_prompts=512, batch_size=64)
+  config.generation.update(max_new_tokens=1024, num_samples=8, prompt_bucket=128)
+  return config

@@ -1,0 +1,123 @@
+"""Sampling from a checkpoint (an experiment workdir or a Hugging Face directory).
+
+    python -m experiments.generate --config=experiments/configs/generate.py:tiny \
+      --workdir=DIR [--config.init_from=WORKDIR_OR_HF_DIR] [--config.generation.top_p=0.9]
+
+Writes DIR/samples.jsonl and DIR/generate_config.json; see experiments/configs/generate.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from experiments import common
+from llama_jax import sharding
+from llama_jax.data.scoring import check_answer
+from llama_jax.generation import generate, score_candidates
+
+log = logging.getLogger(__name__)
+
+SAMPLES_FILE = "samples.jsonl"
+SCORERS = {
+  "check_answer": lambda records, responses: [
+    check_answer(r, y) for r, y in zip(records, responses, strict=True)
+  ],
+}
+
+
+def _records(cfg: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+  records = list(common.load_records(cfg, cfg.split))
+  return records[: cfg.num_prompts] if cfg.num_prompts else records
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Samples responses to the configured prompts into `workdir/samples.jsonl`.
+
+  Returns summary metrics: prompts, responses, mean response tokens, generated tokens/s
+  and, with a scorer, the mean score and the mean best-of-K score.
+  """
+  sharding.initialize_distributed()
+  if cfg.scorer and cfg.scorer not in SCORERS:
+    raise ValueError(f"scorer={cfg.scorer!r}; expected '' or one of {sorted(SCORERS)}")
+  tokenizer = common.build_tokenizer(cfg.tokenizer)
+  mesh = common.build_mesh(cfg.mesh)
+  model_cfg, params = common.load_model(cfg, mesh)
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    raise ValueError(
+      f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+      f"{model_cfg.vocab_size}"
+    )
+  if params is None:
+    log.warning("init_from is empty: sampling from randomly initialized weights")
+    params = sharding.init_params(model_cfg, jax.random.key(cfg.generation.seed), mesh)
+
+  g = cfg.generation
+  key = jax.random.key(g.seed)
+  records = _records(cfg.data)
+  rows, scores, num_tokens, seconds = [], [], 0, 0.0
+  for start in range(0, len(records), cfg.data.batch_size):
+    batch = records[start : start + cfg.data.batch_size]
+    t0 = time.perf_counter()
+    out = generate(
+      model_cfg, params, tokenizer, [r["prompt"] for r in batch],
+      max_new_tokens=g.max_new_tokens, num_samples=g.num_samples, temperature=g.temperature,
+      top_k=g.top_k, top_p=g.top_p, prompt_bucket=g.prompt_bucket, chat=cfg.chat,
+      key=jax.random.fold_in(key, start), mesh=mesh,
+    )  # fmt: skip
+    seconds += time.perf_counter() - t0
+    num_tokens += int(out.mask.sum())
+    batch_scores = score_candidates(SCORERS[cfg.scorer], batch, out.texts) if cfg.scorer else None
+    for i, record in enumerate(batch):
+      row = {
+        "id": record.get("id", start + i),
+        "prompt": record["prompt"],
+        "responses": out.texts[i],
+        "num_tokens": out.mask[i].sum(-1).tolist(),
+        "logprob": (out.model_logprobs[i] * out.mask[i]).sum(-1).tolist(),
+      }
+      if batch_scores is not None:
+        row |= {"scores": batch_scores[i].tolist(), "best": int(batch_scores[i].argmax())}
+        scores.append(batch_scores[i])
+      rows.append(row)
+
+  summary = {
+    "prompts": float(len(rows)),
+    "responses": float(len(rows) * g.num_samples),
+    "mean_response_tokens": num_tokens / max(1, len(rows) * g.num_samples),
+    "tokens_per_second": num_tokens / max(seconds, 1e-9),
+  }
+  if scores:
+    summary |= {
+      "mean_score": float(np.mean(scores)),
+      "best_of_k_score": float(np.mean([s.max() for s in scores])),
+    }
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    Path(workdir, "generate_config.json").write_text(cfg.to_json_best_effort(indent=2))
+    with open(Path(workdir, SAMPLES_FILE), "w") as f:
+      for row in rows:
+        f.write(json.dumps(row) + "\n")
+  log.info("Wrote %d prompts × %d samples to %s: %s", len(rows), g.num_samples,
+           Path(workdir, SAMPLES_FILE), summary)  # fmt: skip
+  return summary
+
+
+def main(argv):
+  del argv
+  common.setup_logging()
+  run(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  common.define_flags()  # here, not at import: tests import `run` next to other launchers
+  app.run(main)

@@ -1,0 +1,47 @@
+"""Generation: KV-cache prefill and decode, sampling with log-probs, K samples per prompt on a
+shared prefix, best-of-K.
+
+Layers, from arrays to text:
+
+- `sampling`: `SamplingConfig` and `sample(keys, logits, config)` (greedy, temperature,
+  top-k, top-p; log-probs under the sampling and the unmodified model distributions).
+- `decode`: `GenerationConfig`, `generate_tokens(config, params, prompt_ids, key, gen,
+  mesh=None)`: one compiled prefill + `while_loop` decode per prompt-length bucket.
+- `api`: `generate(config, params, tokenizer, prompts, ...)` for texts and chats.
+- `best_of_k`: `best_of_k(config, params, tokenizer, prompts, k, scorer, ...)`.
+"""
+
+from llama_jax.generation.api import Generation, Prompt, encode_prompt, generate, response_text
+from llama_jax.generation.best_of_k import BestOfK, Scorer, best_of_k, score_candidates
+from llama_jax.generation.decode import (
+  GenerationConfig,
+  GenerationOutput,
+  bucket_length,
+  generate_tokens,
+  make_decode_fn,
+  pad_prompts,
+  sample_keys,
+)
+from llama_jax.generation.sampling import SamplingConfig, sample, sampling_logits
+
+__all__ = [
+  "BestOfK",
+  "Generation",
+  "GenerationConfig",
+  "GenerationOutput",
+  "Prompt",
+  "SamplingConfig",
+  "Scorer",
+  "best_of_k",
+  "bucket_length",
+  "encode_prompt",
+  "generate",
+  "generate_tokens",
+  "make_decode_fn",
+  "pad_prompts",
+  "response_text",
+  "sample",
+  "sample_keys",
+  "sampling_logits",
+  "score_candidates",
+]
