@@ -80,6 +80,9 @@ def _models(args):
 
   from llama_jax.checkpoint import config_to_hf, load_hf_checkpoint
 
+  if args.torch_threads:
+    torch.set_num_threads(args.torch_threads)
+
   hf_config = transformers.LlamaConfig(
     **{k: v for k, v in config_to_hf(config).items() if k not in ("architectures", "torch_dtype")}
   )
@@ -129,6 +132,7 @@ def main(argv=None):
   parser.add_argument("--iters", type=int, default=3)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--no-baseline", action="store_true", help="llama_jax only, no torch")
+  parser.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
   args = parser.parse_args(argv)
 
   config, params, hf_model = _models(args)

@@ -22,10 +22,16 @@ def test_train_step_benchmark_runs(capsys):
 
 
 def test_generate_benchmark_runs(capsys):
+  import torch
+
   from benchmarks import generate
 
   args = ["--preset", "tiny", "--batches", "2", "--prompt-len", "8", "--new-tokens", "4"]
-  generate.main([*args, "--iters", "1"])
+  threads = torch.get_num_threads()
+  try:  # one torch thread: see the README on torch and XLA threads sharing two cores
+    generate.main([*args, "--iters", "1", "--torch-threads", "1"])
+  finally:
+    torch.set_num_threads(threads)
   out = capsys.readouterr().out
   assert "ratio (llama_jax / transformers decode tokens/s)" in out
   assert "greedy tokens identical" in out
