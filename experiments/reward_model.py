@@ -1,0 +1,167 @@
+"""Reward-model training: Llama 2's helpfulness / safety RMs and Llama 3's ranking RM.
+
+    python -m experiments.reward_model --config=experiments/configs/reward_model.py:tiny_helpful \
+      --workdir=DIR [--config.init_from=LM_WORKDIR_OR_HF_DIR]
+
+Builds the reward model (an LM's trunk from `init_from` with a fresh head, or a fresh tiny
+one), the ranking pipelines and the jitted steps from a config, then hands them to
+`llama_jax.trainer.fit`. Writes DIR/metrics.jsonl (eval/accuracy/<rating> is the per-bucket
+table), DIR/metrics.png, DIR/reward_scores.png (score histograms of the last evaluation),
+TensorBoard events and Orbax checkpoints of `{"lm", "head"}` parameters under
+DIR/checkpoints/ (`llama_jax.reward_model.load_reward_model` reads them); a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+from absl import app, flags
+
+from experiments import common
+from llama_jax import reward_model, sharding
+from llama_jax import train_state as ts
+from llama_jax.data import ranking
+from llama_jax.steps import common as step_lib
+from llama_jax.steps import reward as reward_steps
+from llama_jax.trainer import fit
+
+log = logging.getLogger(__name__)
+
+SCORES_PLOT = "reward_scores.png"
+
+
+def _names(csv: str) -> tuple[str, ...]:
+  return tuple(s.strip() for s in csv.split(",") if s.strip())
+
+
+def load_records(cfg: ml_collections.ConfigDict, split: str, ratings: str) -> list:
+  """The split's preference records of the configured concerns and the given ratings."""
+  records = common.load_records(cfg, split)
+  kept = ranking.filter_records(records, concerns=_names(cfg.concerns), ratings=_names(ratings))
+  if not kept:
+    raise ValueError(f"no {split} records with concerns={cfg.concerns!r} and ratings={ratings!r}")
+  log.info("%s: %d of %d preference records", split, len(kept), len(records))
+  return kept
+
+
+def optimizer_config(cfg: ml_collections.ConfigDict, num_steps: int) -> ts.OptimizerConfig:
+  """`optimizer` section; with `train.warmup_fraction` the warmup is that share of the run."""
+  opt = common.optimizer_config(cfg.optimizer, num_steps)
+  if cfg.train.warmup_fraction:
+    opt = dataclasses.replace(opt, warmup_steps=round(cfg.train.warmup_fraction * num_steps))
+  return opt
+
+
+def make_eval_fn(batches_fn, eval_step, cfg: ml_collections.ConfigDict, workdir: str):
+  """`state -> metrics` over one pass of the evaluation split; also draws the histograms."""
+
+  def evaluate(state) -> dict[str, float]:
+    with batches_fn() as batches:
+      rows = reward_steps.evaluate(eval_step, state.params, batches)
+    metrics = reward_steps.eval_metrics(
+      rows, margins=cfg.reward.margins, centering=cfg.reward.centering
+    )
+    if jax.process_index() == 0:
+      reward_steps.plot_score_distribution(Path(workdir) / SCORES_PLOT, rows)
+    log.info("Evaluation:\n%s", reward_steps.bucket_table(metrics))
+    return metrics
+
+  return evaluate
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) the reward model in `workdir`; returns the final eval metrics."""
+  sharding.initialize_distributed()
+  tokenizer = common.build_tokenizer(cfg.tokenizer)
+  mesh = common.build_mesh(cfg.mesh)
+  model_cfg, lm_params = common.load_model(cfg, mesh)
+  if model_cfg.attention_impl != "xla":  # packed rows need a per-row mask (see the config)
+    log.warning("Reward model: attention_impl %r -> 'xla'", model_cfg.attention_impl)
+    model_cfg = model_cfg.replace(attention_impl="xla")
+  common.check_fits(model_cfg, cfg, tokenizer, mesh)
+  common.write_run_files(workdir, cfg, model_cfg)
+
+  train_records = load_records(cfg.data, cfg.data.train_split, cfg.data.train_ratings)
+  num_steps = cfg.train.num_steps or cfg.train.epochs * math.ceil(
+    len(train_records) / cfg.data.batch_size
+  )
+  opt_cfg = optimizer_config(cfg, num_steps)
+  optimizer = ts.make_optimizer(opt_cfg)
+  shardings = reward_model.state_shardings(model_cfg, optimizer, mesh)
+  max_responses = ranking.MAX_RESPONSES if cfg.data.use_edited else 2
+  train_step = reward_steps.make_train_step(
+    model_cfg,
+    optimizer,
+    mesh=mesh,
+    margins=cfg.reward.margins,
+    centering=cfg.reward.centering,
+    grad_accum_steps=cfg.train.grad_accum_steps,
+    learning_rate_fn=ts.learning_rate_schedule(opt_cfg),
+    max_responses=max_responses,
+  )
+  pipeline_cfg = common.pipeline_config(cfg.data)
+  pipeline = lambda records, **kw: ranking.make_ranking_pipeline(
+    records, tokenizer, pipeline_cfg, use_edited=cfg.data.use_edited, mesh=mesh, **kw
+  )
+  eval_fn = None
+  if cfg.data.eval_split:
+    eval_records = load_records(cfg.data, cfg.data.eval_split, cfg.data.eval_ratings)
+    eval_step = step_lib.jit_eval_step(
+      reward_steps.make_eval_step(model_cfg, mesh=mesh, max_responses=max_responses),
+      shardings.params,
+      mesh,
+    )
+    eval_fn = make_eval_fn(lambda: pipeline(eval_records, evaluation=True), eval_step, cfg, workdir)
+  log.info(
+    "Reward model: %s parameters on mesh %s, %d steps",
+    f"{reward_model.num_params(model_cfg):,}",
+    dict(mesh.shape),
+    num_steps,
+  )
+
+  head_rng, state_rng = jax.random.split(jax.random.PRNGKey(cfg.train.seed))
+  params = None
+  if lm_params is not None:
+    params = reward_model.from_lm_params(model_cfg, lm_params, head_rng, mesh)
+    del lm_params  # the LM head is no longer referenced
+  train = cfg.train.to_dict() | {"num_steps": num_steps}
+  results: dict[str, Any] = {}
+
+  def final_eval(state):
+    results.update(eval_fn(state))
+    return results
+
+  with pipeline(train_records) as train_iter:
+    state = fit(
+      init_state=lambda: reward_model.init_train_state(
+        model_cfg, optimizer, mesh, state_rng, params=params
+      ),
+      abstract_state=reward_model.abstract_train_state(model_cfg, optimizer, mesh),
+      train_step=step_lib.jit_train_step(train_step, shardings, mesh),
+      train_iter=train_iter,
+      workdir=workdir,
+      loop=common.loop_config(ml_collections.ConfigDict(train)),
+      eval_fn=None if eval_fn is None else final_eval,
+      flops_per_token=reward_model.flops_per_token(model_cfg, cfg.data.seq_len),
+      peak_flops_per_device=cfg.train.peak_flops or None,
+      meta={"model": model_cfg.to_dict(), "reward_model": True},
+    )
+  log.info("Finished at step %d: %s", int(state.step), results)
+  return results
+
+
+def main(argv):
+  del argv
+  common.setup_logging()
+  run(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  common.define_flags()  # here, not at import: tests import `run` beside other launchers
+  app.run(main)

@@ -1,0 +1,222 @@
+"""Reward-model train and eval steps on packed ranking rows (`llama_jax.data.ranking`).
+
+    step = make_train_step(model_config, optimizer, mesh=mesh, margins="small")
+    step = steps.common.jit_train_step(step, reward_model.state_shardings(...), mesh)
+    state, metrics = step(state, batch)
+
+The batch is the ranking pipeline's: `tokens`, `segment_ids`, `response_ids` [B, T] and
+`rating`, `valid` [B]; one row holds a prompt and its 2–3 responses, best first, and one
+forward pass scores them all. The loss is `objectives.reward.ranking_loss` over every
+ordered pair of a row's responses (Llama 2's pairs are the 2-response case), with the
+rating's margin on the chosen-vs-rejected pair. With `grad_accum_steps=A` the rows run as A
+micro-batches whose summed losses and gradients are divided once by the pair count of the
+whole batch, so the update equals one step on all B rows.
+
+Evaluation: `make_eval_step` returns each row's rewards, `evaluate` gathers a full pass on
+the host, `eval_metrics` reports accuracy overall and per rating bucket (the shape of the
+Llama 2 tables), reward mean / std / quantiles, and `plot_score_distribution` draws the
+score histograms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from llama_jax import reward_model, sharding
+from llama_jax.config import LlamaConfig
+from llama_jax.data import ranking
+from llama_jax.data.records import CONCERNS
+from llama_jax.objectives import reward as reward_obj
+from llama_jax.steps.common import Batch, accumulate_gradients, apply_gradients
+from llama_jax.train_state import TrainState
+
+RANKING_FIELDS = ("tokens", "segment_ids", "response_ids", "rating", "valid")
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def row_rewards(
+  config: LlamaConfig, params: Any, batch: Batch, max_responses: int = ranking.MAX_RESPONSES
+) -> tuple[jax.Array, jax.Array]:
+  """`(rewards [B, K], present [B, K])`; padding rows (`valid` 0) have no responses."""
+  rewards, present = reward_model.ranking_rewards(
+    config, params, batch["tokens"], batch["segment_ids"], batch["response_ids"], max_responses
+  )
+  return rewards, present & (batch["valid"][:, None] != 0)
+
+
+def loss_sums(
+  config: LlamaConfig,
+  params: Any,
+  batch: Batch,
+  *,
+  margins: str = "none",
+  centering: float = 0.0,
+  max_responses: int = ranking.MAX_RESPONSES,
+) -> dict[str, jax.Array]:
+  """Summed ranking-loss terms of one (micro-)batch (`objectives.reward.SUM_KEYS`)."""
+  rewards, present = row_rewards(config, params, batch, max_responses)
+  row_margins = reward_obj.margins_for_ratings(batch["rating"], margins)
+  return reward_obj.ranking_sums(rewards, present, row_margins, centering=centering)
+
+
+def make_train_step(
+  config: LlamaConfig,
+  optimizer: optax.GradientTransformation,
+  *,
+  mesh: Mesh | None = None,
+  rules: sharding.Rules = sharding.DEFAULT_RULES,
+  margins: str = "none",
+  centering: float = 0.0,
+  grad_accum_steps: int = 1,
+  learning_rate_fn: optax.Schedule | None = None,
+  max_responses: int = ranking.MAX_RESPONSES,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+  """`train_step(state, batch) -> (state, metrics)`, pure and not yet jitted.
+
+  `margins`: "none", "small" or "large" (Llama 2's tables); `centering`: the coefficient of
+  the reward-centering term. Metrics: those of `objectives.reward.pair_mean`, grad_norm
+  (before clipping), finite, skipped, and learning_rate if `learning_rate_fn` is given.
+  """
+  reward_obj.check_margins(margins)
+
+  def sums_fn(params, batch):
+    return loss_sums(
+      config, params, batch, margins=margins, centering=centering, max_responses=max_responses
+    )
+
+  def train_step(state: TrainState, batch: Batch):
+    with sharding.activation_sharding(mesh, rules):
+      sums, grads = accumulate_gradients(
+        sums_fn, state.params, {k: batch[k] for k in RANKING_FIELDS}, grad_accum_steps
+      )
+    count = jnp.maximum(sums["pairs"], 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    loss, metrics = reward_obj.pair_mean(sums)
+    new_state, update_metrics = apply_gradients(state, grads, optimizer)
+    metrics |= update_metrics
+    metrics["finite"] = update_metrics["finite"] & jnp.isfinite(loss)
+    if learning_rate_fn is not None:
+      metrics["learning_rate"] = learning_rate_fn(state.step)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(
+  config: LlamaConfig,
+  *,
+  mesh: Mesh | None = None,
+  rules: sharding.Rules = sharding.DEFAULT_RULES,
+  max_responses: int = ranking.MAX_RESPONSES,
+) -> Callable[[Any, Batch], dict[str, jax.Array]]:
+  """`eval_step(params, batch) -> {rewards [B, K], present [B, K], rating [B], concern [B]}`
+  (jit it with `steps.common.jit_eval_step`: replicated outputs, readable on every host)."""
+
+  def eval_step(params, batch: Batch):
+    with sharding.activation_sharding(mesh, rules):
+      rewards, present = row_rewards(config, params, batch, max_responses)
+    return {
+      "rewards": rewards,
+      "present": present,
+      "rating": batch["rating"],
+      "concern": batch["concern"],
+    }
+
+  return eval_step
+
+
+def evaluate(eval_step, params: Any, batches: Iterable[Batch]) -> dict[str, np.ndarray]:
+  """One pass: the rows of every batch that have responses, as host numpy arrays."""
+  parts = [jax.device_get(eval_step(params, batch)) for batch in batches]
+  rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  keep = rows["present"].any(axis=1)
+  return {k: v[keep] for k, v in rows.items()}
+
+
+def _chosen_rejected(rewards: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Rewards of each row's chosen and rejected responses: its last two present ones."""
+  num = present.sum(axis=1)
+  rows = np.arange(len(rewards))
+  return rewards[rows, num - 2], rewards[rows, num - 1]
+
+
+def eval_metrics(
+  rows: Mapping[str, np.ndarray], *, margins: str = "none", centering: float = 0.0
+) -> dict[str, float]:
+  """Metrics of an evaluation pass (`evaluate`'s rows).
+
+  loss, nll, accuracy, rewards/{chosen,rejected,margins}: as in training, over every ordered
+  pair. accuracy/<rating> and pairs/<rating>: the chosen-vs-rejected pair of the rows of
+  each Llama 2 bucket; accuracy/chosen_rejected all of them; accuracy/<concern> likewise per
+  concern. rewards/mean, rewards/std, rewards/q05 … q95: every response's reward.
+  """
+  rewards, present = rows["rewards"], rows["present"].astype(bool)
+  row_margins = reward_obj.margins_for_ratings(jnp.asarray(rows["rating"]), margins)
+  _, pair_metrics = reward_obj.ranking_loss(
+    jnp.asarray(rewards), jnp.asarray(present), row_margins, centering=centering
+  )
+  out = {k: float(v) for k, v in pair_metrics.items() if k != "centering" or centering}
+  chosen, rejected = _chosen_rejected(rewards, present)
+  correct = chosen > rejected
+  out["accuracy/chosen_rejected"] = float(correct.mean())
+  for code, name in enumerate(reward_obj.RATING_NAMES):
+    bucket = rows["rating"] == code
+    if bucket.any():
+      out[f"accuracy/{name}"] = float(correct[bucket].mean())
+      out[f"pairs/{name}"] = int(bucket.sum())
+  for code, name in enumerate(CONCERNS):
+    if (bucket := rows["concern"] == code).any():
+      out[f"accuracy/{name}"] = float(correct[bucket].mean())
+  scores = rewards[present]
+  out["rewards/mean"], out["rewards/std"] = float(scores.mean()), float(scores.std())
+  for q, value in zip(QUANTILES, np.quantile(scores, QUANTILES), strict=True):
+    out[f"rewards/q{round(q * 100):02d}"] = float(value)
+  return out
+
+
+def plot_score_distribution(path: str | Path, rows: Mapping[str, np.ndarray]) -> Path:
+  """PNG of the reward distribution: chosen vs rejected (and edited) scores, and the
+  chosen − rejected margin per rating bucket."""
+  # Agg canvas without pyplot, as `llama_jax.metrics.plot_metrics` (no global backend).
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  rewards, present = rows["rewards"], rows["present"].astype(bool)
+  chosen, rejected = _chosen_rejected(rewards, present)
+  edited = rewards[present.sum(axis=1) == 3, 0]
+  fig = Figure(figsize=(10, 3.5), layout="constrained")
+  FigureCanvasAgg(fig)
+  left, right = fig.subplots(1, 2)
+  bins = np.linspace(rewards[present].min(), rewards[present].max() + 1e-6, 40)
+  for values, label in ((chosen, "chosen"), (rejected, "rejected"), (edited, "edited")):
+    if len(values):
+      left.hist(values, bins=bins, alpha=0.5, label=f"{label} ({len(values)})")
+  left.set_title("reward per response")
+  left.legend()
+  margins = chosen - rejected
+  for code, name in reversed(list(enumerate(reward_obj.RATING_NAMES))):
+    bucket = rows["rating"] == code
+    if bucket.any():
+      right.hist(margins[bucket], bins=30, alpha=0.5, label=f"{name} ({bucket.sum()})")
+  right.axvline(0.0, color="black", lw=0.8)
+  right.set_title("chosen − rejected per rating")
+  right.legend(fontsize="small")
+  fig.savefig(path, dpi=100)
+  return Path(path)
+
+
+def bucket_table(metrics: Mapping[str, float]) -> str:
+  """The per-rating accuracy table of `eval_metrics` as text (Llama 2, Table 8 layout)."""
+  names = [n for n in reversed(reward_obj.RATING_NAMES) if f"accuracy/{n}" in metrics]
+  header = " | ".join(["", *names, "all pairs (c>r)", "ranking (all ordered pairs)"])
+  cells = [f"{metrics[f'accuracy/{n}']:.3f} (n={metrics[f'pairs/{n}']})" for n in names]
+  cells += [f"{metrics['accuracy/chosen_rejected']:.3f}", f"{metrics['accuracy']:.3f}"]
+  return header + "\n" + " | ".join(["accuracy", *cells])
