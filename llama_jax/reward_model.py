@@ -133,9 +133,12 @@ def abstract_params(config: LlamaConfig):
   return nn.meta.unbox(jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0))))
 
 
+_init_jitted = jax.jit(_init_boxed, static_argnums=0)
+
+
 def init_params(config: LlamaConfig, rng: jax.Array):
   """Fresh unsharded parameters (tests, small models); the head as in `from_lm_params`."""
-  return nn.meta.unbox(jax.jit(_init_boxed, static_argnums=0)(config, rng))
+  return nn.meta.unbox(_init_jitted(config, rng))
 
 
 def init_head(config: LlamaConfig, rng: jax.Array) -> dict[str, jax.Array]:

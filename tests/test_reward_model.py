@@ -158,6 +158,7 @@ def test_head_bias_moves_only_under_reward_centering(params, prefs):
 # --------------------------------------------------------------------------- the train step
 
 OPT = ts.OptimizerConfig(learning_rate=1e-2, warmup_steps=1, total_steps=10)
+STEP_CFG = CFG.replace(num_layers=1)  # compiles faster; sharding is the same per layer
 
 
 @pytest.fixture(scope="module")
@@ -170,10 +171,11 @@ def batches():
 
 def run_steps(mesh, batches, accum=1):
   optimizer = ts.make_optimizer(OPT)
-  shardings = reward_model.state_shardings(CFG, optimizer, mesh)
-  state = reward_model.init_train_state(CFG, optimizer, mesh, jax.random.PRNGKey(0))
+  shardings = reward_model.state_shardings(STEP_CFG, optimizer, mesh)
+  params = reward_model.init_params(STEP_CFG, jax.random.PRNGKey(0))
+  state = reward_model.init_train_state(STEP_CFG, optimizer, mesh, jax.random.PRNGKey(0), params)
   step = reward_steps.make_train_step(
-    CFG, optimizer, mesh=mesh, margins="large", centering=0.01, grad_accum_steps=accum
+    STEP_CFG, optimizer, mesh=mesh, margins="large", centering=0.01, grad_accum_steps=accum
   )
   step = common.jit_train_step(step, shardings, mesh)
   history = []

@@ -107,14 +107,14 @@ def test_reward_scorer_scores_text_and_token_responses_like_the_model():
   records = bundled.load("preference", "test")[:5]
   prompts = [r["prompt"] for r in records]
   responses = [r["chosen"] for r in records]
-  mesh = sharding.make_mesh(fsdp=2, tensor=2, data=2)
-  scorer = rewards.RewardScorer(cfg, params, tok, mesh=mesh, batch_size=4, pad_to=32)
+  mesh = sharding.make_mesh(data=2, fsdp=4)
+  scorer = rewards.RewardScorer(cfg, params, tok, mesh=mesh, batch_size=8, pad_to=32)
   scores = scorer(prompts, responses)
   assert scores.shape == (5,) and scores.dtype == np.float32
 
   # Other padding, batching and placement give the same scores; so does the model run on
   # one row alone, unpadded.
-  other = rewards.RewardScorer(cfg, params, tok, batch_size=8, pad_to=64)
+  other = rewards.RewardScorer(cfg, params, tok, batch_size=2, pad_to=64)
   np.testing.assert_allclose(other(prompts, responses), scores, atol=1e-5)
   tokens = render_prompt_response(tok, prompt_messages(prompts[0]), responses[0]).tokens[None]
   alone = jax.jit(reward_model.sequence_rewards, static_argnums=0)(

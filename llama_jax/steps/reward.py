@@ -202,10 +202,11 @@ def plot_score_distribution(path: str | Path, rows: Mapping[str, np.ndarray]) ->
   left.set_title("reward per response")
   left.legend()
   margins = chosen - rejected
+  bins = np.linspace(margins.min(), margins.max() + 1e-6, 30)
   for code, name in reversed(list(enumerate(reward_obj.RATING_NAMES))):
     bucket = rows["rating"] == code
     if bucket.any():
-      right.hist(margins[bucket], bins=30, alpha=0.5, label=f"{name} ({bucket.sum()})")
+      right.hist(margins[bucket], bins=bins, alpha=0.5, label=f"{name} ({bucket.sum()})")
   right.axvline(0.0, color="black", lw=0.8)
   right.set_title("chosen − rejected per rating")
   right.legend(fontsize="small")
