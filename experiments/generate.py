@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from absl import app, flags
 from experiments import common
 from llama_jax import sharding
 from llama_jax.data.scoring import check_answer
-from llama_jax.generation import generate, score_candidates
+from llama_jax.generation import Generation, generate, score_candidates
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +36,34 @@ SCORERS = {
 }
 
 
-def _records(cfg: ml_collections.ConfigDict) -> list[dict[str, Any]]:
-  records = list(common.load_records(cfg, cfg.split))
+def prompt_records(cfg: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+  """The configured prompts: `num_prompts` records of `split` from index `start` (0 = all)."""
+  records = list(common.load_records(cfg, cfg.split))[cfg.get("start", 0) :]
   return records[: cfg.num_prompts] if cfg.num_prompts else records
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Samples responses to the configured prompts into `workdir/samples.jsonl`.
+def sample_batches(
+  cfg: ml_collections.ConfigDict, model_cfg, params, tokenizer, records, mesh
+) -> Iterator[tuple[list[dict[str, Any]], Generation, float]]:
+  """`(records, generation, seconds)` per batch of `cfg.data.batch_size` prompts, sampled
+  with `cfg.generation`; batch keys fold the start index into the seed, so a batch's samples
+  do not depend on the batches before it."""
+  g = cfg.generation
+  key = jax.random.key(g.seed)
+  for start in range(0, len(records), cfg.data.batch_size):
+    batch = records[start : start + cfg.data.batch_size]
+    t0 = time.perf_counter()
+    out = generate(
+      model_cfg, params, tokenizer, [r["prompt"] for r in batch],
+      max_new_tokens=g.max_new_tokens, num_samples=g.num_samples, temperature=g.temperature,
+      top_k=g.top_k, top_p=g.top_p, prompt_bucket=g.prompt_bucket, chat=cfg.chat,
+      key=jax.random.fold_in(key, start), mesh=mesh,
+    )  # fmt: skip
+    yield batch, out, time.perf_counter() - t0
 
-  Returns summary metrics: prompts, responses, mean response tokens, generated tokens/s
-  and, with a scorer, the mean score and the mean best-of-K score.
-  """
-  sharding.initialize_distributed()
-  if cfg.scorer and cfg.scorer not in SCORERS:
-    raise ValueError(f"scorer={cfg.scorer!r}; expected '' or one of {sorted(SCORERS)}")
+
+def load_policy(cfg: ml_collections.ConfigDict):
+  """`(tokenizer, mesh, model_config, params)` of the model to sample from (`init_from`)."""
   tokenizer = common.build_tokenizer(cfg.tokenizer)
   mesh = common.build_mesh(cfg.mesh)
   model_cfg, params = common.load_model(cfg, mesh)
@@ -60,21 +75,25 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   if params is None:
     log.warning("init_from is empty: sampling from randomly initialized weights")
     params = sharding.init_params(model_cfg, jax.random.key(cfg.generation.seed), mesh)
+  return tokenizer, mesh, model_cfg, params
 
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Samples responses to the configured prompts into `workdir/samples.jsonl`.
+
+  Returns summary metrics: prompts, responses, mean response tokens, generated tokens/s
+  and, with a scorer, the mean score and the mean best-of-K score.
+  """
+  sharding.initialize_distributed()
+  if cfg.scorer and cfg.scorer not in SCORERS:
+    raise ValueError(f"scorer={cfg.scorer!r}; expected '' or one of {sorted(SCORERS)}")
+  tokenizer, mesh, model_cfg, params = load_policy(cfg)
   g = cfg.generation
-  key = jax.random.key(g.seed)
-  records = _records(cfg.data)
+  records = prompt_records(cfg.data)
   rows, scores, num_tokens, seconds = [], [], 0, 0.0
-  for start in range(0, len(records), cfg.data.batch_size):
-    batch = records[start : start + cfg.data.batch_size]
-    t0 = time.perf_counter()
-    out = generate(
-      model_cfg, params, tokenizer, [r["prompt"] for r in batch],
-      max_new_tokens=g.max_new_tokens, num_samples=g.num_samples, temperature=g.temperature,
-      top_k=g.top_k, top_p=g.top_p, prompt_bucket=g.prompt_bucket, chat=cfg.chat,
-      key=jax.random.fold_in(key, start), mesh=mesh,
-    )  # fmt: skip
-    seconds += time.perf_counter() - t0
+  for batch, out, batch_seconds in sample_batches(cfg, model_cfg, params, tokenizer, records, mesh):
+    start = len(rows)
+    seconds += batch_seconds
     num_tokens += int(out.mask.sum())
     batch_scores = score_candidates(SCORERS[cfg.scorer], batch, out.texts) if cfg.scorer else None
     for i, record in enumerate(batch):

@@ -35,6 +35,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax import sharding
+from llama_jax import train_state as ts
 from llama_jax.checkpoint import orbax as ckpt_lib
 from llama_jax.config import LlamaConfig
 from llama_jax.data import ranking
@@ -203,32 +204,15 @@ def init_sharded_params(
 # --------------------------------------------------------------------------- train state
 
 
-def _new_state(params, optimizer: optax.GradientTransformation, rng) -> TrainState:
-  zero = jnp.zeros((), jnp.int32)
-  return TrainState(
-    step=zero, params=params, opt_state=optimizer.init(params), rng=rng, skipped=zero
-  )
-
-
 def state_shardings(
   config: LlamaConfig,
   optimizer: optax.GradientTransformation,
   mesh: Mesh,
   rules: sharding.Rules = sharding.DEFAULT_RULES,
 ) -> TrainState:
-  """`NamedSharding`s of a reward-model `TrainState` (as `train_state.state_shardings` for
-  the LM): moments follow their parameters, counters and the key are replicated."""
-  params = param_shardings(config, mesh, rules)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  opt = optax.tree_utils.tree_map_params(
-    optimizer,
-    lambda _, s: s,
-    jax.eval_shape(optimizer.init, abstract_params(config)),
-    params,
-    transform_non_params=lambda _: replicated,
-  )
-  return TrainState(
-    step=replicated, params=params, opt_state=opt, rng=replicated, skipped=replicated
+  """`NamedSharding`s of a reward-model `TrainState` (as `train_state.state_shardings`)."""
+  return ts.state_shardings_for(
+    param_shardings(config, mesh, rules), abstract_params(config), optimizer, mesh
   )
 
 
@@ -239,13 +223,8 @@ def abstract_train_state(
   rules: sharding.Rules = sharding.DEFAULT_RULES,
 ) -> TrainState:
   """`ShapeDtypeStruct`s with shardings: the restore target of a checkpoint on `mesh`."""
-  shapes = jax.eval_shape(
-    lambda p: _new_state(p, optimizer, jax.random.PRNGKey(0)), abstract_params(config)
-  )
-  return jax.tree.map(
-    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-    shapes,
-    state_shardings(config, optimizer, mesh, rules),
+  return ts.abstract_train_state_for(
+    param_shardings(config, mesh, rules), abstract_params(config), optimizer, mesh
   )
 
 
@@ -263,12 +242,7 @@ def init_train_state(
   if params is None:
     params = init_sharded_params(config, init_rng, mesh, rules)
   shardings = state_shardings(config, optimizer, mesh, rules)
-  make = jax.jit(
-    lambda p, key: _new_state(p, optimizer, key),
-    in_shardings=(shardings.params, shardings.rng),
-    out_shardings=shardings,
-  )
-  return make(params, step_rng)
+  return ts.new_train_state(params, shardings, optimizer, step_rng)
 
 
 # --------------------------------------------------------------------------- loading

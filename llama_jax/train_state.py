@@ -134,27 +134,6 @@ def _replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def state_shardings(
-  config: LlamaConfig,
-  optimizer: optax.GradientTransformation,
-  mesh: Mesh,
-  rules: sharding.Rules = sharding.DEFAULT_RULES,
-) -> TrainState:
-  """A `TrainState` of `NamedSharding`s: optimizer moments follow their parameters (fsdp /
-  tensor sharded), counters and the key are replicated."""
-  params = sharding.param_shardings(config, mesh, rules)
-  abstract_opt = jax.eval_shape(optimizer.init, _abstract_params(config))
-  opt = optax.tree_utils.tree_map_params(
-    optimizer,
-    lambda _, s: s,
-    abstract_opt,
-    params,
-    transform_non_params=lambda _: _replicated(mesh),
-  )
-  rep = _replicated(mesh)
-  return TrainState(step=rep, params=params, opt_state=opt, rng=rep, skipped=rep)
-
-
 def _new_state(params, optimizer, rng) -> TrainState:
   return TrainState(
     step=jnp.zeros((), jnp.int32),
@@ -165,6 +144,69 @@ def _new_state(params, optimizer, rng) -> TrainState:
   )
 
 
+# Any parameter tree: the LM's (below) or another model's (`llama_jax.reward_model`).
+
+
+def state_shardings_for(
+  param_shardings: Any, abstract_params: Any, optimizer: optax.GradientTransformation, mesh: Mesh
+) -> TrainState:
+  """A `TrainState` of `NamedSharding`s for parameters placed as `param_shardings`
+  (`abstract_params`: their unboxed shapes): optimizer moments follow their parameters,
+  counters and the key are replicated."""
+  opt = optax.tree_utils.tree_map_params(
+    optimizer,
+    lambda _, s: s,
+    jax.eval_shape(optimizer.init, abstract_params),
+    param_shardings,
+    transform_non_params=lambda _: _replicated(mesh),
+  )
+  rep = _replicated(mesh)
+  return TrainState(step=rep, params=param_shardings, opt_state=opt, rng=rep, skipped=rep)
+
+
+def abstract_train_state_for(
+  param_shardings: Any, abstract_params: Any, optimizer: optax.GradientTransformation, mesh: Mesh
+) -> TrainState:
+  """`jax.ShapeDtypeStruct`s with shardings: the restore target of a checkpoint on `mesh`."""
+  shapes = jax.eval_shape(
+    lambda p: _new_state(p, optimizer, jax.random.PRNGKey(0)), abstract_params
+  )
+  return jax.tree.map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+    shapes,
+    state_shardings_for(param_shardings, abstract_params, optimizer, mesh),
+  )
+
+
+def new_train_state(
+  params: Any, shardings: TrainState, optimizer: optax.GradientTransformation, rng: jax.Array
+) -> TrainState:
+  """A fresh state around `params` (resharded if needed) with the step key `rng`, placed as
+  `shardings` (`state_shardings_for`)."""
+  make = jax.jit(
+    lambda p, key: _new_state(p, optimizer, key),
+    in_shardings=(shardings.params, shardings.rng),
+    out_shardings=shardings,
+  )
+  return make(params, rng)
+
+
+# The LM.
+
+
+def state_shardings(
+  config: LlamaConfig,
+  optimizer: optax.GradientTransformation,
+  mesh: Mesh,
+  rules: sharding.Rules = sharding.DEFAULT_RULES,
+) -> TrainState:
+  """A `TrainState` of `NamedSharding`s: optimizer moments follow their parameters (fsdp /
+  tensor sharded), counters and the key are replicated."""
+  return state_shardings_for(
+    sharding.param_shardings(config, mesh, rules), _abstract_params(config), optimizer, mesh
+  )
+
+
 def abstract_train_state(
   config: LlamaConfig,
   optimizer: optax.GradientTransformation,
@@ -172,13 +214,8 @@ def abstract_train_state(
   rules: sharding.Rules = sharding.DEFAULT_RULES,
 ) -> TrainState:
   """`jax.ShapeDtypeStruct`s with shardings: the restore target of a checkpoint on `mesh`."""
-  shapes = jax.eval_shape(
-    lambda p: _new_state(p, optimizer, jax.random.PRNGKey(0)), _abstract_params(config)
-  )
-  return jax.tree.map(
-    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-    shapes,
-    state_shardings(config, optimizer, mesh, rules),
+  return abstract_train_state_for(
+    sharding.param_shardings(config, mesh, rules), _abstract_params(config), optimizer, mesh
   )
 
 
@@ -196,10 +233,6 @@ def init_train_state(
   init_rng, step_rng = jax.random.split(rng)
   if params is None:
     params = sharding.init_params(config, init_rng, mesh, rules)
-  shardings = state_shardings(config, optimizer, mesh, rules)
-  make = jax.jit(
-    lambda p, key: _new_state(p, optimizer, key),
-    in_shardings=(shardings.params, shardings.rng),
-    out_shardings=shardings,
+  return new_train_state(
+    params, state_shardings(config, optimizer, mesh, rules), optimizer, step_rng
   )
-  return make(params, step_rng)

@@ -93,6 +93,51 @@ def apply_gradients(
   return new_state, {"grad_norm": grad_norm, "finite": finite, "skipped": new_state.skipped}
 
 
+def sums_train_step(
+  sums_fn: SumsFn,
+  finalize: Callable[[dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]],
+  optimizer: optax.GradientTransformation,
+  *,
+  fields: tuple[str, ...],
+  count_key: str,
+  mesh: Mesh | None = None,
+  rules: sharding.Rules = sharding.DEFAULT_RULES,
+  grad_accum_steps: int = 1,
+  learning_rate_fn: optax.Schedule | None = None,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+  """The train step every objective shares: `train_step(state, batch, *frozen) -> (state,
+  metrics)`; `frozen` are inputs that are not trained (a reference model, a lookup table).
+
+  `sums_fn(params, batch, *frozen)` returns summed loss terms of a (micro-)batch with
+  `"loss_sum"` and the normalizer `count_key` (tokens, pairs, ...); `finalize(sums) -> (loss,
+  metrics)` turns the batch's totals into means. Gradients of the summed loss are divided
+  once by the total count, so `grad_accum_steps` micro-batches give the update of one step
+  on all rows.
+  Only the batch's `fields` go in. Metrics: `finalize`'s, grad_norm (before clipping),
+  finite, skipped, and learning_rate if `learning_rate_fn` is given.
+  """
+
+  def train_step(state: TrainState, batch: Batch, *frozen):
+    with sharding.activation_sharding(mesh, rules):
+      sums, grads = accumulate_gradients(
+        lambda p, b: sums_fn(p, b, *frozen),
+        state.params,
+        {k: batch[k] for k in fields},
+        grad_accum_steps,
+      )
+    count = jnp.maximum(sums[count_key], 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    loss, metrics = finalize(sums)
+    new_state, update_metrics = apply_gradients(state, grads, optimizer)
+    metrics |= update_metrics
+    metrics["finite"] = update_metrics["finite"] & jnp.isfinite(loss)
+    if learning_rate_fn is not None:
+      metrics["learning_rate"] = learning_rate_fn(state.step)
+    return new_state, metrics
+
+  return train_step
+
+
 def batch_sharding(mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES) -> NamedSharding:
   """Rows over the batch axes (data × fsdp), everything else replicated: a prefix sharding
   that fits every field of a batch dict, [B], [B, T] or [B, T, ...]."""
@@ -100,23 +145,32 @@ def batch_sharding(mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES) -
 
 
 def jit_train_step(
-  step_fn, state_shardings: TrainState, mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES
+  step_fn,
+  state_shardings: TrainState,
+  mesh: Mesh,
+  rules: sharding.Rules = sharding.DEFAULT_RULES,
+  frozen_shardings: tuple[Any, ...] = (),
 ):
-  """`step_fn(state, batch)` jitted with explicit shardings and the state donated."""
+  """`step_fn(state, batch, *frozen)` jitted with explicit shardings and the state donated
+  (`frozen_shardings`: one sharding tree per frozen argument)."""
   return jax.jit(
     step_fn,
-    in_shardings=(state_shardings, batch_sharding(mesh, rules)),
+    in_shardings=(state_shardings, batch_sharding(mesh, rules), *frozen_shardings),
     out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
     donate_argnums=0,
   )
 
 
 def jit_eval_step(
-  eval_fn, params_shardings: Any, mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES
+  eval_fn,
+  params_shardings: Any,
+  mesh: Mesh,
+  rules: sharding.Rules = sharding.DEFAULT_RULES,
+  frozen_shardings: tuple[Any, ...] = (),
 ):
-  """`eval_fn(params, batch)` jitted with explicit shardings (nothing donated)."""
+  """`eval_fn(params, batch, *frozen)` jitted with explicit shardings (nothing donated)."""
   return jax.jit(
     eval_fn,
-    in_shardings=(params_shardings, batch_sharding(mesh, rules)),
+    in_shardings=(params_shardings, batch_sharding(mesh, rules), *frozen_shardings),
     out_shardings=NamedSharding(mesh, PartitionSpec()),
   )

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
@@ -24,7 +23,7 @@ from llama_jax import sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Llama
 from llama_jax.objectives import lm as lm_obj
-from llama_jax.steps.common import Batch, accumulate_gradients, apply_gradients
+from llama_jax.steps.common import Batch, sums_train_step
 from llama_jax.train_state import TrainState
 
 LM_FIELDS = ("tokens", "positions", "segment_ids", "targets", "target_mask")
@@ -73,22 +72,17 @@ def make_train_step(
   def sums_fn(params, batch):
     return loss_sums(config, params, batch, z_loss=z_loss, chunk_size=loss_chunk_size)
 
-  def train_step(state: TrainState, batch: Batch):
-    with sharding.activation_sharding(mesh, rules):
-      sums, grads = accumulate_gradients(
-        sums_fn, state.params, {k: batch[k] for k in LM_FIELDS}, grad_accum_steps
-      )
-    count = jnp.maximum(sums["tokens"], 1.0)
-    grads = jax.tree.map(lambda g: g / count, grads)
-    loss, metrics = lm_obj.token_mean(sums)
-    new_state, update_metrics = apply_gradients(state, grads, optimizer)
-    metrics |= update_metrics
-    metrics["finite"] = update_metrics["finite"] & jnp.isfinite(loss)
-    if learning_rate_fn is not None:
-      metrics["learning_rate"] = learning_rate_fn(state.step)
-    return new_state, metrics
-
-  return train_step
+  return sums_train_step(
+    sums_fn,
+    lm_obj.token_mean,
+    optimizer,
+    fields=LM_FIELDS,
+    count_key="tokens",
+    mesh=mesh,
+    rules=rules,
+    grad_accum_steps=grad_accum_steps,
+    learning_rate_fn=learning_rate_fn,
+  )
 
 
 def make_eval_step(

@@ -35,7 +35,7 @@ from llama_jax.config import LlamaConfig
 from llama_jax.data import ranking
 from llama_jax.data.records import CONCERNS
 from llama_jax.objectives import reward as reward_obj
-from llama_jax.steps.common import Batch, accumulate_gradients, apply_gradients
+from llama_jax.steps.common import Batch, sums_train_step
 from llama_jax.train_state import TrainState
 
 RANKING_FIELDS = ("tokens", "segment_ids", "response_ids", "rating", "valid")
@@ -92,22 +92,17 @@ def make_train_step(
       config, params, batch, margins=margins, centering=centering, max_responses=max_responses
     )
 
-  def train_step(state: TrainState, batch: Batch):
-    with sharding.activation_sharding(mesh, rules):
-      sums, grads = accumulate_gradients(
-        sums_fn, state.params, {k: batch[k] for k in RANKING_FIELDS}, grad_accum_steps
-      )
-    count = jnp.maximum(sums["pairs"], 1.0)
-    grads = jax.tree.map(lambda g: g / count, grads)
-    loss, metrics = reward_obj.pair_mean(sums)
-    new_state, update_metrics = apply_gradients(state, grads, optimizer)
-    metrics |= update_metrics
-    metrics["finite"] = update_metrics["finite"] & jnp.isfinite(loss)
-    if learning_rate_fn is not None:
-      metrics["learning_rate"] = learning_rate_fn(state.step)
-    return new_state, metrics
-
-  return train_step
+  return sums_train_step(
+    sums_fn,
+    reward_obj.pair_mean,
+    optimizer,
+    fields=RANKING_FIELDS,
+    count_key="pairs",
+    mesh=mesh,
+    rules=rules,
+    grad_accum_steps=grad_accum_steps,
+    learning_rate_fn=learning_rate_fn,
+  )
 
 
 def make_eval_step(
