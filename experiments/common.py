@@ -19,9 +19,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from llama_jax import LlamaConfig, sharding
-from llama_jax.checkpoint import load_hf_checkpoint
-from llama_jax.checkpoint import orbax as ckpt_lib
+from llama_jax import LlamaConfig, sharding, workdirs
 from llama_jax.data import (
   PipelineConfig,
   bundled,
@@ -36,7 +34,7 @@ from llama_jax.trainer import LoopConfig
 
 log = logging.getLogger(__name__)
 
-MODEL_CONFIG_FILE = "model_config.json"
+MODEL_CONFIG_FILE = workdirs.MODEL_CONFIG_FILE
 _COMPUTE_FIELDS = ("dtype", "param_dtype", "attention_impl", "scan_layers", "remat_policy")
 
 
@@ -50,7 +48,8 @@ def define_flags() -> None:
 
 
 def setup_logging() -> None:
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  # force: importing grain or orbax already gave the root logger a WARNING-level handler.
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
   # Orbax logs every save step at INFO through absl; keep its warnings only.
   logging.getLogger("absl").setLevel(logging.WARNING)
 
@@ -70,48 +69,22 @@ def _model_overrides(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   return {k: v for k, v in cfg.to_dict().items() if k != "preset"}
 
 
-def is_hf_checkpoint(path: str | os.PathLike) -> bool:
-  return (Path(path) / "config.json").exists()
-
-
 def load_model(cfg: ml_collections.ConfigDict, mesh) -> tuple[LlamaConfig, Any]:
-  """`(model_config, params or None)`: from `cfg.init_from` if set (a Hugging Face directory
-  or an experiment workdir with Orbax checkpoints), else the preset (params None: fresh).
+  """`(model_config, params or None)`: the LM in `cfg.init_from` if set (a Hugging Face
+  directory or an experiment workdir with Orbax checkpoints), else the preset (params None:
+  fresh).
 
   When loading, only the compute fields of `cfg.model` (dtype, remat, ...) apply; the
   architecture is the checkpoint's.
   """
   compute = {k: v for k, v in _model_overrides(cfg.model).items() if k in _COMPUTE_FIELDS}
-  path = cfg.init_from
-  if not path:
+  if not cfg.init_from:
     return LlamaConfig.preset(cfg.model.preset, **_model_overrides(cfg.model)), None
-  if is_hf_checkpoint(path):
-    log.info("Initializing from the Hugging Face checkpoint %s", path)
-    param_dtype = compute.pop("param_dtype", "float32")
-    model_cfg, params = load_hf_checkpoint(
-      path, dtype=param_dtype, compute_dtype=compute.pop("dtype", None), mesh=mesh, **compute
-    )
-    return model_cfg, params
-  config_file = Path(path) / MODEL_CONFIG_FILE
-  if not config_file.exists():
-    raise FileNotFoundError(
-      f"init_from={path!r} is neither a Hugging Face checkpoint (no config.json) nor an "
-      f"experiment workdir (no {MODEL_CONFIG_FILE})"
-    )
-  model_cfg = LlamaConfig.from_dict(json.loads(config_file.read_text())).replace(**compute)
-  log.info("Initializing from the Orbax checkpoints of the workdir %s", path)
-  abstract = jax.tree.map(
-    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-    jax.eval_shape(lambda: _unboxed_shapes(model_cfg)),
-    sharding.param_shardings(model_cfg, mesh),
-  )
-  return model_cfg, ckpt_lib.load_params(ckpt_lib.checkpoint_dir(path), abstract)
-
-
-def _unboxed_shapes(model_cfg: LlamaConfig):
-  import flax.linen as nn
-
-  return nn.meta.unbox(sharding.abstract_params(model_cfg))
+  log.info("Initializing from %s", cfg.init_from)
+  try:
+    return workdirs.load_model(cfg.init_from, mesh, kind="lm", **compute)
+  except (FileNotFoundError, ValueError) as e:
+    raise type(e)(f"init_from={cfg.init_from!r}: {e}") from e
 
 
 def write_run_files(workdir: str, cfg: ml_collections.ConfigDict, model_cfg: LlamaConfig) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import jax
@@ -136,6 +136,14 @@ class _NonFiniteGuard:
       )
 
 
+def batch_tokens(batch: Mapping[str, Any]) -> int:
+  """Token slots in a batch: its `tokens` field, or those of its parts (DPO's chosen and
+  rejected sides)."""
+  if "tokens" in batch:
+    return int(np.prod(batch["tokens"].shape))
+  return sum(batch_tokens(part) for part in batch.values() if isinstance(part, Mapping))
+
+
 def fit(
   *,
   init_state: Callable[[], TrainState],
@@ -148,6 +156,7 @@ def fit(
   flops_per_token: float | None = None,
   peak_flops_per_device: float | None = None,
   meta: Mapping[str, Any] | None = None,
+  plot_panels: Sequence[Sequence[str]] = PLOT_PANELS,
 ) -> TrainState:
   """Trains until step `loop.num_steps`, resuming from `workdir` if it has checkpoints.
 
@@ -163,6 +172,7 @@ def fit(
     flops_per_token: training FLOPs per token, for the MFU estimate.
     peak_flops_per_device: device peak; default: detected from the device kind.
     meta: JSON-serializable facts saved with every checkpoint (e.g. the model config).
+    plot_panels: the panels of `metrics.png` (see `metrics.plot_metrics`).
 
   Returns:
     The final state (also saved as the last checkpoint).
@@ -200,7 +210,7 @@ def fit(
       batch = next(train_iter)
       state, step_metrics = train_step(state, batch)
       guard.push(step, step_metrics)
-      tokens = int(np.prod(batch["tokens"].shape))
+      tokens = batch_tokens(batch)
       if step % loop.log_every == 0 or step == loop.num_steps:
         guard.flush()
         scalars = _scalars(step_metrics)
@@ -221,5 +231,5 @@ def fit(
     writer.close()
     manager.close()
   if jax.process_index() == 0 and int(state.step) != start:
-    metrics_lib.plot_metrics(workdir, PLOT_PANELS, skip_missing=True)
+    metrics_lib.plot_metrics(workdir, plot_panels, skip_missing=True)
   return state

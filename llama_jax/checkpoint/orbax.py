@@ -362,6 +362,25 @@ def _resolve_directory(directory: epath.PathLike) -> epath.Path:
   return nested if nested.is_dir() else directory
 
 
+def saved_shapes(directory: epath.PathLike, step: int | None = None) -> dict[str, Any]:
+  """`{"params/layers_0/...": shape}` of the state saved at `step` (default: the newest) in a
+  checkpoint directory or run workdir, read from the metadata alone."""
+  directory = _resolve_directory(directory)
+  if not directory.is_dir():
+    raise CheckpointError(f"{directory}: no such checkpoint directory")
+  manager = ocp.CheckpointManager(
+    directory,
+    item_handlers=_item_handlers(),
+    options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0),
+  )
+  try:
+    step = _resolve_step(manager, directory, step)
+    saved = manager.metadata(step).item_metadata[STATE]
+    return _flat_shapes(saved.tree if hasattr(saved, "tree") else saved)
+  finally:
+    manager.close()
+
+
 def load_params(directory: epath.PathLike, abstract_params: Any, step: int | None = None) -> Any:
   """Restores only the `params` subtree of a saved TrainState (default: latest step).
 

@@ -32,9 +32,10 @@ from llama_jax.data.records import (
   validate_record,
 )
 from llama_jax.data.scoring import check_answer, evaluate, is_refusal
-from llama_jax.data.tokenize import PairIterator, make_pair_pipeline, make_tokenize_fn
+from llama_jax.data.tokenize import Indexed, PairIterator, make_pair_pipeline, make_tokenize_fn
 
 __all__ = [
+  "Indexed",
   "CONCERNS",
   "KINDS",
   "RATINGS",

@@ -18,7 +18,8 @@ the response (end-of-turn token included) for preference sides, so the pipeline'
 alone; see `llama_jax.tokenizer.chat`). Scalars are int32 codes because batches hold
 numbers only: `rating` 3 significantly_better, 2 better, 1 slightly_better,
 0 negligibly_better, -1 absent; `concern` 0 helpfulness, 1 safety (`records.CONCERNS`);
-`has_edited` and `is_unsafe` 0/1.
+`has_edited` and `is_unsafe` 0/1; preference examples of an `Indexed` source also carry
+`index`, the record's position in the source.
 
 Preference pairs. The pipeline lays out one example per row (pad mode) or one document
 per segment (pack mode), and chosen and rejected are two sequences of different lengths,
@@ -37,6 +38,7 @@ response (edited > chosen > rejected); pairs without one repeat `chosen` there, 
 
 from __future__ import annotations
 
+import collections.abc
 import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -81,7 +83,7 @@ def tokenize_preference(
   rendered = render_prompt_response(
     tokenizer, records.prompt_messages(record["prompt"]), response, fmt=fmt
   )
-  return {
+  example = {
     "tokens": rendered.tokens,
     "loss_mask": rendered.response_mask,
     "format_mask": rendered.format_mask,
@@ -89,6 +91,24 @@ def tokenize_preference(
     "concern": _scalar(records.CONCERNS.index(record["concern"])),
     "has_edited": _scalar(edited is not None),
   }
+  if "index" in record:  # from `Indexed`
+    example["index"] = _scalar(record["index"])
+  return example
+
+
+class Indexed(collections.abc.Sequence):
+  """`source[i]` as `dict(record, index=i)`: batches then carry each record's position in
+  `source` (the `index` scalar of preference examples), so per-record tables computed once
+  (DPO's reference log-probabilities) can be looked up by row."""
+
+  def __init__(self, source: Sequence[Mapping[str, Any]]):
+    self.source = source
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, i):
+    return dict(self.source[i], index=i)
 
 
 def tokenize_rl_prompt(record: Mapping[str, Any], *, tokenizer: Tokenizer, fmt=None) -> Example:

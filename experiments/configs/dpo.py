@@ -1,0 +1,120 @@
+"""DPO configs (Llama 3 recipe: lr 1e-5, β 0.1, NLL 0.2 on the chosen responses, formatting
+tokens masked).
+
+    python -m experiments.dpo --config=experiments/configs/dpo.py:<variant> --workdir=DIR \
+      --config.init_from=<SFT workdir or HF dir>
+
+Sections beyond `experiments/configs/base.py` (data as in `reward_model.py`: preference
+records, pad mode, concerns / train_ratings / eval_ratings filters):
+  dpo.beta             β
+  dpo.loss_type        "sigmoid" (DPO), "ipo" or "hinge"
+  dpo.label_smoothing  ε of conservative DPO (sigmoid only)
+  dpo.nll_coef         NLL term on the chosen responses (0 = off)
+  dpo.mask_formatting  leave headers and end-of-turn tokens out of the log-probs
+  dpo.reference        "precomputed" (one pass before training; the reference leaves memory)
+                       or "in_step" (the reference runs inside every step)
+  dpo.reference_from   reference model: "" = init_from (the SFT model)
+  train.num_steps      0 = train.epochs passes over the training pairs
+  train.warmup_fraction  > 0: warmup is this fraction of the run
+
+Variants
+  tiny          the tiny model on the bundled preference pairs, 200 steps of 32 pairs; CPU,
+                a few minutes. Start from the tiny SFT workdir (`--config.init_from`); from
+                scratch it is a smoke test. Llama 3's β and NLL, a tiny-model learning rate.
+  llama3p1_8b   Llama 3 DPO on Llama 3.1 8B (after SFT): lr 1e-5, β 0.1, NLL 0.2, formatting
+                masked, significantly_better / better pairs, seq 4096, 256 pairs per batch.
+                Target: one host of 8 × H100 80GB (fsdp=8), bf16 compute, fp32 master
+                weights, reference log-probs precomputed (the reference never shares memory
+                with the policy and its optimizer state); cuDNN attention.
+  llama3p1_70b  as 8B on 8 hosts × 8 H100 (fsdp=64) or TPU v5p-128.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from experiments.configs.base import TINY_MODEL, lm_config
+
+
+def get_config(variant: str = "tiny"):
+  variants = {"tiny": tiny, "llama3p1_8b": llama3p1_8b, "llama3p1_70b": llama3p1_70b}
+  if variant not in variants:
+    raise ValueError(f"unknown dpo variant {variant!r}; known: {sorted(variants)}")
+  return variants[variant]()
+
+
+def dpo_config(**model_fields) -> ml_collections.ConfigDict:
+  config = lm_config(**model_fields)
+  config.data.update(name="preference", kind="preference", mode="pad", seq_len=192)
+  config.data.concerns = ""
+  config.data.train_ratings = ""
+  config.data.eval_ratings = ""
+  config.data.on_too_long = "raise"
+  config.dpo = ml_collections.ConfigDict(
+    {
+      "beta": 0.1,
+      "loss_type": "sigmoid",
+      "label_smoothing": 0.0,
+      "nll_coef": 0.2,
+      "mask_formatting": True,
+      "reference": "precomputed",
+      "reference_from": "",
+    }
+  )
+  config.train.epochs = 1
+  config.train.warmup_fraction = 0.0
+  config.optimizer.update(warmup_steps=0, weight_decay=0.0)
+  return config
+
+
+def tiny():
+  config = dpo_config(**TINY_MODEL)
+  config.data.update(batch_size=32)
+  config.optimizer.update(learning_rate=3e-4, warmup_steps=10, schedule="cosine")
+  config.train.update(num_steps=200, log_every=20, eval_every=100, checkpoint_every=100)
+  return config
+
+
+def _real(preset: str, fsdp: int):
+  config = dpo_config(
+    preset=preset,
+    dtype="bfloat16",
+    param_dtype="float32",
+    remat_policy="dots",
+    scan_layers=True,
+    attention_impl="cudnn",
+  )
+  config.tokenizer = "/path/to/llama3.1/original/tokenizer.model"
+  config.init_from = "/path/to/sft_workdir"
+  config.mesh.update(data=1, fsdp=fsdp, tensor=1)
+  config.data.update(
+    source="tfds",
+    name="my_preference_data",
+    data_dir="",
+    seq_len=4096,
+    batch_size=256,
+    train_ratings="significantly_better,better",
+    on_too_long="truncate",  # pair pipelines cannot skip one side
+    num_threads=16,
+    prefetch_batches=2,
+  )
+  config.optimizer.update(learning_rate=1e-5, schedule="cosine", final_lr_fraction=0.1)
+  config.train.update(
+    num_steps=0,
+    epochs=1,
+    warmup_fraction=0.03,
+    grad_accum_steps=8,
+    loss_chunk_size=1024,
+    log_every=10,
+    eval_every=200,
+    checkpoint_every=200,
+  )
+  return config
+
+
+def llama3p1_8b():
+  return _real("llama3p1_8b", fsdp=8)
+
+
+def llama3p1_70b():
+  return _real("llama3p1_70b", fsdp=64)

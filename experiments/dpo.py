@@ -1,0 +1,210 @@
+"""DPO with the Llama 3 recipe: formatting tokens masked, NLL on the chosen responses.
+
+    python -m experiments.dpo --config=experiments/configs/dpo.py:tiny --workdir=DIR \
+      --config.init_from=SFT_WORKDIR [--config.dpo.nll_coef=0.0]
+
+The policy starts from `init_from` (an SFT workdir or Hugging Face directory); the reference
+is `dpo.reference_from` (default: the same model). With `dpo.reference="precomputed"` one pass
+of the reference over the train and eval records fills `DIR/reference_logps.npz` before
+training (reused on resume) and the reference is then dropped from memory; with "in_step" it
+stays and runs inside each step. Writes DIR/metrics.jsonl (rewards/*, logps/*, nll and their
+eval/ versions), metrics.png, TensorBoard events and Orbax checkpoints; a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from jax.sharding import NamedSharding, PartitionSpec
+
+from experiments import common
+from experiments.reward_model import load_records, optimizer_config
+from llama_jax import sharding, workdirs
+from llama_jax import train_state as ts
+from llama_jax.data import Indexed, make_pair_pipeline
+from llama_jax.steps import common as step_lib
+from llama_jax.steps import dpo as dpo_steps
+from llama_jax.trainer import fit
+
+log = logging.getLogger(__name__)
+
+REFERENCE_FILE = "reference_logps.npz"
+PLOT_PANELS = (
+  ("loss", "eval/loss"),
+  ("rewards/accuracies", "eval/rewards/accuracies"),
+  ("rewards/margins", "eval/rewards/margins"),
+  ("logps/chosen", "logps/rejected", "eval/logps/chosen", "eval/logps/rejected"),
+  ("nll", "eval/nll"),
+  ("learning_rate",),
+  ("tokens_per_second",),
+)
+
+
+def dpo_config(cfg: ml_collections.ConfigDict) -> dpo_steps.DPOConfig:
+  return common.from_section(
+    dpo_steps.DPOConfig, cfg.dpo, loss_chunk_size=cfg.train.loss_chunk_size
+  )
+
+
+def fingerprint(records: list[dict[str, Any]], reference: str, dpo: dpo_steps.DPOConfig) -> str:
+  """What a stored reference table depends on: the records, the reference, the masking."""
+  h = hashlib.sha256(f"{reference}|{dpo.mask_formatting}|{len(records)}".encode())
+  for r in records:
+    h.update(json.dumps([r["prompt"], r["chosen"], r["rejected"]]).encode())
+  return h.hexdigest()
+
+
+def reference_tables(
+  cfg, model_cfg, dpo, ref_params, splits: dict[str, list], pipeline, mesh, workdir: str
+) -> dict[str, np.ndarray]:
+  """Per split, the reference log-prob table [N, 2]: read from DIR/reference_logps.npz when
+  it was made from the same records and reference, else computed and stored."""
+  path = Path(workdir) / REFERENCE_FILE
+  reference = cfg.dpo.reference_from or cfg.init_from
+  prints = {s: fingerprint(r, reference, dpo) for s, r in splits.items()}
+  if path.exists():
+    stored = np.load(path)
+    if all(f"{s}/fingerprint" in stored and str(stored[f"{s}/fingerprint"]) == p
+           for s, p in prints.items()):  # fmt: skip
+      log.info("Reusing the reference log-probs in %s", path)
+      return {s: stored[s] for s in splits}
+    log.warning("%s was made from other records or another reference; recomputing", path)
+  ref_step = step_lib.jit_eval_step(
+    dpo_steps.make_reference_step(model_cfg, dpo, mesh=mesh),
+    sharding.param_shardings(model_cfg, mesh),
+    mesh,
+  )
+  tables = {}
+  for split, records in splits.items():
+    with pipeline(records, evaluation=True) as batches:
+      tables[split] = dpo_steps.reference_logps_table(ref_step, ref_params, batches, len(records))
+    log.info("Reference log-probs of %d %s pairs: chosen mean %.2f, rejected mean %.2f",
+             len(records), split, *tables[split].mean(0))  # fmt: skip
+  if jax.process_index() == 0:
+    arrays = tables | {f"{s}/fingerprint": np.array(p) for s, p in prints.items()}
+    np.savez(path, **arrays)
+  return tables
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) DPO in `workdir`; returns the held-out metrics before and after."""
+  sharding.initialize_distributed()
+  tokenizer = common.build_tokenizer(cfg.tokenizer)
+  mesh = common.build_mesh(cfg.mesh)
+  model_cfg, params = common.load_model(cfg, mesh)
+  common.check_fits(model_cfg, cfg, tokenizer, mesh)
+  common.write_run_files(workdir, cfg, model_cfg)
+  dpo = dpo_config(cfg)
+  if params is None:
+    log.warning("init_from is empty: DPO from randomly initialized weights (a smoke test)")
+    params = sharding.init_params(model_cfg, jax.random.key(cfg.train.seed), mesh)
+  if cfg.dpo.reference_from and cfg.dpo.reference_from != cfg.init_from:
+    _, ref_params = workdirs.load_model(
+      cfg.dpo.reference_from, mesh, kind="lm", dtype=model_cfg.dtype
+    )
+  elif cfg.dpo.reference == "precomputed":
+    ref_params = params  # read once, before the first step donates the policy's arrays
+  else:
+    ref_params = jax.tree.map(lambda x: x.copy(), params)
+
+  splits = {"train": load_records(cfg.data, cfg.data.train_split, cfg.data.train_ratings)}
+  if cfg.data.eval_split:
+    splits["eval"] = load_records(cfg.data, cfg.data.eval_split, cfg.data.eval_ratings)
+  pipeline_cfg = common.pipeline_config(cfg.data)
+  pipeline = lambda records, **kw: make_pair_pipeline(
+    Indexed(records), tokenizer, pipeline_cfg, mesh=mesh, **kw
+  )
+  replicated = NamedSharding(mesh, PartitionSpec())
+  if cfg.dpo.reference == "precomputed":
+    tables = reference_tables(cfg, model_cfg, dpo, ref_params, splits, pipeline, mesh, workdir)
+    frozen = {s: jax.device_put(t, replicated) for s, t in tables.items()}
+    frozen_sharding = replicated
+    del ref_params  # the reference is no longer needed in memory
+  else:
+    frozen = dict.fromkeys(splits, ref_params)
+    frozen_sharding = sharding.param_shardings(model_cfg, mesh)
+
+  num_steps = cfg.train.num_steps or cfg.train.epochs * math.ceil(
+    len(splits["train"]) / cfg.data.batch_size
+  )
+  opt_cfg = optimizer_config(cfg, num_steps)
+  optimizer = ts.make_optimizer(opt_cfg)
+  shardings = ts.state_shardings(model_cfg, optimizer, mesh)
+  train_step = step_lib.jit_train_step(
+    dpo_steps.make_train_step(
+      model_cfg,
+      optimizer,
+      dpo,
+      reference=cfg.dpo.reference,
+      mesh=mesh,
+      grad_accum_steps=cfg.train.grad_accum_steps,
+      learning_rate_fn=ts.learning_rate_schedule(opt_cfg),
+    ),
+    shardings,
+    mesh,
+    frozen_shardings=(frozen_sharding,),
+  )
+  results: dict[str, Any] = {}
+  eval_fn = None
+  if "eval" in splits:
+    eval_step = step_lib.jit_eval_step(
+      dpo_steps.make_eval_step(model_cfg, dpo, reference=cfg.dpo.reference, mesh=mesh),
+      shardings.params,
+      mesh,
+      frozen_shardings=(frozen_sharding,),
+    )
+
+    def eval_fn(state) -> dict[str, float]:
+      with pipeline(splits["eval"], evaluation=True) as batches:
+        metrics = dpo_steps.evaluate(eval_step, state.params, batches, frozen["eval"], dpo)
+      results.update(metrics)
+      return metrics
+
+  log.info("DPO: %s parameters on mesh %s, %d steps, %s", f"{model_cfg.num_params():,}",
+           dict(mesh.shape), num_steps, dpo)  # fmt: skip
+
+  def init_state():
+    state = ts.init_train_state(
+      model_cfg, optimizer, mesh, jax.random.PRNGKey(cfg.train.seed), params=params
+    )
+    if eval_fn is not None:  # the starting point, for the report (the policy is the reference)
+      results["initial"] = eval_fn(state)
+    return state
+
+  train = cfg.train.to_dict() | {"num_steps": num_steps}
+  with pipeline(splits["train"]) as train_iter:
+    state = fit(
+      init_state=init_state,
+      abstract_state=ts.abstract_train_state(model_cfg, optimizer, mesh),
+      train_step=lambda state, batch: train_step(state, batch, frozen["train"]),
+      train_iter=train_iter,
+      workdir=workdir,
+      loop=common.loop_config(ml_collections.ConfigDict(train)),
+      eval_fn=eval_fn,
+      flops_per_token=model_cfg.flops_per_token(cfg.data.seq_len),
+      peak_flops_per_device=cfg.train.peak_flops or None,
+      meta={"model": model_cfg.to_dict(), "dpo": cfg.dpo.to_dict()},
+      plot_panels=PLOT_PANELS,
+    )
+  log.info("Finished at step %d: %s", int(state.step), results)
+  return results
+
+
+def main(argv):
+  del argv
+  common.setup_logging()
+  run(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  common.define_flags()  # here, not at import: tests import `run` beside other launchers
+  app.run(main)

@@ -1,0 +1,84 @@
+"""Loading models from what the experiments leave behind: an experiment workdir (its
+`model_config.json` and newest Orbax checkpoint; an LM or a reward model) or a Hugging Face
+directory (`config.json` + safetensors).
+
+    config, params = load_model("runs/sft", mesh)              # LM params
+    config, params = load_model("runs/rm_helpful", mesh)       # {"lm", "head"} params
+    kind = model_kind("runs/rm_helpful")                       # "reward_model"
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh
+
+from llama_jax import reward_model, sharding
+from llama_jax.checkpoint import orbax as ckpt_lib
+from llama_jax.checkpoint.hf import load_hf_checkpoint
+from llama_jax.config import LlamaConfig
+
+MODEL_CONFIG_FILE = "model_config.json"
+KINDS = ("lm", "reward_model")
+
+
+def is_hf_checkpoint(path: str | Path) -> bool:
+  return (Path(path) / "config.json").exists()
+
+
+def read_model_config(workdir: str | Path, **overrides: Any) -> LlamaConfig:
+  """The `LlamaConfig` an experiment wrote to `workdir`, with field `overrides`."""
+  config_file = Path(workdir) / MODEL_CONFIG_FILE
+  if not config_file.exists():
+    raise FileNotFoundError(
+      f"{workdir!s} is neither a Hugging Face checkpoint (no config.json) nor an experiment "
+      f"workdir (no {MODEL_CONFIG_FILE})"
+    )
+  return LlamaConfig.from_dict(json.loads(config_file.read_text())).replace(**overrides)
+
+
+def model_kind(path: str | Path) -> str:
+  """ "lm" or "reward_model": what the newest checkpoint of `path` holds (HF: "lm")."""
+  if is_hf_checkpoint(path):
+    return "lm"
+  saved = ckpt_lib.saved_shapes(path)
+  return "reward_model" if any(p.startswith("params/head/") for p in saved) else "lm"
+
+
+def lm_abstract_params(config: LlamaConfig, mesh: Mesh) -> Any:
+  """LM parameter `ShapeDtypeStruct`s with their shardings on `mesh` (a restore target)."""
+  return jax.tree.map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+    nn.meta.unbox(sharding.abstract_params(config)),
+    sharding.param_shardings(config, mesh),
+  )
+
+
+def load_model(
+  path: str | Path, mesh: Mesh, *, kind: str | None = None, **overrides: Any
+) -> tuple[LlamaConfig, Any]:
+  """`(config, params)` on `mesh` from a Hugging Face directory or an experiment workdir.
+
+  `overrides` replace config fields (compute ones: dtype, param_dtype, remat...; for a
+  Hugging Face directory `param_dtype` is the dtype the weights load in). `kind` ("lm" or
+  "reward_model") is checked against what the checkpoint holds if given.
+  """
+  found = model_kind(path)
+  if kind is not None and kind != found:
+    raise ValueError(f"{path!s} holds a {found} checkpoint, not a {kind}")
+  if is_hf_checkpoint(path):
+    overrides = dict(overrides)
+    param_dtype = overrides.pop("param_dtype", "float32")
+    compute_dtype = overrides.pop("dtype", None)
+    return load_hf_checkpoint(
+      path, dtype=param_dtype, compute_dtype=compute_dtype, mesh=mesh, **overrides
+    )
+  config = read_model_config(path, **overrides)
+  if found == "reward_model":
+    return config, reward_model.load_params(str(path), config, mesh)
+  directory = ckpt_lib.checkpoint_dir(path)
+  return config, ckpt_lib.load_params(directory, lm_abstract_params(config, mesh))

@@ -1,0 +1,104 @@
+"""Model averaging: weighted means by hand, dtypes kept, mismatches named, and checkpoints
+averaged from workdirs and Hugging Face directories through the command-line entry."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import average
+from experiments.configs.base import TINY_MODEL
+from llama_jax import LlamaConfig, averaging, reward_model, sharding, workdirs
+from llama_jax import train_state as ts
+from llama_jax.checkpoint import orbax as ckpt_lib
+from llama_jax.checkpoint import save_hf_checkpoint
+from llama_jax.model import init_params
+
+SMALL = dict(num_layers=2, d_model=64, head_dim=16, mlp_dim=128)
+
+
+def test_weighted_mean_by_hand_in_float32_with_dtypes_kept():
+  a = {"w": jnp.array([1.0, 2.0], jnp.bfloat16), "b": jnp.array([4.0])}
+  b = {"w": jnp.array([3.0, 6.0], jnp.bfloat16), "b": jnp.array([0.0])}
+  out = averaging.average_params([a, b], weights=[3, 1])
+  np.testing.assert_allclose(np.asarray(out["w"], np.float32), [1.5, 3.0])
+  np.testing.assert_allclose(out["b"], [3.0])
+  assert out["w"].dtype == jnp.bfloat16 and out["b"].dtype == jnp.float32
+  np.testing.assert_allclose(averaging.average_params([a, b])["b"], [2.0])
+
+
+def test_bad_inputs_are_named():
+  a = {"layer": {"w": jnp.zeros((2, 3))}}
+  with pytest.raises(ValueError, match=r"\['layer'\]\['w'\] has shape \(3, 2\)"):
+    averaging.average_params([a, {"layer": {"w": jnp.zeros((3, 2))}}])
+  with pytest.raises(ValueError, match="in one model but not the other"):
+    averaging.average_params([a, {"layer": {"v": jnp.zeros((2, 3))}}])
+  with pytest.raises(ValueError, match="2 weights for 3 models"):
+    averaging.normalized_weights([1, 2], 3)
+  with pytest.raises(ValueError, match="non-negative"):
+    averaging.normalized_weights([1, -1], 2)
+
+
+def model_config():
+  return LlamaConfig.preset(
+    "tiny", **{k: v for k, v in TINY_MODEL.items() if k != "preset"} | SMALL
+  )
+
+
+def lm_workdir(path, params):
+  config = model_config()
+  path.mkdir()
+  (path / "model_config.json").write_text(json.dumps(config.to_dict()))
+  mesh = sharding.make_mesh()
+  opt = ts.make_optimizer(ts.OptimizerConfig(warmup_steps=1, total_steps=2))
+  state = ts.init_train_state(config, opt, mesh, jax.random.PRNGKey(0), params=params)
+  with ckpt_lib.CheckpointManager(ckpt_lib.checkpoint_dir(path)) as manager:
+    manager.save(3, state, force=True)
+  return str(path)
+
+
+def test_average_command_over_workdirs_and_hf_directories(tmp_path):
+  config = model_config()
+  trees = [init_params(config, jax.random.PRNGKey(i)) for i in range(3)]
+  a = lm_workdir(tmp_path / "a", trees[0])
+  b = lm_workdir(tmp_path / "b", trees[1])
+  save_hf_checkpoint(tmp_path / "c", config, trees[2])
+  record = average.run(
+    [a, b, str(tmp_path / "c")], str(tmp_path / "avg"), [2, 1, 1], hf_out=str(tmp_path / "avg_hf")
+  )
+  assert record["weights"] == [0.5, 0.25, 0.25] and record["kind"] == "lm"
+  expected = jax.tree.map(lambda x, y, z: 0.5 * x + 0.25 * y + 0.25 * z, *trees)
+  for path in (tmp_path / "avg", tmp_path / "avg_hf"):  # both outputs load as ordinary models
+    loaded_cfg, loaded = workdirs.load_model(path, sharding.make_mesh())
+    assert loaded_cfg == config
+    for x, y in zip(
+      jax.tree.leaves(expected), jax.tree.leaves(jax.device_get(loaded)), strict=True
+    ):
+      np.testing.assert_allclose(y, x, atol=1e-6)
+
+
+def test_reward_models_average_and_kinds_do_not_mix(tmp_path):
+  config = model_config()
+  mesh = sharding.make_mesh()
+  opt = ts.make_optimizer(ts.OptimizerConfig(warmup_steps=1, total_steps=2))
+  paths = []
+  for i in range(2):
+    path = tmp_path / f"rm{i}"
+    path.mkdir()
+    (path / "model_config.json").write_text(json.dumps(config.to_dict()))
+    state = reward_model.init_train_state(config, opt, mesh, jax.random.PRNGKey(i))
+    with ckpt_lib.CheckpointManager(ckpt_lib.checkpoint_dir(path)) as manager:
+      manager.save(1, state, force=True)
+    paths.append(str(path))
+  assert workdirs.model_kind(paths[0]) == "reward_model"
+  _, averaged = averaging.average_checkpoints(paths, mesh=mesh)
+  parts = [reward_model.load_reward_model(p, mesh)[1] for p in paths]
+  for x, y, z in zip(*(jax.tree.leaves(t) for t in (averaged, *parts)), strict=True):
+    np.testing.assert_allclose(x, (np.asarray(y) + np.asarray(z)) / 2, atol=1e-6)
+  lm = lm_workdir(tmp_path / "lm", init_params(config, jax.random.PRNGKey(5)))
+  with pytest.raises(ValueError, match="cannot average different kinds"):
+    averaging.average_checkpoints([paths[0], lm], mesh=mesh)
+  with pytest.raises(ValueError, match="Hugging Face output is for LMs"):
+    average.run(paths, str(tmp_path / "out"), hf_out=str(tmp_path / "hf"))
