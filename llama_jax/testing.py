@@ -11,28 +11,66 @@ from typing import Any
 
 # Tiny HF `LlamaConfig` kwargs, one per architecture variant the project must match.
 HF_TINY: dict[str, dict[str, Any]] = {
-  "llama2_mha": dict(vocab_size=256, hidden_size=64, intermediate_size=160,
-                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                     rope_theta=10000.0, rms_norm_eps=1e-5, max_position_embeddings=512),
-  "llama3_gqa": dict(vocab_size=256, hidden_size=64, intermediate_size=128,
-                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                     rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=512),
+  "llama2_mha": dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=512,
+  ),
+  "llama3_gqa": dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=512,
+  ),
   # Original context 64 so that a 200-token input exercises all three frequency bands.
-  "llama3p1_scaled": dict(vocab_size=256, hidden_size=64, intermediate_size=128,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          rms_norm_eps=1e-5, max_position_embeddings=1024,
-                          rope_parameters=dict(rope_type="llama3", rope_theta=500000.0,
-                                               factor=8.0, low_freq_factor=1.0,
-                                               high_freq_factor=4.0,
-                                               original_max_position_embeddings=64)),
-  "llama3p2_tied": dict(vocab_size=256, hidden_size=64, intermediate_size=128,
-                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                        rms_norm_eps=1e-5, max_position_embeddings=1024,
-                        tie_word_embeddings=True,
-                        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0,
-                                             factor=32.0, low_freq_factor=1.0,
-                                             high_freq_factor=4.0,
-                                             original_max_position_embeddings=64)),
+  "llama3p1_scaled": dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=1024,
+    rope_parameters=dict(
+      rope_type="llama3",
+      rope_theta=500000.0,
+      factor=8.0,
+      low_freq_factor=1.0,
+      high_freq_factor=4.0,
+      original_max_position_embeddings=64,
+    ),
+  ),
+  "llama3p2_tied": dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+    rope_parameters=dict(
+      rope_type="llama3",
+      rope_theta=500000.0,
+      factor=32.0,
+      low_freq_factor=1.0,
+      high_freq_factor=4.0,
+      original_max_position_embeddings=64,
+    ),
+  ),
 }
 
 
@@ -84,3 +122,18 @@ def _jitted_apply(config):
 def apply(config, params, tokens, **kwargs):
   """`Llama(config).apply({"params": params}, tokens, **kwargs)`, jit-compiled once per config."""
   return _jitted_apply(config)(params, tokens, **kwargs)
+
+
+def save_workdir(path: str | Path, config, state, step: int = 1) -> str:
+  """An experiment workdir as the training stages leave it: `model_config.json` and an Orbax
+  checkpoint of `state` (a `TrainState` of an LM or reward model) at `step`."""
+  import json
+
+  from llama_jax.checkpoint import orbax as ckpt_lib
+
+  path = Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / "model_config.json").write_text(json.dumps(config.to_dict()))
+  with ckpt_lib.CheckpointManager(ckpt_lib.checkpoint_dir(path)) as manager:
+    manager.save(step, state, force=True)
+  return str(path)

@@ -1,8 +1,6 @@
 """Model averaging: weighted means by hand, dtypes kept, mismatches named, and checkpoints
 averaged from workdirs and Hugging Face directories through the command-line entry."""
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,9 +10,9 @@ from experiments import average
 from experiments.configs.base import TINY_MODEL
 from llama_jax import LlamaConfig, averaging, reward_model, sharding, workdirs
 from llama_jax import train_state as ts
-from llama_jax.checkpoint import orbax as ckpt_lib
 from llama_jax.checkpoint import save_hf_checkpoint
 from llama_jax.model import init_params
+from llama_jax.testing import save_workdir
 
 SMALL = dict(num_layers=2, d_model=64, head_dim=16, mlp_dim=128)
 
@@ -47,16 +45,15 @@ def model_config():
   )
 
 
+OPTIMIZER = ts.make_optimizer(ts.OptimizerConfig(warmup_steps=1, total_steps=2))
+
+
 def lm_workdir(path, params):
   config = model_config()
-  path.mkdir()
-  (path / "model_config.json").write_text(json.dumps(config.to_dict()))
-  mesh = sharding.make_mesh()
-  opt = ts.make_optimizer(ts.OptimizerConfig(warmup_steps=1, total_steps=2))
-  state = ts.init_train_state(config, opt, mesh, jax.random.PRNGKey(0), params=params)
-  with ckpt_lib.CheckpointManager(ckpt_lib.checkpoint_dir(path)) as manager:
-    manager.save(3, state, force=True)
-  return str(path)
+  state = ts.init_train_state(
+    config, OPTIMIZER, sharding.make_mesh(), jax.random.PRNGKey(0), params=params
+  )
+  return save_workdir(path, config, state, step=3)
 
 
 def test_average_command_over_workdirs_and_hf_directories(tmp_path):
@@ -82,16 +79,14 @@ def test_average_command_over_workdirs_and_hf_directories(tmp_path):
 def test_reward_models_average_and_kinds_do_not_mix(tmp_path):
   config = model_config()
   mesh = sharding.make_mesh()
-  opt = ts.make_optimizer(ts.OptimizerConfig(warmup_steps=1, total_steps=2))
-  paths = []
-  for i in range(2):
-    path = tmp_path / f"rm{i}"
-    path.mkdir()
-    (path / "model_config.json").write_text(json.dumps(config.to_dict()))
-    state = reward_model.init_train_state(config, opt, mesh, jax.random.PRNGKey(i))
-    with ckpt_lib.CheckpointManager(ckpt_lib.checkpoint_dir(path)) as manager:
-      manager.save(1, state, force=True)
-    paths.append(str(path))
+  paths = [
+    save_workdir(
+      tmp_path / f"rm{i}",
+      config,
+      reward_model.init_train_state(config, OPTIMIZER, mesh, jax.random.PRNGKey(i)),
+    )
+    for i in range(2)
+  ]
   assert workdirs.model_kind(paths[0]) == "reward_model"
   _, averaged = averaging.average_checkpoints(paths, mesh=mesh)
   parts = [reward_model.load_reward_model(p, mesh)[1] for p in paths]

@@ -13,9 +13,9 @@ from experiments.configs import rejection_sampling as configs
 from experiments.configs.base import TINY_MODEL
 from llama_jax import LlamaConfig, reward_model, rewards, sharding
 from llama_jax import train_state as ts
-from llama_jax.checkpoint import orbax as ckpt_lib
 from llama_jax.data import load_source
 from llama_jax.data.records import prompt_messages
+from llama_jax.testing import save_workdir
 from llama_jax.tokenizer import tiny_tokenizer
 
 SMALL = dict(num_layers=2, d_model=64, head_dim=16, mlp_dim=128)
@@ -55,14 +55,9 @@ def make_rm_workdir(path, seed):
   config = LlamaConfig.preset(
     "tiny", **{k: v for k, v in TINY_MODEL.items() if k != "preset"} | SMALL
   )
-  path.mkdir()
-  (path / "model_config.json").write_text(json.dumps(config.to_dict()))
-  mesh = sharding.make_mesh()
   opt = ts.make_optimizer(ts.OptimizerConfig(warmup_steps=1, total_steps=2))
-  state = reward_model.init_train_state(config, opt, mesh, jax.random.PRNGKey(seed))
-  with ckpt_lib.CheckpointManager(ckpt_lib.checkpoint_dir(path)) as manager:
-    manager.save(1, state, force=True)
-  return str(path)
+  state = reward_model.init_train_state(config, opt, sharding.make_mesh(), jax.random.PRNGKey(seed))
+  return save_workdir(path, config, state)
 
 
 def round_config(start, seed, **reward):

@@ -14,12 +14,12 @@ from experiments.configs import reward_model as configs
 from experiments.configs.base import TINY_MODEL
 from llama_jax import LlamaConfig, reward_model, rewards, sharding
 from llama_jax import train_state as ts
-from llama_jax.checkpoint import orbax as ckpt_lib
 from llama_jax.checkpoint import save_hf_checkpoint
 from llama_jax.data import bundled, ranking
 from llama_jax.metrics import read_metrics
 from llama_jax.model import init_params
 from llama_jax.objectives.reward import RATING_NAMES
+from llama_jax.testing import save_workdir
 from llama_jax.tokenizer import tiny_tokenizer
 
 SMALL_MODEL = dict(num_layers=2, d_model=64, head_dim=16, mlp_dim=128)
@@ -71,14 +71,10 @@ def test_starts_from_an_lm_workdir_or_a_hf_directory(tmp_path):
   lm_params = init_params(lm_cfg, jax.random.PRNGKey(7))
   trunk = {k: v for k, v in lm_params.items() if k != "lm_head"}
   # An LM experiment workdir: model_config.json and an Orbax TrainState checkpoint.
-  lm_dir = tmp_path / "lm"
-  lm_dir.mkdir()
-  (lm_dir / "model_config.json").write_text(json.dumps(lm_cfg.to_dict()))
   mesh = sharding.make_mesh()
   opt = ts.make_optimizer(ts.OptimizerConfig(warmup_steps=1, total_steps=2))
   state = ts.init_train_state(lm_cfg, opt, mesh, jax.random.PRNGKey(0), params=lm_params)
-  with ckpt_lib.CheckpointManager(ckpt_lib.checkpoint_dir(lm_dir)) as manager:
-    manager.save(1, state, force=True)
+  lm_dir = save_workdir(tmp_path / "lm", lm_cfg, state)
 
   # One step at learning rate 0: the saved reward model is the LM's trunk and a fresh head.
   cfg = small(configs.get_config("tiny_llama3"), steps=1)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs.base import TINY_MODEL, lm_config
+from experiments.configs.base import TINY_MODEL, lm_config, use_preference_data
 
 
 def get_config(variant: str = "tiny"):
@@ -44,12 +44,7 @@ def get_config(variant: str = "tiny"):
 
 
 def dpo_config(**model_fields) -> ml_collections.ConfigDict:
-  config = lm_config(**model_fields)
-  config.data.update(name="preference", kind="preference", mode="pad", seq_len=192)
-  config.data.concerns = ""
-  config.data.train_ratings = ""
-  config.data.eval_ratings = ""
-  config.data.on_too_long = "raise"
+  config = use_preference_data(lm_config(**model_fields))
   config.dpo = ml_collections.ConfigDict(
     {
       "beta": 0.1,
@@ -61,9 +56,7 @@ def dpo_config(**model_fields) -> ml_collections.ConfigDict:
       "reference_from": "",
     }
   )
-  config.train.epochs = 1
-  config.train.warmup_fraction = 0.0
-  config.optimizer.update(warmup_steps=0, weight_decay=0.0)
+  config.optimizer.weight_decay = 0.0
   return config
 
 

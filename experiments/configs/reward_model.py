@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs.base import TINY_MODEL, lm_config
+from experiments.configs.base import TINY_MODEL, lm_config, use_preference_data
 
 
 def get_config(variant: str = "tiny_helpful"):
@@ -71,17 +71,9 @@ def get_config(variant: str = "tiny_helpful"):
 
 def rm_config(**model_fields) -> ml_collections.ConfigDict:
   """The LM defaults with the reward-model data and loss fields."""
-  config = lm_config(**model_fields)
-  config.data.update(name="preference", kind="preference", mode="pad", seq_len=192)
-  config.data.concerns = ""
-  config.data.train_ratings = ""
-  config.data.eval_ratings = ""
+  config = use_preference_data(lm_config(**model_fields))
   config.data.use_edited = False
-  config.data.on_too_long = "raise"
   config.reward = ml_collections.ConfigDict({"margins": "none", "centering": 0.0})
-  config.train.epochs = 1
-  config.train.warmup_fraction = 0.0
-  config.optimizer.update(warmup_steps=0)
   return config
 
 

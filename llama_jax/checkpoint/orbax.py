@@ -355,6 +355,14 @@ def _restore(manager, directory, step: int, items: dict[str, Any]):
     raise CheckpointError(f"{directory} step {step}: restore failed: {e}") from e
 
 
+def _read_only_manager(directory: epath.Path) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+    directory,
+    item_handlers=_item_handlers(),
+    options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0),
+  )
+
+
 def _resolve_directory(directory: epath.PathLike) -> epath.Path:
   """A checkpoint directory, or the `checkpoints/` directory of a run workdir."""
   directory = epath.Path(directory)
@@ -368,11 +376,7 @@ def saved_shapes(directory: epath.PathLike, step: int | None = None) -> dict[str
   directory = _resolve_directory(directory)
   if not directory.is_dir():
     raise CheckpointError(f"{directory}: no such checkpoint directory")
-  manager = ocp.CheckpointManager(
-    directory,
-    item_handlers=_item_handlers(),
-    options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0),
-  )
+  manager = _read_only_manager(directory)
   try:
     step = _resolve_step(manager, directory, step)
     saved = manager.metadata(step).item_metadata[STATE]
@@ -392,11 +396,7 @@ def load_params(directory: epath.PathLike, abstract_params: Any, step: int | Non
   directory = _resolve_directory(directory)
   if not directory.is_dir():
     raise CheckpointError(f"{directory}: no such checkpoint directory")
-  manager = ocp.CheckpointManager(
-    directory,
-    item_handlers=_item_handlers(),
-    options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0),
-  )
+  manager = _read_only_manager(directory)
   try:
     step = _resolve_step(manager, directory, step)
     target = {"params": abstract_params}
