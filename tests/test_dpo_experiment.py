@@ -30,7 +30,7 @@ def sft_workdir(tmp_path_factory):
 def dpo_run(sft_workdir, workdir, nll_coef):
   cfg = dpo_configs.get_config("tiny")
   cfg.init_from = sft_workdir
-  cfg.data.update(batch_size=16, train_ratings="significantly_better,better")  # as Llama 3
+  cfg.data.update(batch_size=16)
   cfg.dpo.nll_coef = nll_coef
   cfg.optimizer.update(learning_rate=1e-3, warmup_steps=5)
   cfg.train.update(num_steps=40, log_every=10, eval_every=0, checkpoint_every=1000)
