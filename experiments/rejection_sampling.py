@@ -70,8 +70,9 @@ def build_scorer(cfg: ml_collections.ConfigDict, tokenizer, mesh) -> RecordScore
 
   kind "reward_model": the raw score of the RM in `reward_model`; "llama2": logit(R_c) of
   the helpfulness and safety RMs in `helpful` and `safety` (`rewards.combine_llama2_rewards`
-  with `threshold`; the safety branch is taken for prompts whose concern is "safety"), not
-  whitened, since whitening is monotone and selection only compares; "check_answer": 1 for a
+  with `threshold`; the safety branch is taken for prompts whose concern is "safety"),
+  whitened as `whitening` says (selection only compares, so rejection sampling leaves it
+  "none"; Llama 2's PPO whitens with running statistics); "check_answer": 1 for a
   right answer, 0 otherwise (`llama_jax.data.scoring`; records need a reference or a safety
   label).
   """
@@ -93,7 +94,7 @@ def build_scorer(cfg: ml_collections.ConfigDict, tokenizer, mesh) -> RecordScore
     scorer = rm("reward_model")
     return lambda records, responses: scorer([r["prompt"] for r in records], responses)
   combined = rewards.Llama2Scorer(
-    rm("helpful"), rm("safety"), threshold=cfg.threshold, whitening="none"
+    rm("helpful"), rm("safety"), threshold=cfg.threshold, whitening=cfg.get("whitening", "none")
   )
   return lambda records, responses: combined(
     [r["prompt"] for r in records],

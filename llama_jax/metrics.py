@@ -478,7 +478,7 @@ class Progress:
     metrics = jax.device_get(dict(metrics))
     now = self._clock()
     rates = {}
-    if self._window_start is not None:
+    if self._window_start is not None and self._window_tokens:  # 0: a step of no batch tokens
       rates["tokens_per_second"] = self._window_tokens / max(now - self._window_start, 1e-9)
       utilization = mfu(
         self.flops_per_token,

@@ -109,3 +109,23 @@ def use_preference_data(config: ml_collections.ConfigDict) -> ml_collections.Con
   config.train.warmup_fraction = 0.0
   config.optimizer.update(warmup_steps=0)
   return config
+
+
+def reward_section(kind: str = "reward_model") -> ml_collections.ConfigDict:
+  """How responses are scored (`experiments.rejection_sampling.build_scorer`): kind
+  "reward_model" (the RM workdir in reward_model), "llama2" (Llama 2's combined score of the
+  helpful and safety RM workdirs, safety threshold `threshold`) or "check_answer" (a right
+  answer to a bundled rl_prompt scores 1; no reward model). batch_size: rows per RM forward
+  pass (a multiple of the mesh's batch axes); whitening: "none", "batch" or "running" (the
+  llama2 kind only; Llama 2's PPO whitens)."""
+  return ml_collections.ConfigDict(
+    {
+      "kind": kind,
+      "reward_model": "",
+      "helpful": "",
+      "safety": "",
+      "threshold": 0.15,
+      "batch_size": 32,
+      "whitening": "none",
+    }
+  )

@@ -37,6 +37,7 @@ from __future__ import annotations
 import ml_collections
 
 from experiments.configs import generate
+from experiments.configs.base import reward_section
 
 
 def get_config(variant: str = "tiny"):
@@ -49,14 +50,7 @@ def get_config(variant: str = "tiny"):
 def _with_rounds(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A generate config plus the rejection-sampling sections."""
   del config["scorer"]
-  config.reward = {
-    "kind": "reward_model",
-    "reward_model": "",
-    "helpful": "",
-    "safety": "",
-    "threshold": 0.15,
-    "batch_size": 32,
-  }
+  config.reward = reward_section()
   config.pool_from = ""
   config.rescore_pool = True
   config.round = 0

@@ -23,21 +23,35 @@ def token_logprobs(
   return target_logit - jax.nn.logsumexp(logits, axis=-1)
 
 
+def token_entropy(logits: jax.Array) -> jax.Array:
+  """H(softmax(logits)) [B, T] float32."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
 def chunked_token_logprobs(
   hidden: jax.Array,  # [B, T, D]
   logits_fn: Callable[[jax.Array], jax.Array],  # [B, C, D] -> [B, C, V]
   targets: jax.Array,  # [B, T]
   *,
   chunk_size: int,
-) -> jax.Array:
-  """`token_logprobs(logits_fn(hidden), targets)` [B, T], one [B, C, V] logit block at a time.
+  with_entropy: bool = False,
+):
+  """`token_logprobs(logits_fn(hidden), targets)` [B, T], one [B, C, V] logit block at a time;
+  with `with_entropy`, `(logprobs, entropy)` (entropy of the whole distribution per token).
 
   As `objectives.lm.chunked_cross_entropy_sums`: a `lax.scan` over T / chunk_size pieces,
   each rematerialized in the backward pass. `chunk_size` 0 (or ≥ T) computes all at once.
   """
+
+  def stats(h, y):
+    logits = logits_fn(h)
+    logp = token_logprobs(logits, y)
+    return (logp, token_entropy(logits)) if with_entropy else logp
+
   b, t, _ = hidden.shape
   if chunk_size <= 0 or chunk_size >= t:
-    return token_logprobs(logits_fn(hidden), targets)
+    return stats(hidden, targets)
   if t % chunk_size:
     raise ValueError(f"loss chunk_size={chunk_size} must divide the sequence length T={t}")
 
@@ -46,11 +60,10 @@ def chunked_token_logprobs(
 
   @jax.checkpoint
   def chunk(_, hy):
-    h, y = hy
-    return None, token_logprobs(logits_fn(h), y)
+    return None, stats(*hy)
 
   _, pieces = jax.lax.scan(chunk, None, (split(hidden), split(targets)))  # [T / C, B, C]
-  return jnp.swapaxes(pieces, 0, 1).reshape(b, t)
+  return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(b, t), pieces)
 
 
 def sequence_logprobs(

@@ -12,10 +12,38 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax import sharding
+from llama_jax.config import LlamaConfig
+from llama_jax.model import Llama
+from llama_jax.objectives import logprobs as lp
 from llama_jax.train_state import TrainState
 
 Batch = Mapping[str, jax.Array]
 SumsFn = Callable[[Any, Batch], dict[str, jax.Array]]
+
+
+def token_logprobs(
+  config: LlamaConfig,
+  params: Any,
+  rows: Batch,
+  chunk_size: int = 0,
+  *,
+  with_entropy: bool = False,
+):
+  """log π(targets) [B, T] of rows with `tokens`, `positions`, `segment_ids` and `targets`
+  (and the entropy [B, T] too if `with_entropy`), the logits `chunk_size` positions at a time
+  (`objectives.logprobs.chunked_token_logprobs`)."""
+  model = Llama(config)
+  variables = {"params": params}
+  hidden, _ = model.apply(
+    variables, rows["tokens"], rows["positions"], rows["segment_ids"], method=Llama.hidden_states
+  )
+  return lp.chunked_token_logprobs(
+    hidden,
+    lambda h: model.apply(variables, h, method=Llama.logits),
+    rows["targets"],
+    chunk_size=chunk_size,
+    with_entropy=with_entropy,
+  )
 
 
 def split_microbatches(batch: Batch, num: int) -> Batch:

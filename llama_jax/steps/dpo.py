@@ -40,10 +40,9 @@ from jax.sharding import Mesh
 
 from llama_jax import sharding
 from llama_jax.config import LlamaConfig
-from llama_jax.model import Llama
 from llama_jax.objectives import dpo as dpo_obj
 from llama_jax.objectives import logprobs as lp
-from llama_jax.steps.common import Batch, sums_train_step
+from llama_jax.steps.common import Batch, sums_train_step, token_logprobs
 from llama_jax.train_state import TrainState
 
 SIDES = ("chosen", "rejected")
@@ -96,26 +95,11 @@ def logp_mask(rows: Batch, mask_formatting: bool) -> jax.Array:
   return mask
 
 
-def token_logps(config: LlamaConfig, params: Any, rows: Batch, chunk_size: int) -> jax.Array:
-  """log π(targets) [2B, T] of interleaved rows."""
-  model = Llama(config)
-  variables = {"params": params}
-  hidden, _ = model.apply(
-    variables, rows["tokens"], rows["positions"], rows["segment_ids"], method=Llama.hidden_states
-  )
-  return lp.chunked_token_logprobs(
-    hidden,
-    lambda h: model.apply(variables, h, method=Llama.logits),
-    rows["targets"],
-    chunk_size=chunk_size,
-  )
-
-
 def pair_logps(config: LlamaConfig, params: Any, batch: Batch, dpo: DPOConfig) -> jax.Array:
   """[B, 2] summed log-probabilities of (chosen, rejected) under `params`."""
   rows = interleave(batch)
   logps = lp.sequence_logprobs(
-    token_logps(config, params, rows, dpo.loss_chunk_size), logp_mask(rows, dpo.mask_formatting)
+    token_logprobs(config, params, rows, dpo.loss_chunk_size), logp_mask(rows, dpo.mask_formatting)
   )
   return logps.reshape(-1, 2)
 
@@ -132,7 +116,7 @@ def loss_sums(
   sum + nll_coef · nll_scale · the NLL sum. `nll_scale` = pairs / chosen tokens of the whole
   batch turns the step's division by the pair count into a token mean for the NLL term."""
   rows = interleave(batch)
-  token = token_logps(config, params, rows, dpo.loss_chunk_size)  # [2B, T]
+  token = token_logprobs(config, params, rows, dpo.loss_chunk_size)  # [2B, T]
   logps = lp.sequence_logprobs(token, logp_mask(rows, dpo.mask_formatting)).reshape(-1, 2)
   ref = jax.lax.stop_gradient(reference_logps.astype(jnp.float32))
   sums = dpo_obj.dpo_sums(

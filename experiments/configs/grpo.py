@@ -1,0 +1,82 @@
+"""GRPO configs.
+
+    python -m experiments.grpo --config=experiments/configs/grpo.py:<variant> --workdir=DIR \
+      --config.init_from=<SFT workdir or HF dir>
+
+Sections (model, tokenizer, init_from, mesh, data, generation, chat as in
+`experiments/configs/generate.py`; optimizer as in `base.py`):
+  reward      `base.reward_section`: default "check_answer", the bundled prompts' verifiable
+              reward; "reward_model" / "llama2" score with reward-model workdirs instead.
+  grpo        group_size K, clip_eps, clip_eps_high (None = symmetric), beta (k3 KL), scale
+              ("std" | "none"), aggregation ("sequence_mean" | "token_mean").
+  train       num_steps (iterations), num_minibatches (updates per iteration),
+              grad_accum_steps, loss_chunk_size, seed, log/checkpoint settings.
+  data.batch_size is prompts per iteration (rows: batch_size × K).
+
+Variants
+  tiny          the tiny SFT model on the bundled rl_prompt train prompts, 16 prompts × 8
+                samples, 2 updates per iteration; CPU, a few minutes. Start from the tiny SFT
+                workdir.
+  llama3p2_1b   GRPO on Llama 3.2 1B Instruct: 64 prompts × 16 samples, lr 1e-6, β 0.04,
+                512 new tokens, 4 updates per iteration. Target: one host of 8 × H100
+                (fsdp=8), bf16 compute, fp32 master weights.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from experiments.configs import generate
+from experiments.configs.base import lm_config, reward_section
+
+
+def get_config(variant: str = "tiny"):
+  variants = {"tiny": tiny, "llama3p2_1b": llama3p2_1b}
+  if variant not in variants:
+    raise ValueError(f"unknown grpo variant {variant!r}; known: {sorted(variants)}")
+  return variants[variant]()
+
+
+def rl_config(base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A generate config plus the reward, optimizer and train sections of online RL."""
+  config = base
+  del config["scorer"]
+  config.reward = reward_section("check_answer")
+  lm = lm_config()
+  config.optimizer = lm.optimizer
+  config.optimizer.update(schedule="constant", warmup_steps=0, weight_decay=0.0)
+  config.train = lm.train
+  config.train.update(num_steps=100, num_minibatches=2, log_every=1, checkpoint_every=50)
+  config.data.update(split="train", num_prompts=0, seed=0)
+  config.generation.update(temperature=1.0, seed=0)
+  return config
+
+
+def tiny():
+  config = rl_config(generate.tiny())
+  config.grpo = ml_collections.ConfigDict(
+    {"group_size": 8, "clip_eps": 0.2, "clip_eps_high": None, "beta": 0.04, "scale": "std",
+     "aggregation": "sequence_mean"}
+  )  # fmt: skip
+  config.data.batch_size = 16
+  config.generation.max_new_tokens = 32
+  config.optimizer.learning_rate = 2e-4
+  config.train.num_steps = 30
+  return config
+
+
+def llama3p2_1b():
+  config = tiny()
+  config.model = ml_collections.ConfigDict(
+    {"preset": "llama3p2_1b", "dtype": "bfloat16", "param_dtype": "float32",
+     "attention_impl": "cudnn", "remat_policy": "dots", "scan_layers": True}
+  )  # fmt: skip
+  config.tokenizer = "/path/to/Llama-3.2-1B-Instruct/original/tokenizer.model"
+  config.init_from = "/path/to/Llama-3.2-1B-Instruct"
+  config.mesh.update(data=1, fsdp=-1, tensor=1)
+  config.data.update(source="tfds", name="my_rl_prompts", batch_size=64)
+  config.grpo.group_size = 16
+  config.generation.update(max_new_tokens=512, prompt_bucket=128)
+  config.optimizer.update(learning_rate=1e-6, grad_clip=1.0)
+  config.train.update(num_steps=500, num_minibatches=4, loss_chunk_size=512)
+  return config

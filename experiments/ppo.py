@@ -1,0 +1,145 @@
+"""PPO with a KL penalty (Llama 2 section 3.2.3): policy, frozen reference, value model, reward.
+
+    python -m experiments.ppo --config=experiments/configs/ppo.py:tiny --workdir=DIR \
+      --config.init_from=SFT_WORKDIR [--config.value.init_from=RM_WORKDIR] \
+      [--config.reward.kind=llama2 --config.reward.helpful=RM_H --config.reward.safety=RM_S]
+
+The policy and the reference start from `init_from`; the value model from `value.init_from`
+(a reward-model workdir, as Llama 2) or, if empty, the policy's trunk with a fresh head. Each
+iteration samples one response per prompt, scores it (`reward`), computes per-token KL
+penalties, GAE advantages and returns, and takes `train.num_minibatches` policy and value
+steps. Writes DIR/metrics.jsonl (reward, objective/kl, entropy, clip fraction, approx KL,
+value loss, explained variance, response length, EOS rate, time split), metrics.png,
+TensorBoard events and checkpoints of both models; a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags
+
+from experiments import common
+from experiments.grpo import (
+  generation_config,
+  load_policy_and_reference,
+  prompt_iterator,
+  summarize,
+)
+from experiments.rejection_sampling import build_scorer
+from llama_jax import online, reward_model, workdirs
+from llama_jax import train_state as ts
+from llama_jax.steps import common as step_lib
+from llama_jax.steps import ppo as ppo_steps
+from llama_jax.trainer import fit
+
+log = logging.getLogger(__name__)
+
+PLOT_PANELS = (
+  ("reward/mean",),
+  ("objective/kl",),
+  ("objective/entropy",),
+  ("policy/clipfrac", "policy/approxkl"),
+  ("loss/value", "value/explained_variance"),
+  ("response/length",),
+  ("time/generation", "time/scoring", "time/training"),
+)
+
+
+def value_params(cfg, model_cfg, policy_params, mesh):
+  """`(value_config, params)`: a reward-model workdir's, or the policy trunk + a fresh head."""
+  if cfg.value.init_from:
+    return workdirs.load_model(cfg.value.init_from, mesh, kind="reward_model")
+  rng = jax.random.PRNGKey(cfg.train.seed + 1)
+  trunk = jax.tree.map(lambda x: x.copy(), policy_params)  # own buffers: updates donate them
+  return model_cfg, reward_model.from_lm_params(model_cfg, trunk, rng, mesh)
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) PPO in `workdir`; returns start vs end means of the iteration metrics."""
+  tokenizer, mesh, model_cfg, params, ref_params = load_policy_and_reference(
+    cfg, cfg.generation.num_samples
+  )
+  common.write_run_files(workdir, cfg, model_cfg)
+  value_cfg, v_params = value_params(cfg, model_cfg, ref_params, mesh)
+  ppo = common.from_section(ppo_steps.PPOConfig, cfg.ppo, loss_chunk_size=cfg.train.loss_chunk_size)
+  num_updates = cfg.train.num_steps * cfg.train.num_minibatches
+  policy_opt = ts.make_optimizer(common.optimizer_config(cfg.optimizer, num_updates))
+  value_opt = ts.make_optimizer(common.optimizer_config(cfg.value.optimizer, num_updates))
+  policy_sh = ts.state_shardings(model_cfg, policy_opt, mesh)
+  value_sh = reward_model.state_shardings(value_cfg, value_opt, mesh)
+  accum = cfg.train.grad_accum_steps
+  score_fn = jax.jit(ppo_steps.make_score_fn(model_cfg, value_cfg, ppo, mesh=mesh))
+  policy_step = step_lib.jit_train_step(
+    ppo_steps.make_policy_step(model_cfg, policy_opt, ppo, mesh=mesh, grad_accum_steps=accum),
+    policy_sh,
+    mesh,
+  )
+  value_step = step_lib.jit_train_step(
+    ppo_steps.make_value_step(value_cfg, value_opt, ppo, mesh=mesh, grad_accum_steps=accum),
+    value_sh,
+    mesh,
+  )
+  iteration = online.ppo_iteration(
+    policy_config=model_cfg,
+    tokenizer=tokenizer,
+    gen=generation_config(cfg, tokenizer, cfg.generation.num_samples),
+    reward_fn=build_scorer(cfg.reward, tokenizer, mesh),
+    ref_params=ref_params,
+    score_fn=score_fn,
+    policy_step=policy_step,
+    value_step=value_step,
+    num_minibatches=cfg.train.num_minibatches,
+    no_eos_penalty=ppo.no_eos_penalty,
+    kl_target=ppo.kl_target,
+    kl_horizon=ppo.kl_horizon,
+    chat=cfg.chat,
+    mesh=mesh,
+    seed=cfg.train.seed,
+  )
+  history = []
+
+  def logged(state, batch):
+    state, metrics = iteration(state, batch)
+    history.append(metrics)
+    return state, metrics
+
+  def init_state():
+    key = jax.random.PRNGKey(cfg.train.seed)
+    return online.PPOState(
+      policy=ts.init_train_state(model_cfg, policy_opt, mesh, key, params=params),
+      value=reward_model.init_train_state(value_cfg, value_opt, mesh, key, params=v_params),
+      kl_coef=jnp.float32(ppo.kl_coef),
+    )
+
+  abstract = online.PPOState(
+    policy=ts.abstract_train_state(model_cfg, policy_opt, mesh),
+    value=reward_model.abstract_train_state(value_cfg, value_opt, mesh),
+    kl_coef=jax.ShapeDtypeStruct((), jnp.float32, sharding=policy_sh.step),
+  )
+  fit(
+    init_state=init_state,
+    abstract_state=abstract,
+    train_step=logged,
+    train_iter=prompt_iterator(cfg),
+    workdir=workdir,
+    loop=common.loop_config(cfg.train),
+    meta={"model": model_cfg.to_dict(), "ppo": cfg.ppo.to_dict()},
+    plot_panels=PLOT_PANELS,
+  )
+  return summarize(history)
+
+
+def main(argv):
+  del argv
+  common.setup_logging()
+  run(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  common.define_flags()
+  app.run(main)
