@@ -37,8 +37,14 @@ SCORERS = {
 
 
 def prompt_records(cfg: ml_collections.ConfigDict) -> list[dict[str, Any]]:
-  """The configured prompts: `num_prompts` records of `split` from index `start` (0 = all)."""
-  records = list(common.load_records(cfg, cfg.split))[cfg.get("start", 0) :]
+  """The configured prompts: those of `split` whose task is in `tasks` (comma-separated;
+  "" = all), from index `start`, `num_prompts` of them (0 = all)."""
+  records = list(common.load_records(cfg, cfg.split))
+  if tasks := [t.strip() for t in cfg.get("tasks", "").split(",") if t.strip()]:
+    records = [r for r in records if r.get("task") in tasks]
+    if not records:
+      raise ValueError(f"data.tasks={cfg.tasks!r}: no {cfg.split} prompt has one of these tasks")
+  records = records[cfg.get("start", 0) :]
   return records[: cfg.num_prompts] if cfg.num_prompts else records
 
 

@@ -17,6 +17,7 @@ import logging
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 PLOT_PANELS = (
   ("reward/mean",),
   ("kl",),
+  ("objective/entropy",),
   ("loss",),
   ("policy/clipfrac",),
   ("response/length",),
@@ -125,11 +127,18 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     history.append(metrics)
     return state, metrics
 
+  def init_state():
+    key = jax.random.PRNGKey(cfg.train.seed)
+    policy = ts.init_train_state(model_cfg, optimizer, mesh, key, params=params)
+    return online.GRPOState(policy=policy, step=jnp.int32(0))
+
+  abstract = online.GRPOState(
+    policy=ts.abstract_train_state(model_cfg, optimizer, mesh),
+    step=jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.step),
+  )
   fit(
-    init_state=lambda: ts.init_train_state(
-      model_cfg, optimizer, mesh, jax.random.PRNGKey(cfg.train.seed), params=params
-    ),
-    abstract_state=ts.abstract_train_state(model_cfg, optimizer, mesh),
+    init_state=init_state,
+    abstract_state=abstract,
     train_step=logged,
     train_iter=prompt_iterator(cfg),
     workdir=workdir,

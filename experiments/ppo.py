@@ -114,12 +114,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       policy=ts.init_train_state(model_cfg, policy_opt, mesh, key, params=params),
       value=reward_model.init_train_state(value_cfg, value_opt, mesh, key, params=v_params),
       kl_coef=jnp.float32(ppo.kl_coef),
+      step=jnp.int32(0),
     )
 
   abstract = online.PPOState(
     policy=ts.abstract_train_state(model_cfg, policy_opt, mesh),
     value=reward_model.abstract_train_state(value_cfg, value_opt, mesh),
     kl_coef=jax.ShapeDtypeStruct((), jnp.float32, sharding=policy_sh.step),
+    step=jax.ShapeDtypeStruct((), jnp.int32, sharding=policy_sh.step),
   )
   fit(
     init_state=init_state,

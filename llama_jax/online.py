@@ -37,15 +37,21 @@ from llama_jax.train_state import TrainState
 
 @flax.struct.dataclass
 class PPOState:
-  """The policy's and the value model's train states and the current KL coefficient β."""
+  """The policy's and the value model's train states, the current KL coefficient β and the
+  iteration count (`step`, what the trainer counts; each iteration takes several updates)."""
 
   policy: TrainState
   value: TrainState
   kl_coef: jax.Array
+  step: jax.Array
 
-  @property
-  def step(self) -> jax.Array:
-    return self.policy.step
+
+@flax.struct.dataclass
+class GRPOState:
+  """The policy's train state and the iteration count (`step`)."""
+
+  policy: TrainState
+  step: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +188,7 @@ def ppo_iteration(
           horizon=kl_horizon,
         )
       )  # fmt: skip
-    return PPOState(policy=policy, value=value, kl_coef=kl_coef), metrics
+    return PPOState(policy=policy, value=value, kl_coef=kl_coef, step=state.step + 1), metrics
 
   return iteration
 
@@ -203,37 +209,40 @@ def grpo_iteration(
   mesh: Mesh | None = None,
   seed: int = 0,
 ):
-  """`iteration(state: TrainState, batch) -> (state, metrics)` for GRPO; `gen.num_samples`
-  is the group size K, `train_step` the jitted `steps.grpo` step (donates the state)."""
+  """`iteration(state: GRPOState, batch) -> (state, metrics)`; `gen.num_samples` is the
+  group size K, `train_step` the jitted `steps.grpo` step (donates the policy's state)."""
 
-  def iteration(state: TrainState, batch):
+  def iteration(state: GRPOState, batch):
     step = int(state.step)
     key = jax.random.fold_in(jax.random.key(seed), step)
+    policy = state.policy
     rollout = sample_rollout(
-      policy_config, state.params, tokenizer, batch["records"], key, gen, chat=chat, mesh=mesh
+      policy_config, policy.params, tokenizer, batch["records"], key, gen, chat=chat, mesh=mesh
     )
     t0 = time.perf_counter()
     scores = np.asarray(reward_fn(rollout.records, rollout.texts), np.float32)
     advantages = np.asarray(grpo_obj.group_advantages(scores, gen.num_samples, scale=scale))
-    old_logp = logps_fn(state.params, rollout.rows)
-    ref_logp = logps_fn(ref_params, rollout.rows) if use_reference else old_logp
+    old_logp, entropy = logps_fn(policy.params, rollout.rows)
+    ref_logp = logps_fn(ref_params, rollout.rows)[0] if use_reference else old_logp
     arrays = rollout.rows | jax.device_get(
       {"old_logp": old_logp, "ref_logp": ref_logp}
     ) | {"advantages": advantages}  # fmt: skip
+    entropy = float(ppo_obj.masked_mean(entropy, rollout.rows["response_mask"]))
     t1 = time.perf_counter()
     step_metrics = []
     # Whole groups per minibatch would also do; shuffled rows keep minibatches alike.
     for index in minibatch_indices(len(scores), num_minibatches, np.random.default_rng(step)):
-      state, m = train_step(state, _take(arrays, index))
+      policy, m = train_step(policy, _take(arrays, index))
       step_metrics.append(m)
     metrics = _mean_metrics(step_metrics) | rollout_metrics(rollout, scores)
     groups = scores.reshape(-1, gen.num_samples)
     metrics |= {
+      "objective/entropy": entropy,
       "reward/group_std": float(groups.std(axis=1).mean()),
       "reward/groups_with_signal": float((groups.max(axis=1) > groups.min(axis=1)).mean()),
       "time/scoring": t1 - t0,
       "time/training": time.perf_counter() - t1,
     }
-    return state, metrics
+    return GRPOState(policy=policy, step=state.step + 1), metrics
 
   return iteration

@@ -131,6 +131,7 @@ def test_grpo_loss_by_hand_for_both_aggregations():
   token, m = grpo.grpo_loss(logp, old, ref, adv, mask, beta=beta, aggregation="token_mean")
   assert float(token) == pytest.approx(sum(tok[0] + tok[1]) / 3, rel=1e-6)
   assert float(m["policy/clipfrac"]) == pytest.approx(1 / 3)
+  assert float(m["policy/approxkl"]) == pytest.approx(0.5 * 0.25 / 3, rel=1e-6)
   assert e > 1.2  # the first token's ratio is indeed past the clip
   asym, _ = grpo.grpo_loss(
     logp, old, ref, adv, mask, beta=beta, clip_eps_high=0.28, aggregation="token_mean"

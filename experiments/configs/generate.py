@@ -10,10 +10,11 @@ DIR/generate_config.json.
 Fields
   model, tokenizer, init_from, mesh  as in `experiments/configs/base.py`; with init_from
               empty the model is the preset with random weights (a smoke test, not text).
-  data        source ("bundled" | "tfds"), name, data_dir, split, start (index of the first
-              prompt), num_prompts (0 = all from start), batch_size (prompts per generate
-              call). Records need a "prompt": a string or a list of chat messages (the
-              rl_prompt kind).
+  data        source ("bundled" | "tfds"), name, data_dir, split, tasks (comma-separated
+              record tasks to keep, "" = all), start (index of the first prompt),
+              num_prompts (0 = all from start), batch_size (prompts per generate call).
+              Records need a "prompt": a string or a list of chat messages (the rl_prompt
+              kind).
   generation  max_new_tokens, num_samples (per prompt, sharing its prefilled KV cache),
               temperature (0 = greedy), top_k (0 = off), top_p (1 = off), prompt_bucket
               (0 = powers of two), seed.
@@ -56,6 +57,7 @@ def _base(**model_fields) -> ml_collections.ConfigDict:
         "name": "rl_prompt",
         "data_dir": "",
         "split": "test",
+        "tasks": "",
         "start": 0,
         "num_prompts": 16,
         "batch_size": 8,

@@ -14,9 +14,9 @@ Sections (model, tokenizer, init_from, mesh, data, generation, chat as in
   data.batch_size is prompts per iteration (rows: batch_size × K).
 
 Variants
-  tiny          the tiny SFT model on the bundled rl_prompt train prompts, 16 prompts × 8
-                samples, 2 updates per iteration; CPU, a few minutes. Start from the tiny SFT
-                workdir.
+  tiny          the tiny SFT model on 32 bundled arithmetic train prompts (it answers 13% of
+                them right at temperature 1), 16 prompts × 8 samples per iteration, 2 updates
+                each, 40 iterations; CPU, about 5 minutes. Start from the tiny SFT workdir.
   llama3p2_1b   GRPO on Llama 3.2 1B Instruct: 64 prompts × 16 samples, lr 1e-6, β 0.04,
                 512 new tokens, 4 updates per iteration. Target: one host of 8 × H100
                 (fsdp=8), bf16 compute, fp32 master weights.
@@ -58,10 +58,10 @@ def tiny():
     {"group_size": 8, "clip_eps": 0.2, "clip_eps_high": None, "beta": 0.04, "scale": "std",
      "aggregation": "sequence_mean"}
   )  # fmt: skip
-  config.data.batch_size = 16
+  config.data.update(tasks="arithmetic", num_prompts=32, batch_size=16)
   config.generation.max_new_tokens = 32
-  config.optimizer.learning_rate = 2e-4
-  config.train.num_steps = 30
+  config.optimizer.learning_rate = 1e-4
+  config.train.num_steps = 40
   return config
 
 
@@ -74,7 +74,7 @@ def llama3p2_1b():
   config.tokenizer = "/path/to/Llama-3.2-1B-Instruct/original/tokenizer.model"
   config.init_from = "/path/to/Llama-3.2-1B-Instruct"
   config.mesh.update(data=1, fsdp=-1, tensor=1)
-  config.data.update(source="tfds", name="my_rl_prompts", batch_size=64)
+  config.data.update(source="tfds", name="my_rl_prompts", tasks="", num_prompts=0, batch_size=64)
   config.grpo.group_size = 16
   config.generation.update(max_new_tokens=512, prompt_bucket=128)
   config.optimizer.update(learning_rate=1e-6, grad_clip=1.0)

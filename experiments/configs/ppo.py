@@ -12,8 +12,9 @@ train as in `experiments/configs/grpo.py`; generation.num_samples responses per 
          its own optimizer section
 
 Variants
-  tiny        the tiny SFT model on the bundled rl_prompt train prompts with the verifiable
-              reward, 32 prompts per iteration in 2 minibatches; CPU, a few minutes.
+  tiny        the tiny SFT model on 32 bundled arithmetic train prompts with the verifiable
+              reward (13% right at the start), all 32 per iteration in 2 minibatches, 40
+              iterations; CPU, a few minutes. Start from the tiny SFT workdir.
   llama2_7b   Llama 2-Chat-style PPO on Llama 2 7B: the combined helpful/safety reward
               (whitened logit, running statistics), β 0.01, lr 1e-6, 512 prompts in
               minibatches of 64, 300 iterations, value model from the helpfulness RM.
@@ -60,7 +61,7 @@ def tiny():
   config.value = ml_collections.ConfigDict(
     {"init_from": "", "optimizer": config.optimizer.to_dict()}
   )
-  config.data.batch_size = 32
+  config.data.update(tasks="arithmetic", num_prompts=32, batch_size=32)
   config.generation.update(num_samples=1, max_new_tokens=32)
   config.optimizer.learning_rate = 1e-4
   config.value.optimizer.learning_rate = 1e-3
@@ -77,7 +78,7 @@ def llama2_7b():
   config.tokenizer = "/path/to/llama-2-7b-chat/tokenizer.model"
   config.init_from = "/path/to/llama2_7b_rejection_sampling_sft"
   config.mesh.update(data=1, fsdp=-1, tensor=1)
-  config.data.update(source="tfds", name="my_rl_prompts", batch_size=512)
+  config.data.update(source="tfds", name="my_rl_prompts", tasks="", num_prompts=0, batch_size=512)
   config.generation.update(max_new_tokens=1024, prompt_bucket=128)
   config.reward.update(
     kind="llama2", helpful="/path/to/rm_helpful", safety="/path/to/rm_safety",

@@ -71,6 +71,7 @@ def grpo_sums(
     "loss": -surrogate + beta * kl,
     "kl": kl,
     "clipped": (clipped_ratio * adv < ratio * adv).astype(jnp.float32),
+    "approx_kl": 0.5 * jnp.square(logp - jnp.asarray(old_logp, jnp.float32)),
   }
   lengths = mask.sum(axis=1)
   if aggregation == "sequence_mean":
@@ -90,6 +91,7 @@ def grpo_mean(sums: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Arra
     "loss": loss,
     "kl": sums["kl_sum"] / count,
     "policy/clipfrac": sums["clipped_sum"] / count,
+    "policy/approxkl": sums["approx_kl_sum"] / count,
   }
 
 

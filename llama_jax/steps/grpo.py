@@ -1,7 +1,7 @@
 """GRPO's jitted pieces on rollout rows (`llama_jax.rollouts.rollout_rows`, the K responses of
 a prompt adjacent): the old and reference log-probs of a rollout, and the update step.
 
-    logps = jit(make_logps_fn(config))            # (params, rows) -> [B, T]
+    logps = jit(make_logps_fn(config))            # (params, rows) -> ([B, T], [B, T])
     step = make_train_step(config, optimizer, GRPOConfig(group_size=8))
     state, metrics = step(state, minibatch)       # rows + old_logp, ref_logp, advantages
 """
@@ -62,11 +62,12 @@ def make_logps_fn(
   mesh: Mesh | None = None,
   rules: sharding.Rules = sharding.DEFAULT_RULES,
 ):
-  """`logps(params, rows) -> [B, T]` log-probs of the rows' targets (policy or reference)."""
+  """`logps(params, rows) -> (logp, entropy)`, each [B, T]: log-probs of the rows' targets
+  and the entropy of the model's distribution at each position (policy or reference)."""
 
   def logps(params, rows: Batch):
     with sharding.activation_sharding(mesh, rules):
-      return token_logprobs(config, params, rows, chunk_size)
+      return token_logprobs(config, params, rows, chunk_size, with_entropy=True)
 
   return logps
 
