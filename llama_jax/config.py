@@ -139,98 +139,39 @@ _LLAMA3_INSTRUCT_EOS = (128001, 128008, 128009)
 PRESETS: dict[str, LlamaConfig] = {
   # Llama 2 (Touvron et al., 2023).
   "llama2_7b": LlamaConfig(),
-  "llama2_13b": LlamaConfig(
-    num_layers=40, d_model=5120, num_heads=40, num_kv_heads=40, mlp_dim=13824
-  ),
-  "llama2_70b": LlamaConfig(
-    num_layers=80, d_model=8192, num_heads=64, num_kv_heads=8, mlp_dim=28672
-  ),
+  "llama2_13b": LlamaConfig(num_layers=40, d_model=5120, num_heads=40, num_kv_heads=40,
+                            mlp_dim=13824),
+  "llama2_70b": LlamaConfig(num_layers=80, d_model=8192, num_heads=64, num_kv_heads=8,
+                            mlp_dim=28672),
   # Llama 3 (2024).
-  "llama3_8b": LlamaConfig(
-    vocab_size=128256,
-    num_kv_heads=8,
-    mlp_dim=14336,
-    rope_theta=5e5,
-    max_seq_len=8192,
-    **_LLAMA3_SPECIAL,
-  ),
-  "llama3_70b": LlamaConfig(
-    vocab_size=128256,
-    num_layers=80,
-    d_model=8192,
-    num_heads=64,
-    num_kv_heads=8,
-    mlp_dim=28672,
-    rope_theta=5e5,
-    max_seq_len=8192,
-    **_LLAMA3_SPECIAL,
-  ),
+  "llama3_8b": LlamaConfig(vocab_size=128256, num_kv_heads=8, mlp_dim=14336, rope_theta=5e5,
+                           max_seq_len=8192, **_LLAMA3_SPECIAL),
+  "llama3_70b": LlamaConfig(vocab_size=128256, num_layers=80, d_model=8192, num_heads=64,
+                            num_kv_heads=8, mlp_dim=28672, rope_theta=5e5, max_seq_len=8192,
+                            **_LLAMA3_SPECIAL),
 }
-_LLAMA3P1 = dict(
-  rope_scaling=RopeScaling(factor=8.0),
-  max_seq_len=131072,
-  bos_token_id=128000,
-  eos_token_id=_LLAMA3_INSTRUCT_EOS,
-)
+_LLAMA3P1 = dict(rope_scaling=RopeScaling(factor=8.0), max_seq_len=131072,
+                 bos_token_id=128000, eos_token_id=_LLAMA3_INSTRUCT_EOS)
 PRESETS |= {
   "llama3p1_8b": PRESETS["llama3_8b"].replace(**_LLAMA3P1),
   "llama3p1_70b": PRESETS["llama3_70b"].replace(**_LLAMA3P1),
   "llama3p1_405b": PRESETS["llama3_8b"].replace(
-    num_layers=126, d_model=16384, num_heads=128, num_kv_heads=8, mlp_dim=53248, **_LLAMA3P1
-  ),
+    num_layers=126, d_model=16384, num_heads=128, num_kv_heads=8, mlp_dim=53248, **_LLAMA3P1),
   "llama3p2_1b": PRESETS["llama3_8b"].replace(
-    num_layers=16,
-    d_model=2048,
-    num_heads=32,
-    num_kv_heads=8,
-    head_dim=64,
-    mlp_dim=8192,
-    tie_embeddings=True,
-    **(_LLAMA3P1 | dict(rope_scaling=RopeScaling(factor=32.0))),
-  ),
+    num_layers=16, d_model=2048, num_heads=32, num_kv_heads=8, head_dim=64, mlp_dim=8192,
+    tie_embeddings=True, **(_LLAMA3P1 | dict(rope_scaling=RopeScaling(factor=32.0)))),
   "llama3p2_3b": PRESETS["llama3_8b"].replace(
-    num_layers=28,
-    d_model=3072,
-    num_heads=24,
-    num_kv_heads=8,
-    mlp_dim=8192,
-    tie_embeddings=True,
-    **(_LLAMA3P1 | dict(rope_scaling=RopeScaling(factor=32.0))),
-  ),
+    num_layers=28, d_model=3072, num_heads=24, num_kv_heads=8, mlp_dim=8192,
+    tie_embeddings=True, **(_LLAMA3P1 | dict(rope_scaling=RopeScaling(factor=32.0)))),
   # Small models for tests, notebooks and CPU experiments.
-  "tiny": LlamaConfig(
-    vocab_size=512,
-    num_layers=2,
-    d_model=64,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    mlp_dim=128,
-    rope_theta=5e5,
-    max_seq_len=512,
-  ),
-  "tiny_mha": LlamaConfig(
-    vocab_size=512,
-    num_layers=2,
-    d_model=64,
-    num_heads=4,
-    num_kv_heads=4,
-    head_dim=16,
-    mlp_dim=160,
-    max_seq_len=512,
-  ),
+  "tiny": LlamaConfig(vocab_size=512, num_layers=2, d_model=64, num_heads=4, num_kv_heads=2,
+                      head_dim=16, mlp_dim=128, rope_theta=5e5, max_seq_len=512),
+  "tiny_mha": LlamaConfig(vocab_size=512, num_layers=2, d_model=64, num_heads=4,
+                          num_kv_heads=4, head_dim=16, mlp_dim=160, max_seq_len=512),
   # ~51M parameters: the CPU benchmark size.
-  "small_50m": LlamaConfig(
-    vocab_size=8192,
-    num_layers=12,
-    d_model=512,
-    num_heads=8,
-    num_kv_heads=4,
-    head_dim=64,
-    mlp_dim=1792,
-    rope_theta=5e5,
-    max_seq_len=2048,
-  ),
+  "small_50m": LlamaConfig(vocab_size=8192, num_layers=12, d_model=512, num_heads=8,
+                           num_kv_heads=4, head_dim=64, mlp_dim=1792, rope_theta=5e5,
+                           max_seq_len=2048),
 }
 
 

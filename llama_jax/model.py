@@ -212,10 +212,8 @@ class RMSNorm(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
     scale = self.param(
-      "scale",
-      nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-      (x.shape[-1],),
-      cfg.param_dtype,
+      "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+      (x.shape[-1],), cfg.param_dtype,
     )
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
@@ -273,10 +271,8 @@ class Attention(nn.Module):
       )
     if cache is not None and not cache.prefill:
       own = lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False).astype(q.dtype)
-      parts = [
-        (pk.astype(q.dtype), pv.astype(q.dtype), m)
-        for (pk, pv), m in zip(prefix_kv, masks[:-1], strict=True)
-      ]
+      parts = [(pk.astype(q.dtype), pv.astype(q.dtype), m)
+               for (pk, pv), m in zip(prefix_kv, masks[:-1], strict=True)]
       out = attend_xla(q, [*parts, (own(cache.k), own(cache.v), masks[-1])])
     elif cfg.attention_impl == "xla":
       out = attend_xla(q, [(k, v, masks[0])])
@@ -367,12 +363,9 @@ class Llama(nn.Module):
   def setup(self):
     cfg = self.config
     self.embedding = self.param(
-      "embed",
-      nn.with_logical_partitioning(
-        nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")
-      ),
-      (cfg.vocab_size, cfg.d_model),
-      cfg.param_dtype,
+      "embed", nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
+                                            ("vocab", "embed")),
+      (cfg.vocab_size, cfg.d_model), cfg.param_dtype,
     )
     block = _block_class(cfg)
     if cfg.scan_layers:
@@ -389,30 +382,19 @@ class Llama(nn.Module):
     self.final_norm = RMSNorm(cfg, name="final_norm")
     if not cfg.tie_embeddings:
       self.lm_head = self.param(
-        "lm_head",
-        nn.with_logical_partitioning(
-          nn.initializers.normal(cfg.initializer_range), ("embed", "vocab")
-        ),
-        (cfg.d_model, cfg.vocab_size),
-        cfg.param_dtype,
+        "lm_head", nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
+                                                ("embed", "vocab")),
+        (cfg.d_model, cfg.vocab_size), cfg.param_dtype,
       )
 
-  def __call__(
-    self,
-    tokens,
-    positions=None,
-    segment_ids=None,
-    cache: KVCache | None = None,
-    *,
-    prefix: KVCache | None = None,
-  ):
+  def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
+               *, prefix: KVCache | None = None):
     hidden, cache = self.hidden_states(tokens, positions, segment_ids, cache, prefix=prefix)
     logits = self.logits(hidden)
     return logits if cache is None else (logits, cache)
 
-  def hidden_states(
-    self, tokens, positions=None, segment_ids=None, cache=None, *, prefix=None, attention_mask=None
-  ):
+  def hidden_states(self, tokens, positions=None, segment_ids=None, cache=None, *, prefix=None,
+                    attention_mask=None):
     """Final-normed hidden states [B, T, D] (and the updated cache, or None)."""
     cfg = self.config
     if attention_mask is not None and (cache is not None or cfg.attention_impl != "xla"):
@@ -433,11 +415,9 @@ class Llama(nn.Module):
     caches = [c for c in (prefix, cache) if c is not None]
     if positions is None:
       positions = (
-        positions_from_segments(segment_ids)
-        if cache is None
+        positions_from_segments(segment_ids) if cache is None
         else sum(_per_row(c.lengths(), tokens.shape[0]) for c in caches)[:, None]
-        + jnp.cumsum(segment_ids != 0, axis=1)
-        - 1
+        + jnp.cumsum(segment_ids != 0, axis=1) - 1
       )
     x = jnp.take(self.embedding, tokens, axis=0).astype(cfg.dtype)
     x = nn.with_logical_constraint(x, ("act_batch", "act_seq", "act_embed"))
@@ -483,13 +463,11 @@ class Llama(nn.Module):
     """LM-head logits [B, T, V] in float32 from hidden states [B, T, D]."""
     cfg = self.config
     if cfg.tie_embeddings:  # Llama 3.2 1B/3B: the embedding is the head, no extra scaling
-      out = jnp.einsum(
-        "BTD,VD->BTV", hidden, self.embedding.astype(cfg.dtype), preferred_element_type=jnp.float32
-      )
+      out = jnp.einsum("BTD,VD->BTV", hidden, self.embedding.astype(cfg.dtype),
+                       preferred_element_type=jnp.float32)
     else:
-      out = jnp.einsum(
-        "BTD,DV->BTV", hidden, self.lm_head.astype(cfg.dtype), preferred_element_type=jnp.float32
-      )
+      out = jnp.einsum("BTD,DV->BTV", hidden, self.lm_head.astype(cfg.dtype),
+                       preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(out, ("act_batch", "act_seq", "act_vocab"))
 
 

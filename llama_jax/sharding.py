@@ -73,9 +73,8 @@ class MeshConfig:
     return tuple(shape)
 
 
-def make_mesh(
-  config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None, **axes: int
-) -> Mesh:
+def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None,
+              **axes: int) -> Mesh:
   """A ('data', 'fsdp', 'tensor') mesh, e.g. `make_mesh(fsdp=4, tensor=2)`.
 
   Devices are laid out by `mesh_utils` so that the innermost axis (tensor) gets the
@@ -91,12 +90,10 @@ def make_mesh(
   return Mesh(grid, MESH_AXES)
 
 
-def initialize_distributed(
-  coordinator_address: str | None = None,
-  num_processes: int | None = None,
-  process_id: int | None = None,
-  local_device_ids: Sequence[int] | None = None,
-) -> None:
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None,
+                           local_device_ids: Sequence[int] | None = None) -> None:
   """Joins a multi-process JAX job (no-op for a single process that passed nothing).
 
   On TPU VMs and SLURM / Open MPI GPU clusters all arguments can be left out: JAX finds
@@ -108,33 +105,23 @@ def initialize_distributed(
   if not explicit and not _on_managed_cluster():
     return
   jax.distributed.initialize(
-    coordinator_address=coordinator_address,
-    num_processes=num_processes,
-    process_id=process_id,
-    local_device_ids=local_device_ids,
+    coordinator_address=coordinator_address, num_processes=num_processes,
+    process_id=process_id, local_device_ids=local_device_ids,
   )
 
 
 def _on_managed_cluster() -> bool:
   import os
 
-  return any(
-    k in os.environ
-    for k in (
-      "TPU_WORKER_HOSTNAMES",
-      "SLURM_JOB_ID",
-      "OMPI_COMM_WORLD_SIZE",
-      "JAX_COORDINATOR_ADDRESS",
-    )
-  )
+  return any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID",
+                                       "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS"))
 
 
 # --------------------------------------------------------------------------- logical axes
 
 
-def logical_to_mesh_spec(
-  logical: Sequence[str | None], rules: Rules = DEFAULT_RULES, what: str = "array"
-) -> PartitionSpec:
+def logical_to_mesh_spec(logical: Sequence[str | None], rules: Rules = DEFAULT_RULES,
+                         what: str = "array") -> PartitionSpec:
   """PartitionSpec for logical axis names; an axis name with no rule raises."""
   table = dict(rules)
   missing = [name for name in logical if name is not None and name not in table]
@@ -182,11 +169,8 @@ def check_fits_mesh(config: LlamaConfig, mesh: Mesh, rules: Rules = DEFAULT_RULE
   """Raises if a parameter dimension is not divisible by the mesh axes it is sharded over."""
   shapes = nn.meta.unbox(abstract_params(config))
   specs = param_partition_specs(config, rules)
-  for (path, leaf), spec in zip(
-    jax.tree_util.tree_leaves_with_path(shapes),
-    jax.tree_util.tree_leaves(specs, is_leaf=_is_spec),
-    strict=True,
-  ):
+  for (path, leaf), spec in zip(jax.tree_util.tree_leaves_with_path(shapes),
+                                jax.tree_util.tree_leaves(specs, is_leaf=_is_spec), strict=True):
     for dim, (size, axes) in enumerate(zip(leaf.shape, spec, strict=False)):
       n = _mesh_axis_size(mesh, axes)
       if size % n:
@@ -208,9 +192,8 @@ def param_shardings(config: LlamaConfig, mesh: Mesh, rules: Rules = DEFAULT_RULE
   )
 
 
-def named_sharding(
-  mesh: Mesh, logical: Sequence[str | None], rules: Rules = DEFAULT_RULES
-) -> NamedSharding:
+def named_sharding(mesh: Mesh, logical: Sequence[str | None],
+                   rules: Rules = DEFAULT_RULES) -> NamedSharding:
   """NamedSharding of an activation / batch array from its logical axis names."""
   return NamedSharding(mesh, logical_to_mesh_spec(logical, rules))
 

@@ -40,43 +40,20 @@ _FIELDS = {
   "initializer_range": "initializer_range",
 }
 # Fields that must hold one value, because the model implements only that one.
-_REQUIRED = {
-  "hidden_act": "silu",
-  "attention_bias": False,
-  "mlp_bias": False,
-  "attention_dropout": 0.0,
-  "model_type": "llama",
-}
+_REQUIRED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+             "attention_dropout": 0.0, "model_type": "llama"}
 # Fields that do not affect the model's function.
-_IGNORED = {
-  "architectures",
-  "torch_dtype",
-  "dtype",
-  "transformers_version",
-  "use_cache",
-  "pad_token_id",
-  "pretraining_tp",
-  "_name_or_path",
-  "output_attentions",
-  "output_hidden_states",
-  "return_dict",
-}
-_ROPE_KEYS = {
-  "rope_type",
-  "type",
-  "rope_theta",
-  "factor",
-  "low_freq_factor",
-  "high_freq_factor",
-  "original_max_position_embeddings",
-}
+_IGNORED = {"architectures", "torch_dtype", "dtype", "transformers_version", "use_cache",
+            "pad_token_id", "pretraining_tp", "_name_or_path", "output_attentions",
+            "output_hidden_states", "return_dict"}
+_ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "low_freq_factor",
+              "high_freq_factor", "original_max_position_embeddings"}
 
 
 def config_from_hf(hf: dict[str, Any], source: str = "config.json", **overrides) -> LlamaConfig:
   """LlamaConfig from a HF config dict; unknown fields and unsupported values raise."""
-  known = (
-    set(_FIELDS) | set(_REQUIRED) | _IGNORED | {"rope_theta", "rope_scaling", "rope_parameters"}
-  )
+  known = set(_FIELDS) | set(_REQUIRED) | _IGNORED | {"rope_theta", "rope_scaling",
+                                                      "rope_parameters"}
   unknown = sorted(set(hf) - known)
   if unknown:
     raise CheckpointError(
@@ -130,22 +107,14 @@ def config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
   hf = {theirs: getattr(cfg, ours) for theirs, ours in _FIELDS.items()}
   if isinstance(hf["eos_token_id"], tuple):
     hf["eos_token_id"] = list(hf["eos_token_id"])
-  hf |= dict(
-    _REQUIRED,
-    architectures=["LlamaForCausalLM"],
-    rope_theta=cfg.rope_theta,
-    torch_dtype=cfg.param_dtype,
-    rope_scaling=None,
-  )
+  hf |= dict(_REQUIRED, architectures=["LlamaForCausalLM"], rope_theta=cfg.rope_theta,
+             torch_dtype=cfg.param_dtype, rope_scaling=None)
   if cfg.rope_scaling is not None:
     s = cfg.rope_scaling
-    hf["rope_scaling"] = {
-      "rope_type": "llama3",
-      "factor": s.factor,
-      "low_freq_factor": s.low_freq_factor,
-      "high_freq_factor": s.high_freq_factor,
-      "original_max_position_embeddings": s.original_max_position_embeddings,
-    }
+    hf["rope_scaling"] = {"rope_type": "llama3", "factor": s.factor,
+                          "low_freq_factor": s.low_freq_factor,
+                          "high_freq_factor": s.high_freq_factor,
+                          "original_max_position_embeddings": s.original_max_position_embeddings}
   return hf
 
 
@@ -199,13 +168,9 @@ def load_hf_checkpoint(
   config_file = path / "config.json"
   if not config_file.exists():
     raise CheckpointError(f"{path}: no config.json")
-  cfg = config_from_hf(
-    json.loads(config_file.read_text()),
-    str(config_file),
-    param_dtype=dtype,
-    dtype=compute_dtype or dtype,
-    **config_overrides,
-  )
+  cfg = config_from_hf(json.loads(config_file.read_text()), str(config_file),
+                       param_dtype=dtype,
+                       dtype=compute_dtype or dtype, **config_overrides)
   files = _tensor_files(path)
   tensors = {name: _reader(file, name) for name, file in files.items()}
   ignore = {n for n in tensors if n.endswith("rotary_emb.inv_freq")}
@@ -223,9 +188,8 @@ def _check_tied_head(tensors, path):
     )
 
 
-def save_hf_checkpoint(
-  path: str | Path, config: LlamaConfig, params, *, max_shard_bytes: int = 2 * 1024**3
-) -> None:
+def save_hf_checkpoint(path: str | Path, config: LlamaConfig, params, *,
+                       max_shard_bytes: int = 2 * 1024**3) -> None:
   """Writes config.json + safetensors that `transformers.LlamaForCausalLM` loads.
 
   Tensors are fetched one at a time; host memory peaks at about `max_shard_bytes`. With

@@ -19,21 +19,9 @@ from llama_jax.checkpoint.params import CheckpointError, build_params
 from llama_jax.checkpoint.torch_pickle import LazyTensor, load_torch_file
 from llama_jax.config import LlamaConfig, RopeScaling
 
-_PARAMS_FIELDS = {
-  "dim",
-  "n_layers",
-  "n_heads",
-  "n_kv_heads",
-  "vocab_size",
-  "multiple_of",
-  "ffn_dim_multiplier",
-  "norm_eps",
-  "rope_theta",
-  "use_scaled_rope",
-  "rope_scaling_factor",
-  "max_seq_len",
-  "max_batch_size",
-}
+_PARAMS_FIELDS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                  "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope",
+                  "rope_scaling_factor", "max_seq_len", "max_batch_size"}
 
 # Meta name (per layer under "layers.{i}.") -> (HF suffix, concat axis across MP shards).
 # Column-parallel weights are split over output rows (axis 0), row-parallel over input
@@ -71,9 +59,8 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None)
   return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-def config_from_meta(
-  params: dict, vocab_size: int, source: str, rope_scaling: RopeScaling | None, **overrides
-) -> LlamaConfig:
+def config_from_meta(params: dict, vocab_size: int, source: str,
+                     rope_scaling: RopeScaling | None, **overrides) -> LlamaConfig:
   """LlamaConfig from Meta's params.json (vocab size read from the embedding when -1)."""
   unknown = sorted(set(params) - _PARAMS_FIELDS)
   if unknown:
@@ -152,28 +139,20 @@ def load_meta_checkpoint(
   names = set(shards[0])
   for f, shard in zip(shard_files[1:], shards[1:], strict=True):
     if set(shard) != names:
-      raise CheckpointError(
-        f"{f}: tensor names differ from {shard_files[0].name}: {sorted(set(shard) ^ names)[:8]}"
-      )
+      raise CheckpointError(f"{f}: tensor names differ from {shard_files[0].name}: "
+                            f"{sorted(set(shard) ^ names)[:8]}")
   if "tok_embeddings.weight" not in names:
     raise CheckpointError(f"{path}: no tok_embeddings.weight in {shard_files[0].name}")
 
   emb = [s["tok_embeddings.weight"] for s in shards]
   emb_axis = _embedding_axis(emb, meta["dim"]) if len(emb) > 1 else 0
   vocab = sum(p.shape[0] for p in emb) if emb_axis == 0 else emb[0].shape[0]
-  cfg = config_from_meta(
-    meta,
-    vocab,
-    str(params_file),
-    rope_scaling,
-    param_dtype=dtype,
-    dtype=compute_dtype or dtype,
-    **config_overrides,
-  )
+  cfg = config_from_meta(meta, vocab, str(params_file), rope_scaling, param_dtype=dtype,
+                       dtype=compute_dtype or dtype,
+                         **config_overrides)
 
-  tensors = {
-    "model.embed_tokens.weight": _concat_shards("tok_embeddings.weight", emb, emb_axis, str(path))
-  }
+  tensors = {"model.embed_tokens.weight": _concat_shards("tok_embeddings.weight", emb,
+                                                         emb_axis, str(path))}
   ignore = set()
   for name in sorted(names - {"tok_embeddings.weight"}):
     pieces = [s[name] for s in shards]

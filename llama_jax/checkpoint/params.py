@@ -51,10 +51,8 @@ def tensor_specs(cfg: LlamaConfig) -> dict[str, TensorSpec]:
     "mlp.up_proj.weight": (("mlp", "up"), (f, d), True),
     "mlp.down_proj.weight": (("mlp", "down"), (d, f), True),
   }
-  specs = [
-    TensorSpec("model.embed_tokens.weight", ("embed",), None, (v, d), False),
-    TensorSpec("model.norm.weight", ("final_norm", "scale"), None, (d,), False),
-  ]
+  specs = [TensorSpec("model.embed_tokens.weight", ("embed",), None, (v, d), False),
+           TensorSpec("model.norm.weight", ("final_norm", "scale"), None, (d,), False)]
   if not cfg.tie_embeddings:
     specs.append(TensorSpec("lm_head.weight", ("lm_head",), None, (v, d), True))
   for i in range(cfg.num_layers):
@@ -151,10 +149,8 @@ def build_params(
     del host
 
   for path, slices in layer_slices.items():
-    stack = jax.jit(
-      lambda *xs: jnp.stack(xs),
-      out_shardings=_get(shardings, path) if shardings is not None else None,
-    )
+    stack = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=_get(shardings, path)
+                    if shardings is not None else None)
     _set(params, path, stack(*slices))
     del slices[:]
   return params

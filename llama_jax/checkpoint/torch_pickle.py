@@ -18,15 +18,9 @@ import ml_dtypes
 import numpy as np
 
 _STORAGE_DTYPES = {
-  "FloatStorage": np.float32,
-  "DoubleStorage": np.float64,
-  "HalfStorage": np.float16,
-  "BFloat16Storage": ml_dtypes.bfloat16,
-  "LongStorage": np.int64,
-  "IntStorage": np.int32,
-  "ShortStorage": np.int16,
-  "CharStorage": np.int8,
-  "ByteStorage": np.uint8,
+  "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
+  "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
+  "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
   "BoolStorage": np.bool_,
 }
 
@@ -56,7 +50,7 @@ class LazyTensor:
       flat = np.frombuffer(zf.read(self.storage.member), dtype=self.storage.dtype)
     item = flat.itemsize
     view = np.lib.stride_tricks.as_strided(
-      flat[self.offset :], shape=self.shape, strides=[s * item for s in self.stride]
+      flat[self.offset:], shape=self.shape, strides=[s * item for s in self.stride]
     )
     return np.array(view)  # a contiguous copy that owns its memory
 
@@ -77,10 +71,8 @@ def load_torch_file(path: str | Path) -> dict[str, LazyTensor]:
 
   class Unpickler(pickle.Unpickler):
     def find_class(self, module, name):
-      if (module, name) in (
-        ("torch._utils", "_rebuild_tensor_v2"),
-        ("torch._utils", "_rebuild_tensor"),
-      ):
+      if (module, name) in (("torch._utils", "_rebuild_tensor_v2"),
+                            ("torch._utils", "_rebuild_tensor")):
         return _rebuild_tensor
       if module == "torch" and name in _STORAGE_DTYPES:
         return name

@@ -317,7 +317,9 @@ def build_dataset(
   """
   schema = schema or probe_schema(source, tokenize_fn)
   packed = config.mode == "pack"
-  tokenize = _Tokenize(tokenize_fn, schema, len(source), config.seq_len, packed, config.on_too_long)
+  tokenize = _Tokenize(
+    tokenize_fn, schema, len(source), config.seq_len, packed, config.on_too_long
+  )
   ds = grain.MapDataset.source(source).map_with_index(tokenize)
   if config.shuffle:
     ds = ds.shuffle(seed=config.seed)  # a new permutation for every epoch (seed + epoch)
