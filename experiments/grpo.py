@@ -120,12 +120,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     mesh=mesh,
     seed=cfg.train.seed,
   )
-  history = []
-
-  def logged(state, batch):
-    state, metrics = iteration(state, batch)
-    history.append(metrics)
-    return state, metrics
+  logged, history = recording(iteration)
 
   def init_state():
     key = jax.random.PRNGKey(cfg.train.seed)
@@ -147,6 +142,18 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     plot_panels=PLOT_PANELS,
   )
   return summarize(history)
+
+
+def recording(iteration):
+  """`(iteration that also appends its metrics to history, history)`."""
+  history: list[dict[str, float]] = []
+
+  def logged(state, batch):
+    state, metrics = iteration(state, batch)
+    history.append(metrics)
+    return state, metrics
+
+  return logged, history
 
 
 def summarize(history: list[dict[str, float]], window: int = 3) -> dict[str, Any]:

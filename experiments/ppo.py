@@ -28,6 +28,7 @@ from experiments.grpo import (
   generation_config,
   load_policy_and_reference,
   prompt_iterator,
+  recording,
   summarize,
 )
 from experiments.rejection_sampling import build_scorer
@@ -101,12 +102,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     mesh=mesh,
     seed=cfg.train.seed,
   )
-  history = []
-
-  def logged(state, batch):
-    state, metrics = iteration(state, batch)
-    history.append(metrics)
-    return state, metrics
+  logged, history = recording(iteration)
 
   def init_state():
     key = jax.random.PRNGKey(cfg.train.seed)
