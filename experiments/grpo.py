@@ -120,7 +120,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     mesh=mesh,
     seed=cfg.train.seed,
   )
-  logged, history = recording(iteration)
 
   def init_state():
     key = jax.random.PRNGKey(cfg.train.seed)
@@ -131,21 +130,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     policy=ts.abstract_train_state(model_cfg, optimizer, mesh),
     step=jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.step),
   )
-  fit(
-    init_state=init_state,
-    abstract_state=abstract,
-    train_step=logged,
-    train_iter=prompt_iterator(cfg),
-    workdir=workdir,
-    loop=common.loop_config(cfg.train),
-    meta={"model": model_cfg.to_dict(), "grpo": cfg.grpo.to_dict()},
-    plot_panels=PLOT_PANELS,
-  )
-  return summarize(history)
+  meta = {"model": model_cfg.to_dict(), "grpo": cfg.grpo.to_dict()}
+  return train_online(cfg, workdir, iteration, init_state, abstract, meta, PLOT_PANELS)
 
 
-def recording(iteration):
-  """`(iteration that also appends its metrics to history, history)`."""
+def train_online(cfg, workdir, iteration, init_state, abstract_state, meta, plot_panels):
+  """Runs `iteration` under `llama_jax.trainer.fit` over the configured prompts; returns
+  `summarize` of this run's iterations."""
   history: list[dict[str, float]] = []
 
   def logged(state, batch):
@@ -153,7 +144,17 @@ def recording(iteration):
     history.append(metrics)
     return state, metrics
 
-  return logged, history
+  fit(
+    init_state=init_state,
+    abstract_state=abstract_state,
+    train_step=logged,
+    train_iter=prompt_iterator(cfg),
+    workdir=workdir,
+    loop=common.loop_config(cfg.train),
+    meta=meta,
+    plot_panels=plot_panels,
+  )
+  return summarize(history)
 
 
 def summarize(history: list[dict[str, float]], window: int = 3) -> dict[str, Any]:

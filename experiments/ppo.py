@@ -27,16 +27,13 @@ from experiments import common
 from experiments.grpo import (
   generation_config,
   load_policy_and_reference,
-  prompt_iterator,
-  recording,
-  summarize,
+  train_online,
 )
 from experiments.rejection_sampling import build_scorer
 from llama_jax import online, reward_model, workdirs
 from llama_jax import train_state as ts
 from llama_jax.steps import common as step_lib
 from llama_jax.steps import ppo as ppo_steps
-from llama_jax.trainer import fit
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +99,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     mesh=mesh,
     seed=cfg.train.seed,
   )
-  logged, history = recording(iteration)
 
   def init_state():
     key = jax.random.PRNGKey(cfg.train.seed)
@@ -119,17 +115,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     kl_coef=jax.ShapeDtypeStruct((), jnp.float32, sharding=policy_sh.step),
     step=jax.ShapeDtypeStruct((), jnp.int32, sharding=policy_sh.step),
   )
-  fit(
-    init_state=init_state,
-    abstract_state=abstract,
-    train_step=logged,
-    train_iter=prompt_iterator(cfg),
-    workdir=workdir,
-    loop=common.loop_config(cfg.train),
-    meta={"model": model_cfg.to_dict(), "ppo": cfg.ppo.to_dict()},
-    plot_panels=PLOT_PANELS,
-  )
-  return summarize(history)
+  meta = {"model": model_cfg.to_dict(), "ppo": cfg.ppo.to_dict()}
+  return train_online(cfg, workdir, iteration, init_state, abstract, meta, PLOT_PANELS)
 
 
 def main(argv):
