@@ -50,8 +50,11 @@ def define_flags() -> None:
 def setup_logging() -> None:
   # force: importing grain or orbax already gave the root logger a WARNING-level handler.
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
-  # Orbax logs every save step at INFO through absl; keep its warnings only.
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  # Orbax logs every save step at INFO through absl; keep its warnings only, less the one
+  # it gives each time a checkpoint is opened read-only to load a model (by design here).
+  absl_logger = logging.getLogger("absl")
+  absl_logger.setLevel(logging.WARNING)
+  absl_logger.addFilter(lambda record: "is read only" not in record.getMessage())
 
 
 def build_tokenizer(name: str) -> Tokenizer:
@@ -115,8 +118,15 @@ def pipeline_config(cfg: ml_collections.ConfigDict) -> PipelineConfig:
   return from_section(PipelineConfig, cfg)
 
 
+def tokenize_fn(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer):
+  """The `data` section's tokenize function; sft data may set `loss_on` ("all_assistant",
+  or "last_assistant" as for Ghost Attention dialogues)."""
+  options = {"loss_on": cfg.loss_on} if cfg.get("loss_on") else {}
+  return make_tokenize_fn(cfg.kind, tokenizer, **options)
+
+
 def make_train_pipeline(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, mesh):
-  tokenize = make_tokenize_fn(cfg.kind, tokenizer)
+  tokenize = tokenize_fn(cfg, tokenizer)
   return make_pipeline(
     load_records(cfg, cfg.train_split), tokenize, pipeline_config(cfg), mesh=mesh
   )
@@ -127,7 +137,7 @@ def make_eval_batches(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, mesh
   if not cfg.eval_split:
     return None
   records = load_records(cfg, cfg.eval_split)
-  tokenize = make_tokenize_fn(cfg.kind, tokenizer)
+  tokenize = tokenize_fn(cfg, tokenizer)
   return lambda: make_eval_pipeline(records, tokenize, pipeline_config(cfg), mesh=mesh)
 
 

@@ -41,9 +41,11 @@ def _names(csv: str) -> tuple[str, ...]:
 
 
 def load_records(cfg: ml_collections.ConfigDict, split: str, ratings: str) -> list:
-  """The split's preference records of the configured concerns and the given ratings."""
+  """The split's preference records of the configured concerns and the given ratings (the
+  first `max_records` of them, if set)."""
   records = common.load_records(cfg, split)
   kept = ranking.filter_records(records, concerns=_names(cfg.concerns), ratings=_names(ratings))
+  kept = kept[: cfg.max_records] if cfg.get("max_records") else kept
   if not kept:
     raise ValueError(f"no {split} records with concerns={cfg.concerns!r} and ratings={ratings!r}")
   log.info("%s: %d of %d preference records", split, len(kept), len(records))

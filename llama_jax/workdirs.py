@@ -42,11 +42,18 @@ def read_model_config(workdir: str | Path, **overrides: Any) -> LlamaConfig:
 
 
 def model_kind(path: str | Path) -> str:
-  """ "lm" or "reward_model": what the newest checkpoint of `path` holds (HF: "lm")."""
+  """ "lm" or "reward_model": what the newest checkpoint of `path` holds (HF: "lm"; a PPO or
+  GRPO workdir: "lm", its policy)."""
   if is_hf_checkpoint(path):
     return "lm"
   saved = ckpt_lib.saved_shapes(path)
   return "reward_model" if any(p.startswith("params/head/") for p in saved) else "lm"
+
+
+def _lm_state_field(path: str | Path) -> str:
+  """Where the LM's TrainState sits in a workdir's saved state: "" (top level) or "policy"
+  (online RL states, which also hold a value model)."""
+  return "policy" if any(p.startswith("policy/params/") for p in ckpt_lib.saved_shapes(path)) else ""
 
 
 def lm_abstract_params(config: LlamaConfig, mesh: Mesh) -> Any:
@@ -65,7 +72,8 @@ def load_model(
 
   `overrides` replace config fields (compute ones: dtype, param_dtype, remat...; for a
   Hugging Face directory `param_dtype` is the dtype the weights load in). `kind` ("lm" or
-  "reward_model") is checked against what the checkpoint holds if given.
+  "reward_model") is checked against what the checkpoint holds if given. From a PPO or
+  GRPO workdir the LM is the policy.
   """
   found = model_kind(path)
   if kind is not None and kind != found:
@@ -81,4 +89,5 @@ def load_model(
   if found == "reward_model":
     return config, reward_model.load_params(str(path), config, mesh)
   directory = ckpt_lib.checkpoint_dir(path)
-  return config, ckpt_lib.load_params(directory, lm_abstract_params(config, mesh))
+  abstract = lm_abstract_params(config, mesh)
+  return config, ckpt_lib.load_params(directory, abstract, within=_lm_state_field(path))

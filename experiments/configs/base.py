@@ -99,12 +99,14 @@ TINY_MODEL = dict(
 
 def use_preference_data(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Data fields of the preference stages (reward model, DPO): bundled pairs, one per row,
-  filtered by concern and rating ("" = all), too-long pairs an error (not truncated)."""
+  filtered by concern and rating ("" = all), the first `max_records` of them (0 = all),
+  too-long pairs an error (not truncated)."""
   config.data.update(name="preference", kind="preference", mode="pad", seq_len=192)
   config.data.concerns = ""
   config.data.train_ratings = ""
   config.data.eval_ratings = ""
   config.data.on_too_long = "raise"
+  config.data.max_records = 0  # per split after filtering; 0 = all
   config.train.epochs = 1
   config.train.warmup_fraction = 0.0
   config.optimizer.update(warmup_steps=0)

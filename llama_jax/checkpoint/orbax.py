@@ -359,7 +359,7 @@ def _read_only_manager(directory: epath.Path) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
     directory,
     item_handlers=_item_handlers(),
-    options=ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0),
+    options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
   )
 
 
@@ -385,8 +385,13 @@ def saved_shapes(directory: epath.PathLike, step: int | None = None) -> dict[str
     manager.close()
 
 
-def load_params(directory: epath.PathLike, abstract_params: Any, step: int | None = None) -> Any:
+def load_params(
+  directory: epath.PathLike, abstract_params: Any, step: int | None = None, *, within: str = ""
+) -> Any:
   """Restores only the `params` subtree of a saved TrainState (default: latest step).
+
+  `within` names the saved state's field that holds the TrainState, for states of several
+  models ("policy" of a PPO or GRPO run); "" for a plain TrainState.
 
   `directory` is a checkpoint directory or a run workdir (its `checkpoints/` is used).
   `abstract_params` is a params pytree of `jax.ShapeDtypeStruct`s with target shardings (and
@@ -400,10 +405,13 @@ def load_params(directory: epath.PathLike, abstract_params: Any, step: int | Non
   try:
     step = _resolve_step(manager, directory, step)
     target = {"params": abstract_params}
-    _check_matches(manager, directory, step, target, prefix="params/")
+    if within:
+      target = {within: target}
+    _check_matches(manager, directory, step, target, prefix=f"{within}/params/".lstrip("/"))
     args = ocp.args.PyTreeRestore(
       item=target, restore_args=_restore_args(target), partial_restore=True
     )
-    return _restore(manager, directory, step, {STATE: args})[STATE]["params"]
+    restored = _restore(manager, directory, step, {STATE: args})[STATE]
+    return (restored[within] if within else restored)["params"]
   finally:
     manager.close()

@@ -1,0 +1,212 @@
+"""What the Llama 2 and Llama 3 recipes share: running stages, evaluating, reporting.
+
+A recipe is a sequence of stages, each an existing experiment (`experiments.sft`,
+`experiments.reward_model`, ...) run with its section of the recipe config in its own
+directory under the recipe's workdir. A finished stage leaves `stage.json` (its result and
+time) and is not run again, so an interrupted recipe resumes where it stopped (and a stage
+that was interrupted resumes from its own checkpoints). After each policy-changing stage
+the policy is evaluated by programs that do not use the reward models (`llama_jax.evaluation`);
+everything ends in the report (`experiments.report`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+
+from experiments import common, dpo, lm, report
+from experiments import generate as generate_experiment
+from llama_jax import evaluation, workdirs
+from llama_jax.data import builders, bundled, gatt
+
+log = logging.getLogger(__name__)
+
+STAGE_FILE = "stage.json"
+SAMPLES_FILE = "samples.jsonl"
+
+
+def stage_config(section: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
+  """A copy of a stage's config section with `fields` set ("a.b" keys for nested fields)."""
+  cfg = ml_collections.ConfigDict(section.to_dict())
+  cfg.update_from_flattened_dict(fields)
+  return cfg
+
+
+class Recipe:
+  """Runs stages under `workdir` and collects the report."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, title: str):
+    self.cfg, self.workdir = cfg, Path(workdir)
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    (self.workdir / "recipe_config.json").write_text(cfg.to_json_best_effort(indent=2))
+    self.report: dict[str, Any] = {"title": title, "stages": []}
+    self.tokenizer = common.build_tokenizer(cfg.tokenizer)
+    self._eval_records = generate_experiment.prompt_records(cfg.eval.data)
+    self._gatt_eval = None
+
+  def path(self, name: str) -> str:
+    return str(self.workdir / name)
+
+  def add(self, section: str, row: dict[str, Any]) -> None:
+    self.report.setdefault(section, []).append(row)
+
+  def config(self, section: str, **fields: Any) -> ml_collections.ConfigDict:
+    """The stage config of `cfg.<section>` with the recipe's tokenizer and `fields`."""
+    return stage_config(self.cfg[section], tokenizer=self.cfg.tokenizer, **fields)
+
+  def stage(self, name: str, what: str, fn: Callable[[str], Any]) -> Any:
+    """`fn(stage_dir)`'s result, run now or read from an earlier run's stage.json."""
+    done = self.workdir / name / STAGE_FILE
+    if done.exists():
+      saved = json.loads(done.read_text())
+      print(f"== {name}: done in an earlier run ({saved['seconds']:.0f}s), skipped", flush=True)
+    else:
+      print(f"\n== {name}: {what}", flush=True)
+      t0 = time.perf_counter()
+      result = fn(self.path(name))
+      saved = {"result": result, "seconds": time.perf_counter() - t0}
+      done.parent.mkdir(parents=True, exist_ok=True)
+      done.write_text(json.dumps(saved, indent=2, default=float))
+      print(f"== {name}: finished in {saved['seconds']:.0f}s", flush=True)
+    self.report["stages"].append({"name": name, "seconds": saved["seconds"]})
+    return json.loads(json.dumps(saved["result"], default=float))
+
+  def experiment(self, name: str, what: str, run: Callable, cfg: ml_collections.ConfigDict):
+    """A stage that is one experiment: `run(cfg, stage_dir)`."""
+    return self.stage(name, what, lambda stage_dir: run(cfg, stage_dir))
+
+  # ------------------------------------------------------------------------ evaluation
+
+  def use_gatt_eval(self, dialogues, instructions) -> None:
+    """Also measure, in every later evaluation, how often the last answer of held-out
+    multi-turn dialogues follows the system instruction (Ghost Attention's target)."""
+    self._gatt_eval = gatt.eval_chats(dialogues, instructions)
+
+  def evaluate(self, label: str, policy_dir: str, reference_dir: str) -> dict[str, float]:
+    """Evaluates the LM in `policy_dir` on the held-out prompts (`cfg.eval`), with its KL
+    to the model in `reference_dir`; adds a row to the report's policy table."""
+    name = "eval/" + label.lower().replace(" · ", "_").replace(" ", "_").replace("+", "")
+
+    def run(out_dir: str) -> dict[str, float]:
+      e = self.cfg.eval
+      mesh = common.build_mesh(e.mesh)
+      config, params = workdirs.load_model(policy_dir, mesh, kind="lm")
+      ref = None
+      if policy_dir != reference_dir:
+        ref = workdirs.load_model(reference_dir, mesh, kind="lm", dtype=config.dtype)[1]
+      metrics, samples = evaluation.evaluate_policy(
+        config, params, self.tokenizer, self._eval_records, ref_params=ref,
+        max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, mesh=mesh, seed=e.seed,
+      )  # fmt: skip
+      if self._gatt_eval is not None:
+        chats, instructions = self._gatt_eval
+        answers = evaluation.answer_prompts(
+          config, params, self.tokenizer, chats,
+          max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, mesh=mesh,
+        )  # fmt: skip
+        metrics["gatt/follow_rate"] = gatt.follow_rate(answers, instructions)
+        samples += [{"prompt": c, "response": a, "follows": i.check(a)}
+                    for c, a, i in zip(chats, answers, instructions, strict=True)]  # fmt: skip
+      if jax.process_index() == 0:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(out_dir, SAMPLES_FILE), "w") as f:
+          f.writelines(json.dumps(s) + "\n" for s in samples)
+      log.info("%s: %s", label, metrics)
+      return metrics
+
+    metrics = self.stage(name, f"evaluate {label} on held-out prompts", run)
+    self.add("policy", {"stage": label, "dir": policy_dir,
+                        "is_reference": policy_dir == reference_dir, **metrics})  # fmt: skip
+    return metrics
+
+  def finish(self) -> str:
+    """Writes the report into the workdir and returns its markdown."""
+    markdown = report.write_report(self.workdir, self.report)
+    print("\n" + markdown, flush=True)
+    print(f"\nReport: {self.workdir / report.REPORT_MD} and {self.workdir / report.REPORT_PNG}")
+    return markdown
+
+
+# ---------------------------------------------------------------------------- shared stages
+
+
+def pretrained_model(recipe: Recipe) -> str:
+  """The pre-trained model: `init_from` if set, else a pretrain stage on the bundled corpus."""
+  if recipe.cfg.init_from:
+    return recipe.cfg.init_from
+  recipe.experiment("pretrain", "pre-training on the bundled corpus", lm.run,
+                    recipe.config("pretrain"))  # fmt: skip
+  return recipe.path("pretrain")
+
+
+def rejection_sampling_config(
+  recipe: Recipe, round_index: int, policy: str, previous: str, **fields: Any
+) -> ml_collections.ConfigDict:
+  """Round `round_index`'s rejection-sampling config: sampling from `policy`, pooling with
+  the `previous` round's directory, on the prompts from (round − 1) × `prompt_stride` on."""
+  return recipe.config(
+    "rejection_sampling", init_from=policy, round=round_index, pool_from=previous,
+    **{"data.start": (round_index - 1) * recipe.cfg.prompt_stride,
+       "output.name": f"rs_round{round_index}"}, **fields,
+  )  # fmt: skip
+
+
+def sft_on_samples(recipe: Recipe, round_index: int, policy: str, rs_dir: str, mix_with: str):
+  """The round's SFT stages: its dataset (the pooled answers of `rs_dir` + `mix_with`),
+  then SFT of `policy` on it (section `round_sft`); returns the new model's directory."""
+  rd = f"round{round_index}"
+  data = recipe.stage(
+    f"{rd}/sft_data", "the pooled answers (+ human-written chats) as a TFDS dataset",
+    functools.partial(sft_mix, mix_with, rs_dir, f"sft_round{round_index}"),
+  )  # fmt: skip
+  recipe.experiment(
+    f"{rd}/sft", "SFT on the rejection-sampled answers", lm.run,
+    recipe.config("round_sft", init_from=policy, **tfds_data(data)),
+  )  # fmt: skip
+  return recipe.path(f"{rd}/sft")
+
+
+def sft_mix(mix_with: str, rs_dir: str, name: str, out_dir: str) -> dict[str, Any]:
+  """Builds the next SFT round's TFDS dataset: the kept rejection-sampling answers
+  (`rs_dir/sft.jsonl`) plus the files of `mix_with` ("bundled": the bundled SFT data, whose
+  test split becomes the eval split; else comma-separated JSONL files; "": none)."""
+  train = [str(Path(rs_dir, "sft.jsonl"))]
+  splits: dict[str, list[str]] = {}
+  if mix_with == "bundled":
+    train += bundled.paths("sft")["train"]
+    splits["test"] = bundled.paths("sft")["test"]
+  elif mix_with:
+    train += [p.strip() for p in mix_with.split(",") if p.strip()]
+  splits["train"] = train
+  data_dir = str(Path(out_dir, "tfds"))
+  builder = builders.build_dataset("sft", name, splits, data_dir, force=True)
+  sizes = {s: int(info.num_examples) for s, info in builder.info.splits.items()}
+  return {"name": name, "data_dir": data_dir, "splits": sizes}
+
+
+def tfds_data(data: dict[str, Any]) -> dict[str, Any]:
+  """Config fields that point an SFT stage at a dataset `sft_mix` built."""
+  return {
+    "data.source": "tfds",
+    "data.name": data["name"],
+    "data.data_dir": data["data_dir"],
+    "data.eval_split": "test" if "test" in data["splits"] else "",
+  }
+
+
+def reuse_reference_logps(source_dir: str, target_dir: str) -> None:
+  """Copies a DPO run's stored reference log-probs to another run of the same reference and
+  records (its fingerprint check decides whether they are reused)."""
+  source = Path(source_dir, dpo.REFERENCE_FILE)
+  if source.exists() and not Path(target_dir, dpo.REFERENCE_FILE).exists():
+    Path(target_dir).mkdir(parents=True, exist_ok=True)
+    shutil.copy(source, Path(target_dir, dpo.REFERENCE_FILE))

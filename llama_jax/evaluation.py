@@ -1,0 +1,153 @@
+"""Policy evaluation that does not use a reward model: what the recipes' reports measure.
+
+`evaluate_policy` answers held-out `rl_prompt` records greedily and checks the answers with
+`llama_jax.data.scoring` (task accuracy, refusal rate on unsafe prompts, false-refusal rate
+on safe ones, per-task accuracy). Given a reference model it also estimates
+KL(π ‖ π_ref) per response: one sample per prompt at temperature 1 from the policy, then
+
+    KL ≈ mean over prompts of Σ_t [log π(y_t | ·) − log π_ref(y_t | ·)],
+
+the k1 estimator, unbiased since y ~ π. Both log-probs come from the same training-mode
+forward pass, so a policy equal to its reference scores exactly 0.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from llama_jax import sharding
+from llama_jax.config import LlamaConfig
+from llama_jax.data import scoring
+from llama_jax.generation import GenerationConfig, SamplingConfig, generate, generate_tokens
+from llama_jax.generation.api import encode_prompt
+from llama_jax.rollouts import rollout_rows, row_length
+from llama_jax.steps import common as step_lib
+from llama_jax.steps.grpo import make_logps_fn
+from llama_jax.tokenizer import Tokenizer
+
+
+def answer_prompts(
+  config: LlamaConfig,
+  params: Any,
+  tokenizer: Tokenizer,
+  prompts: Sequence[Any],
+  *,
+  max_new_tokens: int,
+  batch_size: int,
+  temperature: float = 0.0,
+  seed: int = 0,
+  mesh: Mesh | None = None,
+) -> list[str]:
+  """One answer per prompt (text or chat messages; greedy at temperature 0), `batch_size`
+  prompts at a time."""
+  answers: list[str] = []
+  for start in range(0, len(prompts), batch_size):
+    out = generate(
+      config, params, tokenizer, list(prompts[start : start + batch_size]),
+      max_new_tokens=max_new_tokens, temperature=temperature, chat=True, mesh=mesh,
+      key=jax.random.fold_in(jax.random.key(seed), start),
+    )  # fmt: skip
+    answers += [texts[0] for texts in out.texts]
+  return answers
+
+
+def check_metrics(records: Sequence[dict[str, Any]], answers: Sequence[str]) -> dict[str, float]:
+  """`scoring.evaluate`'s rates plus `accuracy/<task>` for each task label."""
+  metrics = scoring.evaluate(records, answers)
+  by_task: dict[str, list[float]] = collections.defaultdict(list)
+  for record, answer in zip(records, answers, strict=True):
+    by_task[record.get("task") or "other"].append(scoring.check_answer(record, answer))
+  return metrics | {f"accuracy/{t}": float(np.mean(s)) for t, s in sorted(by_task.items())}
+
+
+def _pad_rows(rows: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
+  """Rows padded with empty ones (segment id 0, no response) to a multiple of `multiple`."""
+  extra = -len(rows["tokens"]) % multiple
+  return {k: np.concatenate([v, np.zeros((extra, *v.shape[1:]), v.dtype)]) for k, v in rows.items()}
+
+
+def sampled_kl(
+  config: LlamaConfig,
+  params: Any,
+  ref_params: Any,
+  tokenizer: Tokenizer,
+  prompts: Sequence[Any],
+  *,
+  max_new_tokens: int,
+  batch_size: int,
+  mesh: Mesh,
+  seed: int = 0,
+) -> dict[str, float]:
+  """KL(π ‖ π_ref) per response (k1 over one temperature-1 sample per prompt), its
+  standard error, and the mean sampled response length."""
+  gen = GenerationConfig(
+    max_new_tokens=max_new_tokens, num_samples=1, sampling=SamplingConfig(temperature=1.0),
+    stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
+  )  # fmt: skip
+  logps = step_lib.jit_eval_step(
+    make_logps_fn(config, mesh=mesh), sharding.param_shardings(config, mesh), mesh
+  )
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  kls, lengths = [], []
+  for start in range(0, len(prompts), batch_size):
+    ids = [encode_prompt(tokenizer, p, chat=True) for p in prompts[start : start + batch_size]]
+    key = jax.random.fold_in(jax.random.key(seed), start)
+    out = jax.device_get(generate_tokens(config, params, ids, key, gen, mesh=mesh))
+    rows = rollout_rows(ids, np.asarray(out.tokens), np.asarray(out.mask),
+                        seq_len=row_length(ids, max_new_tokens, 64))  # fmt: skip
+    padded = _pad_rows(rows, shards)
+    batch = {k: v for k, v in padded.items() if k != "response_mask"}
+    (policy, _), (ref, _) = logps(params, batch), logps(ref_params, batch)
+    diff = (np.asarray(policy) - np.asarray(ref)) * padded["response_mask"]
+    kls += diff.sum(-1)[: len(ids)].tolist()
+    lengths += rows["response_mask"].sum(-1).tolist()
+  kls = np.asarray(kls)
+  return {
+    "kl": float(kls.mean()),
+    "kl_stderr": float(kls.std(ddof=1) / np.sqrt(len(kls))) if len(kls) > 1 else 0.0,
+    "sampled_length": float(np.mean(lengths)),
+  }
+
+
+def evaluate_policy(
+  config: LlamaConfig,
+  params: Any,
+  tokenizer: Tokenizer,
+  records: Sequence[dict[str, Any]],
+  *,
+  ref_params: Any = None,
+  max_new_tokens: int = 48,
+  batch_size: int = 32,
+  mesh: Mesh | None = None,
+  seed: int = 0,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+  """`(metrics, samples)` of a policy on `rl_prompt` records (see the module docstring).
+
+  metrics: accuracy, task_accuracy, refusal_rate, false_refusal_rate, accuracy/<task>,
+  response_length (greedy, in characters), and with `ref_params` kl, kl_stderr and
+  sampled_length (tokens). samples: per record its prompt, greedy answer and check score.
+  """
+  mesh = mesh or sharding.make_mesh()
+  prompts = [r["prompt"] for r in records]
+  answers = answer_prompts(
+    config, params, tokenizer, prompts,
+    max_new_tokens=max_new_tokens, batch_size=batch_size, mesh=mesh,
+  )  # fmt: skip
+  metrics = check_metrics(records, answers)
+  metrics["response_length"] = float(np.mean([len(a) for a in answers]))
+  if ref_params is not None:
+    metrics |= sampled_kl(
+      config, params, ref_params, tokenizer, prompts,
+      max_new_tokens=max_new_tokens, batch_size=batch_size, mesh=mesh, seed=seed,
+    )  # fmt: skip
+  samples = [
+    {"prompt": r["prompt"], "response": a, "correct": scoring.check_answer(r, a)}
+    for r, a in zip(records, answers, strict=True)
+  ]
+  return metrics, samples

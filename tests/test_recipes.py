@@ -1,0 +1,115 @@
+"""The Llama 2 and Llama 3 recipes end to end at smoke size (a few steps per stage): every
+stage runs, the report has every section with finite numbers, a rerun resumes by skipping
+finished stages, and the post-training notebook runs on the Llama 3 workdir."""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from experiments import llama2_recipe, llama3_recipe
+from experiments.configs import llama2_recipe as llama2_configs
+from experiments.configs import llama3_recipe as llama3_configs
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+SMALL = dict(num_layers=2, d_model=64, head_dim=16, mlp_dim=128)
+POLICY_KEYS = ("task_accuracy", "refusal_rate", "false_refusal_rate", "accuracy/arithmetic",
+               "accuracy/fact", "response_length")  # fmt: skip
+
+
+def execute_notebook(name: str) -> nbformat.NotebookNode:
+  nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+  client = NotebookClient(
+    nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+  )
+  client.execute()
+  return nb
+
+
+def outputs_text(nb: nbformat.NotebookNode) -> str:
+  parts = []
+  for cell in nb.cells:
+    for out in cell.get("outputs", []):
+      parts.append(out.get("text", ""))
+      parts.append(str(out.get("data", {}).get("text/markdown", "")))
+  return "\n".join(parts)
+
+
+def check_policy_rows(rows, stages):
+  assert [r["stage"] for r in rows] == stages
+  assert rows[0]["is_reference"] and "kl" not in rows[0]
+  for row in rows:
+    for key in POLICY_KEYS:
+      assert math.isfinite(row[key]), (row["stage"], key)
+    assert 0 <= row["task_accuracy"] <= 1 and 0 <= row["refusal_rate"] <= 1
+  for row in rows[1:]:  # every later policy has a measured KL to the SFT model
+    assert math.isfinite(row["kl"]) and row["kl_stderr"] >= 0 and row["sampled_length"] > 0
+
+
+def check_report_files(workdir: Path, headings):
+  markdown = (workdir / "report.md").read_text()
+  for heading in headings:
+    assert f"## {heading}" in markdown, heading
+  assert (workdir / "report.png").stat().st_size > 10_000
+  return markdown
+
+
+def test_llama3_recipe_smoke_resume_and_walkthrough(tmp_path, monkeypatch):
+  workdir = tmp_path / "llama3"
+  cfg = llama3_configs.get_config("smoke")
+  cfg.pretrain.model.update(**SMALL)
+  report = llama3_recipe.run(cfg, str(workdir))
+
+  check_policy_rows(report["policy"], ["SFT", "round 1 · RS + SFT", "round 1 · DPO average",
+                                       "round 2 · RS + SFT", "round 2 · DPO average"])  # fmt: skip
+  (rm,) = report["reward_models"]  # trained once: the bundled preferences do not change
+  assert 0 <= rm["accuracy/chosen_rejected"] <= 1
+  assert any(k.startswith("accuracy/") and "better" in k for k in rm)
+  rounds = report["rejection_sampling"]
+  assert [r["round"] for r in rounds] == [1, 2]
+  assert rounds[1]["pool/size"] > rounds[0]["pool/size"]  # round 2 adds prompts to the pool
+  assert len(report["dpo"]) == 4
+  for run in report["dpo"]:
+    assert run["initial"]["rewards/margins"] == pytest.approx(0, abs=1e-5)  # policy = reference
+    assert math.isfinite(run["rewards/margins"]) and "logps/chosen" in run
+  average = json.loads((workdir / "round2" / "average" / "average.json").read_text())
+  assert average["weights"] == [0.5, 0.5] and len(average["inputs"]) == 2
+  markdown = check_report_files(workdir, ["Policy, per stage", "Reward models",
+                                          "Rejection sampling rounds", "DPO", "Stage times"])  # fmt: skip
+
+  # A rerun skips every finished stage and reproduces the report.
+  t0 = time.perf_counter()
+  again = llama3_recipe.run(cfg, str(workdir))
+  assert time.perf_counter() - t0 < 60
+  assert again["policy"] == report["policy"] and again["stages"] == report["stages"]
+  assert (workdir / "report.md").read_text() == markdown
+
+  monkeypatch.setenv("LLAMA_JAX_RECIPE_DIR", str(workdir))
+  text = outputs_text(execute_notebook("post_training_walkthrough.ipynb"))
+  assert "Llama 3 recipe: smoke" in text and "held-out margin" in text
+  assert "answers changed their check" in text
+
+
+def test_llama2_recipe_smoke(tmp_path):
+  workdir = tmp_path / "llama2"
+  cfg = llama2_configs.get_config("smoke")
+  cfg.pretrain.model.update(**SMALL)
+  report = llama2_recipe.run(cfg, str(workdir))
+
+  check_policy_rows(report["policy"], ["SFT", "round 1 · RS + SFT", "PPO", "GAtt"])
+  for row in report["policy"]:  # Ghost Attention's target is measured at every stage
+    assert 0 <= row["gatt/follow_rate"] <= 1
+  assert [r["name"] for r in report["reward_models"]] == ["helpful RM", "safety RM"]
+  (rs,) = report["rejection_sampling"]
+  assert rs["round"] == 1 and rs["pool/size"] > 0
+  (ppo,) = report["ppo"]
+  assert ppo["iterations"] == 2 and math.isfinite(ppo["end"]["reward/mean"])
+  gatt_records = (workdir / "gatt_data" / "gatt.jsonl").read_text().splitlines()
+  assert 0 < len(gatt_records) == report["gatt"]["kept"] <= 16  # long dialogues are dropped
+  assert json.loads(gatt_records[0])["messages"][0]["role"] == "system"
+  check_report_files(workdir, ["Policy, per stage", "Reward models", "Rejection sampling rounds",
+                               "PPO", "Ghost Attention data", "Stage times"])  # fmt: skip
