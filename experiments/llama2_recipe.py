@@ -31,12 +31,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_collections
 from absl import app, flags
 
 from experiments import common, lm, ppo, recipes, rejection_sampling, reward_model
 from llama_jax import evaluation, workdirs
-from llama_jax.data import builders, gatt
+from llama_jax.data import gatt
 from llama_jax.generation import encode_prompt
 
 GATT_FILE = "gatt.jsonl"
@@ -121,7 +122,7 @@ def gatt_data(recipe: recipes.Recipe, policy: str, instructions, out_dir: str) -
     """Answers to the chats; "" (the dialogue is dropped) where one no longer fits."""
     fits = [len(encode_prompt(recipe.tokenizer, c, chat=True)) <= limit for c in chats]
     answers = iter(evaluation.answer_prompts(
-      config, params, recipe.tokenizer, [c for c, f in zip(chats, fits) if f],
+      config, params, recipe.tokenizer, [c for c, f in zip(chats, fits, strict=True) if f],
       max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, temperature=g.temperature,
       seed=g.seed, mesh=mesh,
     ) if any(fits) else [])  # fmt: skip
@@ -136,11 +137,10 @@ def gatt_data(recipe: recipes.Recipe, policy: str, instructions, out_dir: str) -
       f"turn (gatt.mode={g.mode!r}); use mode 'rewrite' for a model that cannot follow them"
     )
   path = Path(out_dir, GATT_FILE)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text("".join(json.dumps(r) + "\n" for r in records))
-  data_dir = str(Path(out_dir, "tfds"))
-  builders.build_dataset("sft", "gatt", {"train": [str(path)]}, data_dir, force=True)
-  return stats | {"name": "gatt", "data_dir": data_dir, "splits": {"train": len(records)}}
+  if jax.process_index() == 0:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  return stats | recipes.build_sft_dataset("gatt", {"train": [str(path)]}, out_dir)
 
 
 def main(argv):

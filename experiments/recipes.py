@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 
 from experiments import common, dpo, lm, report
 from experiments import generate as generate_experiment
@@ -47,7 +48,16 @@ class Recipe:
   def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, title: str):
     self.cfg, self.workdir = cfg, Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
-    (self.workdir / "recipe_config.json").write_text(cfg.to_json_best_effort(indent=2))
+    config_file = self.workdir / "recipe_config.json"
+    config_json = cfg.to_json_best_effort(indent=2)
+    if config_file.exists() and config_file.read_text() != config_json:
+      raise ValueError(
+        f"{workdir} holds a recipe run with another config ({config_file}); finished stages "
+        "would be reused as they are. Use a new workdir, or delete this one to start over"
+      )
+    self.writer = jax.process_index() == 0  # one process writes the shared files
+    if self.writer:
+      config_file.write_text(config_json)
     self.report: dict[str, Any] = {"title": title, "stages": []}
     self.tokenizer = common.build_tokenizer(cfg.tokenizer)
     self._eval_records = generate_experiment.prompt_records(cfg.eval.data)
@@ -74,8 +84,9 @@ class Recipe:
       t0 = time.perf_counter()
       result = fn(self.path(name))
       saved = {"result": result, "seconds": time.perf_counter() - t0}
-      done.parent.mkdir(parents=True, exist_ok=True)
-      done.write_text(json.dumps(saved, indent=2, default=float))
+      if self.writer:
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps(saved, indent=2, default=float))
       print(f"== {name}: finished in {saved['seconds']:.0f}s", flush=True)
     self.report["stages"].append({"name": name, "seconds": saved["seconds"]})
     return json.loads(json.dumps(saved["result"], default=float))
@@ -116,7 +127,7 @@ class Recipe:
         metrics["gatt/follow_rate"] = gatt.follow_rate(answers, instructions)
         samples += [{"prompt": c, "response": a, "follows": i.check(a)}
                     for c, a, i in zip(chats, answers, instructions, strict=True)]  # fmt: skip
-      if jax.process_index() == 0:
+      if self.writer:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         with open(Path(out_dir, SAMPLES_FILE), "w") as f:
           f.writelines(json.dumps(s) + "\n" for s in samples)
@@ -130,7 +141,9 @@ class Recipe:
 
   def finish(self) -> str:
     """Writes the report into the workdir and returns its markdown."""
-    markdown = report.write_report(self.workdir, self.report)
+    markdown = report.render_markdown(self.report)
+    if self.writer:
+      report.write_report(self.workdir, self.report)
     print("\n" + markdown, flush=True)
     print(f"\nReport: {self.workdir / report.REPORT_MD} and {self.workdir / report.REPORT_PNG}")
     return markdown
@@ -187,10 +200,16 @@ def sft_mix(mix_with: str, rs_dir: str, name: str, out_dir: str) -> dict[str, An
   elif mix_with:
     train += [p.strip() for p in mix_with.split(",") if p.strip()]
   splits["train"] = train
+  return build_sft_dataset(name, splits, out_dir)
+
+
+def build_sft_dataset(name: str, splits: dict[str, list[str]], out_dir: str) -> dict[str, Any]:
+  """Builds sft JSONL files into `out_dir/tfds` (one process writes, all wait for it)."""
   data_dir = str(Path(out_dir, "tfds"))
-  builder = builders.build_dataset("sft", name, splits, data_dir, force=True)
-  sizes = {s: int(info.num_examples) for s, info in builder.info.splits.items()}
-  return {"name": name, "data_dir": data_dir, "splits": sizes}
+  if jax.process_index() == 0:
+    builders.build_dataset("sft", name, splits, data_dir, force=True)
+  multihost_utils.sync_global_devices(f"recipe: {name} built")
+  return {"name": name, "data_dir": data_dir, "splits": sorted(splits)}
 
 
 def tfds_data(data: dict[str, Any]) -> dict[str, Any]:

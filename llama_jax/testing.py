@@ -99,3 +99,28 @@ def save_workdir(path: str | Path, config, state, step: int = 1) -> str:
   with ckpt_lib.CheckpointManager(ckpt_lib.checkpoint_dir(path)) as manager:
     manager.save(step, state, force=True)
   return str(path)
+
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def execute_notebook(name: str, timeout: int = 600):
+  """Runs `notebooks/<name>` top to bottom in a fresh kernel (which inherits this process's
+  environment: XLA_FLAGS, JAX_PLATFORMS, ...) from the notebooks directory; returns it with
+  its outputs. Raises `nbclient.exceptions.CellExecutionError` at the first failing cell."""
+  import nbformat
+  from nbclient import NotebookClient
+
+  nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+  resources = {"metadata": {"path": str(NOTEBOOKS)}}
+  NotebookClient(nb, timeout=timeout, kernel_name="python3", resources=resources).execute()
+  return nb
+
+
+def notebook_text(nb) -> str:
+  """The text (stdout, markdown) of every output of an executed notebook."""
+  parts = []
+  for cell in nb.cells:
+    for out in cell.get("outputs", []):
+      parts += [out.get("text", ""), str(out.get("data", {}).get("text/markdown", ""))]
+  return "\n".join(parts)

@@ -53,7 +53,8 @@ def model_kind(path: str | Path) -> str:
 def _lm_state_field(path: str | Path) -> str:
   """Where the LM's TrainState sits in a workdir's saved state: "" (top level) or "policy"
   (online RL states, which also hold a value model)."""
-  return "policy" if any(p.startswith("policy/params/") for p in ckpt_lib.saved_shapes(path)) else ""
+  saved = ckpt_lib.saved_shapes(path)
+  return "policy" if any(p.startswith("policy/params/") for p in saved) else ""
 
 
 def lm_abstract_params(config: LlamaConfig, mesh: Mesh) -> Any:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from experiments.configs.base import TINY_MODEL
-from llama_jax import LlamaConfig, Llama, evaluation, sharding
+from llama_jax import Llama, LlamaConfig, evaluation, sharding
 from llama_jax.data import bundled, gatt
 from llama_jax.tokenizer import render_chat, tiny_tokenizer
 

@@ -163,6 +163,17 @@ def test_async_save_copies_before_returning(tmp_path, state8, mesh8):
   assert data_state == {"batches": 4} and meta is None
 
 
+def test_relative_directory(tmp_path, monkeypatch, state8, mesh8):
+  """Workdirs given on the command line are often relative; Orbax needs absolute paths."""
+  monkeypatch.chdir(tmp_path)
+  with CheckpointManager(checkpoint_dir("run"), async_save=False) as ckpt:
+    assert ckpt.save(1, state8, force=True)
+  with CheckpointManager(checkpoint_dir("run")) as ckpt:
+    restored, _, _ = ckpt.restore(1, abstract_state=abstract_state(mesh8))
+  assert_trees_equal(restored, state8)
+  assert (tmp_path / "run" / "checkpoints" / "1").is_dir()
+
+
 def test_retention_keeps_the_last_two(tmp_path, mesh8):
   with CheckpointManager(tmp_path, max_to_keep=2) as ckpt:
     for step in range(1, 5):

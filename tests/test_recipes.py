@@ -7,36 +7,16 @@ import math
 import time
 from pathlib import Path
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
 
 from experiments import llama2_recipe, llama3_recipe
 from experiments.configs import llama2_recipe as llama2_configs
 from experiments.configs import llama3_recipe as llama3_configs
+from llama_jax.testing import execute_notebook, notebook_text
 
-NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 SMALL = dict(num_layers=2, d_model=64, head_dim=16, mlp_dim=128)
 POLICY_KEYS = ("task_accuracy", "refusal_rate", "false_refusal_rate", "accuracy/arithmetic",
                "accuracy/fact", "response_length")  # fmt: skip
-
-
-def execute_notebook(name: str) -> nbformat.NotebookNode:
-  nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-  client = NotebookClient(
-    nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
-  )
-  client.execute()
-  return nb
-
-
-def outputs_text(nb: nbformat.NotebookNode) -> str:
-  parts = []
-  for cell in nb.cells:
-    for out in cell.get("outputs", []):
-      parts.append(out.get("text", ""))
-      parts.append(str(out.get("data", {}).get("text/markdown", "")))
-  return "\n".join(parts)
 
 
 def check_policy_rows(rows, stages):
@@ -78,8 +58,9 @@ def test_llama3_recipe_smoke_resume_and_walkthrough(tmp_path, monkeypatch):
     assert math.isfinite(run["rewards/margins"]) and "logps/chosen" in run
   average = json.loads((workdir / "round2" / "average" / "average.json").read_text())
   assert average["weights"] == [0.5, 0.5] and len(average["inputs"]) == 2
-  markdown = check_report_files(workdir, ["Policy, per stage", "Reward models",
-                                          "Rejection sampling rounds", "DPO", "Stage times"])  # fmt: skip
+  headings = ["Policy, per stage", "Reward models", "Rejection sampling rounds", "DPO",
+              "Stage times"]  # fmt: skip
+  markdown = check_report_files(workdir, headings)
 
   # A rerun skips every finished stage and reproduces the report.
   t0 = time.perf_counter()
@@ -89,7 +70,7 @@ def test_llama3_recipe_smoke_resume_and_walkthrough(tmp_path, monkeypatch):
   assert (workdir / "report.md").read_text() == markdown
 
   monkeypatch.setenv("LLAMA_JAX_RECIPE_DIR", str(workdir))
-  text = outputs_text(execute_notebook("post_training_walkthrough.ipynb"))
+  text = notebook_text(execute_notebook("post_training_walkthrough.ipynb"))
   assert "Llama 3 recipe: smoke" in text and "held-out margin" in text
   assert "answers changed their check" in text
 
@@ -113,3 +94,15 @@ def test_llama2_recipe_smoke(tmp_path):
   assert json.loads(gatt_records[0])["messages"][0]["role"] == "system"
   check_report_files(workdir, ["Policy, per stage", "Reward models", "Rejection sampling rounds",
                                "PPO", "Ghost Attention data", "Stage times"])  # fmt: skip
+
+
+@pytest.mark.parametrize("configs", [llama2_configs, llama3_configs])
+def test_real_variants_use_the_real_stage_configs(configs):
+  variant = "llama2_7b" if configs is llama2_configs else "llama3p1_8b"
+  cfg = configs.get_config(variant)
+  assert cfg.init_from and cfg.tokenizer.endswith("tokenizer.model")  # no pretrain stage
+  assert cfg.sft.model.preset == variant and cfg.round_sft.model.preset == variant
+  assert cfg.rejection_sampling.model.preset == variant
+  assert cfg.sft.model.dtype == "bfloat16" and cfg.sft.mesh.fsdp == -1
+  with pytest.raises(ValueError, match="known"):
+    configs.get_config("huge")

@@ -80,16 +80,17 @@ def demo():
       "eval": eval_section(num_prompts=150, batch_size=50),
     }
   )
-  config.pretrain = quiet(pretrain.tiny(), 400)
+  config.pretrain = quiet(pretrain.tiny(), 300)
   config.pretrain.data.eval_split = ""
-  config.sft = quiet(sft.tiny(), 150)
-  config.reward_model = quiet(reward_model.tiny_llama3(), 100)
+  config.sft = quiet(sft.tiny(), 120)
+  config.reward_model = quiet(reward_model.tiny_llama3(), 60)
   config.rejection_sampling = rejection_sampling.tiny()
   config.rejection_sampling.data.update(num_prompts=48, batch_size=48)
   config.rejection_sampling.generation.num_samples = 4
-  config.round_sft = quiet(sft.tiny(), 40)
+  config.round_sft = quiet(sft.tiny(), 30)
   config.round_sft.optimizer.update(learning_rate=3e-4, warmup_steps=0)
   config.dpo = quiet(dpo.tiny(), 40)
+  config.dpo.optimizer.learning_rate = 1e-4
   config.dpo.data.update(batch_size=16, max_records=640)
   config.dpo.train.eval_every = 0
   return config

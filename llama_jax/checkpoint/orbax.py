@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,12 +51,17 @@ CHECKPOINTS_SUBDIR = "checkpoints"
 _MAX_LISTED = 8  # mismatches named in one error message
 
 
+def absolute(path: epath.PathLike) -> epath.Path:
+  """`path` made absolute (Orbax refuses relative paths); URLs such as gs://… as they are."""
+  return epath.Path(path if "://" in str(path) else os.path.abspath(path))
+
+
 def checkpoint_dir(workdir: epath.PathLike) -> epath.Path:
   """Where an experiment workdir keeps its Orbax checkpoints: `<workdir>/checkpoints/`.
 
   Returns an `etils.epath.Path` (a `pathlib`-like path that also understands `gs://…`).
   """
-  return epath.Path(workdir) / CHECKPOINTS_SUBDIR
+  return absolute(workdir) / CHECKPOINTS_SUBDIR
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +235,7 @@ class CheckpointManager:
       raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
     if max_to_keep is not None and max_to_keep < 1:
       raise ValueError(f"max_to_keep must be None or >= 1, got {max_to_keep}")
-    self.directory = epath.Path(directory)
+    self.directory = absolute(directory)
     options = ocp.CheckpointManagerOptions(
       # Orbax's default policy also saves the first step a run reaches; a resumed run would
       # then write a checkpoint off the interval, so the interval (and preemption) only.
@@ -365,7 +371,7 @@ def _read_only_manager(directory: epath.Path) -> ocp.CheckpointManager:
 
 def _resolve_directory(directory: epath.PathLike) -> epath.Path:
   """A checkpoint directory, or the `checkpoints/` directory of a run workdir."""
-  directory = epath.Path(directory)
+  directory = absolute(directory)
   nested = checkpoint_dir(directory)
   return nested if nested.is_dir() else directory
 

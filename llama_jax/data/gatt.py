@@ -153,7 +153,10 @@ def sample_records(
   answers: list[list[str]] = [[] for _ in dialogues]
   followed = 0
   for k in range(len(users[0])):
-    chats = [sampling_prompt(inst, u[: k + 1], a) for inst, u, a in zip(chosen, users, answers)]
+    chats = [
+      sampling_prompt(inst, u[: k + 1], a)
+      for inst, u, a in zip(chosen, users, answers, strict=True)
+    ]
     for i, answer in enumerate(sample(chats)):
       followed += chosen[i].check(answer)
       answers[i].append(chosen[i].rewrite(answer) if mode == "rewrite" else answer)
