@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -50,7 +51,7 @@ class Recipe:
     self.workdir.mkdir(parents=True, exist_ok=True)
     config_file = self.workdir / "recipe_config.json"
     config_json = cfg.to_json_best_effort(indent=2)
-    if config_file.exists() and config_file.read_text() != config_json:
+    if config_file.exists() and json.loads(config_file.read_text()) != json.loads(config_json):
       raise ValueError(
         f"{workdir} holds a recipe run with another config ({config_file}); finished stages "
         "would be reused as they are. Use a new workdir, or delete this one to start over"
@@ -105,7 +106,7 @@ class Recipe:
   def evaluate(self, label: str, policy_dir: str, reference_dir: str) -> dict[str, float]:
     """Evaluates the LM in `policy_dir` on the held-out prompts (`cfg.eval`), with its KL
     to the model in `reference_dir`; adds a row to the report's policy table."""
-    name = "eval/" + label.lower().replace(" · ", "_").replace(" ", "_").replace("+", "")
+    name = "eval/" + re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
 
     def run(out_dir: str) -> dict[str, float]:
       e = self.cfg.eval
@@ -135,7 +136,7 @@ class Recipe:
       return metrics
 
     metrics = self.stage(name, f"evaluate {label} on held-out prompts", run)
-    self.add("policy", {"stage": label, "dir": policy_dir,
+    self.add("policy", {"stage": label, "dir": policy_dir, "samples": f"{name}/{SAMPLES_FILE}",
                         "is_reference": policy_dir == reference_dir, **metrics})  # fmt: skip
     return metrics
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import ml_collections
 
 from experiments.configs import ppo, pretrain, rejection_sampling, reward_model, sft
-from experiments.configs.llama3_recipe import eval_section, quiet
+from experiments.configs.llama3_recipe import eval_section, quiet, tiny_stages
 
 
 def get_config(variant: str = "tiny"):
@@ -63,16 +63,9 @@ def tiny():
       },
     }
   )
-  config.pretrain = quiet(pretrain.tiny(), 400)
-  config.pretrain.data.eval_split = ""
-  config.sft = quiet(sft.tiny(), 150)
+  tiny_stages(config, pretrain_steps=400, sft_steps=150, round_sft_steps=40)
   config.helpful_rm = quiet(reward_model.tiny_helpful(), 150)
   config.safety_rm = quiet(reward_model.tiny_safety(), 150)
-  config.rejection_sampling = rejection_sampling.tiny()
-  config.rejection_sampling.data.update(num_prompts=48, batch_size=48)
-  config.rejection_sampling.generation.num_samples = 4
-  config.round_sft = quiet(sft.tiny(), 40)
-  config.round_sft.optimizer.update(learning_rate=3e-4, warmup_steps=0)
   config.ppo = ppo.tiny()
   config.ppo.data.update(tasks="", num_prompts=64, batch_size=32)
   config.ppo.reward.whitening = "running"

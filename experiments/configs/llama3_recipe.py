@@ -66,6 +66,20 @@ def quiet(section: ml_collections.ConfigDict, steps: int) -> ml_collections.Conf
   return section
 
 
+def tiny_stages(config, *, pretrain_steps: int, sft_steps: int, round_sft_steps: int):
+  """The stage sections both recipes share at tiny scale: pretrain, SFT, rejection sampling
+  (48 prompts × 4 samples per round) and the rounds' SFT."""
+  config.pretrain = quiet(pretrain.tiny(), pretrain_steps)
+  config.pretrain.data.eval_split = ""
+  config.sft = quiet(sft.tiny(), sft_steps)
+  config.rejection_sampling = rejection_sampling.tiny()
+  config.rejection_sampling.data.update(num_prompts=48, batch_size=48)
+  config.rejection_sampling.generation.num_samples = 4
+  config.round_sft = quiet(sft.tiny(), round_sft_steps)
+  config.round_sft.optimizer.update(learning_rate=3e-4, warmup_steps=0)
+  return config
+
+
 def demo():
   config = ml_collections.ConfigDict(
     {
@@ -80,15 +94,8 @@ def demo():
       "eval": eval_section(num_prompts=150, batch_size=50),
     }
   )
-  config.pretrain = quiet(pretrain.tiny(), 300)
-  config.pretrain.data.eval_split = ""
-  config.sft = quiet(sft.tiny(), 120)
+  tiny_stages(config, pretrain_steps=300, sft_steps=120, round_sft_steps=30)
   config.reward_model = quiet(reward_model.tiny_llama3(), 60)
-  config.rejection_sampling = rejection_sampling.tiny()
-  config.rejection_sampling.data.update(num_prompts=48, batch_size=48)
-  config.rejection_sampling.generation.num_samples = 4
-  config.round_sft = quiet(sft.tiny(), 30)
-  config.round_sft.optimizer.update(learning_rate=3e-4, warmup_steps=0)
   config.dpo = quiet(dpo.tiny(), 40)
   config.dpo.optimizer.learning_rate = 1e-4
   config.dpo.data.update(batch_size=16, max_records=640)
