@@ -191,17 +191,16 @@ def sft_on_samples(recipe: Recipe, round_index: int, policy: str, rs_dir: str, m
 
 def sft_mix(mix_with: str, rs_dir: str, name: str, out_dir: str) -> dict[str, Any]:
   """Builds the next SFT round's TFDS dataset: the kept rejection-sampling answers
-  (`rs_dir/sft.jsonl`) plus the files of `mix_with` ("bundled": the bundled SFT data, whose
-  test split becomes the eval split; else comma-separated JSONL files; "": none)."""
-  train = [str(Path(rs_dir, "sft.jsonl"))]
-  splits: dict[str, list[str]] = {}
+  (`rs_dir/sft.jsonl`) mixed with `mix_with` (see `mixed_splits`)."""
+  return build_sft_dataset(name, mixed_splits([str(Path(rs_dir, "sft.jsonl"))], mix_with), out_dir)
+
+
+def mixed_splits(files: list[str], mix_with: str) -> dict[str, list[str]]:
+  """Splits of `files` mixed with `mix_with` ("bundled": the bundled SFT data, whose test
+  split becomes the eval split; else comma-separated JSONL files; "": none)."""
   if mix_with == "bundled":
-    train += bundled.paths("sft")["train"]
-    splits["test"] = bundled.paths("sft")["test"]
-  elif mix_with:
-    train += [p.strip() for p in mix_with.split(",") if p.strip()]
-  splits["train"] = train
-  return build_sft_dataset(name, splits, out_dir)
+    return {"train": files + bundled.paths("sft")["train"], "test": bundled.paths("sft")["test"]}
+  return {"train": files + [p.strip() for p in mix_with.split(",") if p.strip()]}
 
 
 def build_sft_dataset(name: str, splits: dict[str, list[str]], out_dir: str) -> dict[str, Any]:

@@ -9,8 +9,9 @@ Fields (name, tokenizer, init_from, prompt_stride, round_sft_mix, eval as in
   ppo_enabled       run PPO after the last round
   gatt              enabled, instructions (names in `llama_jax.data.gatt.INSTRUCTIONS`), mode
                     ("policy" | "rewrite", see that module), num_turns, num_dialogues
-                    (training), num_eval (held-out), temperature, seed, and the sft data the
-                    dialogues are made of (data, train_split, eval_split)
+                    (training), num_eval (held-out), temperature, seed, the sft data the
+                    dialogues are made of (data, train_split, eval_split), and what the
+                    dialogues are trained mixed with (mix_with, as round_sft_mix)
   pretrain, sft, helpful_rm, safety_rm, rejection_sampling, round_sft, ppo, gatt_sft
                     the stage configs (experiments/configs/<stage>.py)
 
@@ -60,6 +61,7 @@ def tiny():
         "data": {"source": "bundled", "name": "sft", "data_dir": ""},
         "train_split": "train",
         "eval_split": "test",
+        "mix_with": "bundled",
       },
     }
   )
@@ -106,6 +108,7 @@ def llama2_7b():
   config.gatt.update(mode="policy", num_turns=4, num_dialogues=2000, num_eval=200,
                      instructions="capitals,lowercase,over,ahoy")  # fmt: skip
   config.gatt.data.update(source="tfds", name="my_sft_data")
+  config.gatt.mix_with = "/path/to/human_sft.jsonl"
   config.pretrain = pretrain.llama2_7b()  # unused: init_from is set
   config.sft = sft.llama2_7b()
   config.helpful_rm = reward_model.llama2_7b_helpful()
