@@ -14,6 +14,7 @@ forward pass, so a policy equal to its reference scores exactly 0.
 from __future__ import annotations
 
 import collections
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,6 +73,15 @@ def _pad_rows(rows: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarra
   return {k: np.concatenate([v, np.zeros((extra, *v.shape[1:]), v.dtype)]) for k, v in rows.items()}
 
 
+@functools.lru_cache(maxsize=16)
+def _logps_fn(config: LlamaConfig, mesh: Mesh):
+  """The jitted log-prob pass, one per model and mesh: evaluating many checkpoints of one
+  model (a recipe's stages) compiles it once."""
+  return step_lib.jit_eval_step(
+    make_logps_fn(config, mesh=mesh), sharding.param_shardings(config, mesh), mesh
+  )
+
+
 def sampled_kl(
   config: LlamaConfig,
   params: Any,
@@ -90,9 +100,7 @@ def sampled_kl(
     max_new_tokens=max_new_tokens, num_samples=1, sampling=SamplingConfig(temperature=1.0),
     stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
   )  # fmt: skip
-  logps = step_lib.jit_eval_step(
-    make_logps_fn(config, mesh=mesh), sharding.param_shardings(config, mesh), mesh
-  )
+  logps = _logps_fn(config, mesh)
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   kls, lengths = [], []
   for start in range(0, len(prompts), batch_size):
