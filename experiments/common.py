@@ -64,8 +64,10 @@ def build_tokenizer(name: str) -> Tokenizer:
   return load_tokenizer(name)
 
 
-def build_mesh(cfg: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  return sharding.make_mesh(sharding.MeshConfig(data=cfg.data, fsdp=cfg.fsdp, tensor=cfg.tensor))
+def build_mesh(cfg: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
+  """The `mesh` section over `devices` (default: all of this job's)."""
+  mesh = sharding.MeshConfig(data=cfg.data, fsdp=cfg.fsdp, tensor=cfg.tensor)
+  return sharding.make_mesh(mesh, devices)
 
 
 def _model_overrides(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -88,6 +90,13 @@ def load_model(cfg: ml_collections.ConfigDict, mesh) -> tuple[LlamaConfig, Any]:
     return workdirs.load_model(cfg.init_from, mesh, kind="lm", **compute)
   except (FileNotFoundError, ValueError) as e:
     raise type(e)(f"init_from={cfg.init_from!r}: {e}") from e
+
+
+def model_config(cfg: ml_collections.ConfigDict) -> LlamaConfig:
+  """The config's model without reading any checkpoint: the preset with every override
+  (what `experiments.compile_check` sizes; with `init_from` the preset stands for the
+  checkpoint's architecture)."""
+  return LlamaConfig.preset(cfg.model.preset, **_model_overrides(cfg.model))
 
 
 def write_run_files(workdir: str, cfg: ml_collections.ConfigDict, model_cfg: LlamaConfig) -> None:
@@ -151,10 +160,11 @@ def loop_config(cfg: ml_collections.ConfigDict) -> LoopConfig:
 
 
 def check_fits(
-  model_cfg: LlamaConfig, cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, mesh
+  model_cfg: LlamaConfig, cfg: ml_collections.ConfigDict, tokenizer: Tokenizer | None, mesh
 ) -> None:
-  """Everything that would otherwise fail late (or silently) checked before compiling."""
-  if tokenizer.vocab_size > model_cfg.vocab_size:
+  """Everything that would otherwise fail late (or silently) checked before compiling (the
+  tokenizer's part only when one is given)."""
+  if tokenizer is not None and tokenizer.vocab_size > model_cfg.vocab_size:
     raise ValueError(
       f"the tokenizer has {tokenizer.vocab_size} tokens but model vocab_size="
       f"{model_cfg.vocab_size}; set --config.model.vocab_size"

@@ -13,6 +13,7 @@ eval/ versions), metrics.png, TensorBoard events and Orbax checkpoints; a rerun 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -23,12 +24,13 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+import optax
 from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec
 
 from experiments import common
 from experiments.reward_model import load_records, optimizer_config
-from llama_jax import sharding, workdirs
+from llama_jax import aot, sharding, workdirs
 from llama_jax import train_state as ts
 from llama_jax.data import Indexed, make_pair_pipeline
 from llama_jax.steps import common as step_lib
@@ -78,11 +80,7 @@ def reference_tables(
       log.info("Reusing the reference log-probs in %s", path)
       return {s: stored[s] for s in splits}
     log.warning("%s was made from other records or another reference; recomputing", path)
-  ref_step = step_lib.jit_eval_step(
-    dpo_steps.make_reference_step(model_cfg, dpo, mesh=mesh),
-    sharding.param_shardings(model_cfg, mesh),
-    mesh,
-  )
+  ref_step = reference_step(cfg, model_cfg, dpo, mesh)
   tables = {}
   for split, records in splits.items():
     with pipeline(records, evaluation=True) as batches:
@@ -93,6 +91,90 @@ def reference_tables(
     arrays = tables | {f"{s}/fingerprint": np.array(p) for s, p in prints.items()}
     np.savez(path, **arrays)
   return tables
+
+
+def reference_step(cfg, model_cfg, dpo: dpo_steps.DPOConfig, mesh):
+  """The jitted pass that fills the reference table, a train micro-batch at a time."""
+  return step_lib.jit_eval_step(
+    dpo_steps.make_reference_step(
+      model_cfg, dpo, mesh=mesh, micro_batches=cfg.train.grad_accum_steps
+    ),
+    sharding.param_shardings(model_cfg, mesh),
+    mesh,
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOSteps:
+  """The compiled functions of a DPO run (`build_steps`)."""
+
+  optimizer: optax.GradientTransformation
+  abstract_state: ts.TrainState
+  train_step: Any  # jitted (state, batch, table or reference params) -> (state, metrics)
+  eval_step: Any  # jitted (params, batch, table or reference params) -> sums
+  frozen_sharding: Any  # of the table (replicated) or of the reference parameters
+
+
+def build_steps(cfg, model_cfg, mesh, num_steps: int, reference: str | None = None) -> DPOSteps:
+  """The optimizer and jitted steps of `cfg` (reference mode `reference`, default the
+  config's) on `mesh`: what `run` trains with and `programs` compiles ahead of time."""
+  dpo = dpo_config(cfg)
+  reference = reference or cfg.dpo.reference
+  opt_cfg = optimizer_config(cfg, num_steps)
+  optimizer = ts.make_optimizer(opt_cfg)
+  shardings = ts.state_shardings(model_cfg, optimizer, mesh)
+  if reference == "precomputed":
+    frozen_sharding = NamedSharding(mesh, PartitionSpec())
+  else:
+    frozen_sharding = sharding.param_shardings(model_cfg, mesh)
+  accum = cfg.train.grad_accum_steps
+  train_step = dpo_steps.make_train_step(
+    model_cfg, optimizer, dpo, reference=reference, mesh=mesh, grad_accum_steps=accum,
+    learning_rate_fn=ts.learning_rate_schedule(opt_cfg),
+  )  # fmt: skip
+  eval_step = dpo_steps.make_eval_step(
+    model_cfg, dpo, reference=reference, mesh=mesh, micro_batches=accum
+  )
+  frozen = (frozen_sharding,)
+  return DPOSteps(
+    optimizer=optimizer,
+    abstract_state=ts.abstract_train_state(model_cfg, optimizer, mesh),
+    train_step=step_lib.jit_train_step(train_step, shardings, mesh, frozen_shardings=frozen),
+    eval_step=step_lib.jit_eval_step(eval_step, shardings.params, mesh, frozen_shardings=frozen),
+    frozen_sharding=frozen_sharding,
+  )
+
+
+def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list[aot.Program]:
+  """Both reference modes' steps and the reference pass, with abstract arguments (for
+  `experiments.compile_check`); the precomputed table has `assumed.num_pairs` rows."""
+  model_cfg = common.model_config(cfg)
+  common.check_fits(model_cfg, cfg, None, mesh)
+  b, t = cfg.data.batch_size, cfg.data.seq_len
+  side = aot.rows(step_lib.batch_sharding(mesh), b, t, dpo_steps.ROW_FIELDS, ("valid", "index"))
+  batch = {s: side for s in dpo_steps.SIDES}
+  forward = model_cfg.flops_per_token(t) / 3 * 2 * b * t  # one pass over both sides
+  note = f"{b} pairs × {t}"
+  ref_params = sharding.abstract_sharded_params(model_cfg, mesh)
+  out = []
+  for reference in dpo_steps.REFERENCES:
+    steps = build_steps(cfg, model_cfg, mesh, 1000, reference)
+    state = steps.abstract_state
+    if reference == "precomputed":
+      table = jax.ShapeDtypeStruct((assumed.num_pairs, 2), np.float32, sharding=steps.frozen_sharding)
+      out.append(aot.Program(
+        "reference_logps", reference_step(cfg, model_cfg, dpo_config(cfg), mesh),
+        (ref_params, batch), forward, note=note))  # fmt: skip
+      frozen, ref_flops = table, 0.0
+    else:
+      frozen, ref_flops = ref_params, forward
+    out += [
+      aot.Program(f"train_step[{reference}]", steps.train_step, (state, batch, frozen),
+                  3 * forward + ref_flops, note=note),
+      aot.Program(f"eval_step[{reference}]", steps.eval_step, (state.params, batch, frozen),
+                  forward + ref_flops, resident=state.opt_state, note=note),
+    ]  # fmt: skip
+  return out
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -127,41 +209,18 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if cfg.dpo.reference == "precomputed":
     tables = reference_tables(cfg, model_cfg, dpo, ref_params, splits, pipeline, mesh, workdir)
     frozen = {s: jax.device_put(t, replicated) for s, t in tables.items()}
-    frozen_sharding = replicated
     del ref_params  # the reference is no longer needed in memory
   else:
     frozen = dict.fromkeys(splits, ref_params)
-    frozen_sharding = sharding.param_shardings(model_cfg, mesh)
 
   num_steps = cfg.train.num_steps or cfg.train.epochs * math.ceil(
     len(splits["train"]) / cfg.data.batch_size
   )
-  opt_cfg = optimizer_config(cfg, num_steps)
-  optimizer = ts.make_optimizer(opt_cfg)
-  shardings = ts.state_shardings(model_cfg, optimizer, mesh)
-  train_step = step_lib.jit_train_step(
-    dpo_steps.make_train_step(
-      model_cfg,
-      optimizer,
-      dpo,
-      reference=cfg.dpo.reference,
-      mesh=mesh,
-      grad_accum_steps=cfg.train.grad_accum_steps,
-      learning_rate_fn=ts.learning_rate_schedule(opt_cfg),
-    ),
-    shardings,
-    mesh,
-    frozen_shardings=(frozen_sharding,),
-  )
+  steps = build_steps(cfg, model_cfg, mesh, num_steps)
   results: dict[str, Any] = {}
   eval_fn = None
   if "eval" in splits:
-    eval_step = step_lib.jit_eval_step(
-      dpo_steps.make_eval_step(model_cfg, dpo, reference=cfg.dpo.reference, mesh=mesh),
-      shardings.params,
-      mesh,
-      frozen_shardings=(frozen_sharding,),
-    )
+    eval_step = steps.eval_step
 
     def eval_fn(state) -> dict[str, float]:
       with pipeline(splits["eval"], evaluation=True) as batches:
@@ -174,7 +233,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   def init_state():
     state = ts.init_train_state(
-      model_cfg, optimizer, mesh, jax.random.PRNGKey(cfg.train.seed), params=params
+      model_cfg, steps.optimizer, mesh, jax.random.PRNGKey(cfg.train.seed), params=params
     )
     if eval_fn is not None:  # the starting point, for the report (the policy is the reference)
       results["initial"] = eval_fn(state)
@@ -184,8 +243,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   with pipeline(splits["train"]) as train_iter:
     state = fit(
       init_state=init_state,
-      abstract_state=ts.abstract_train_state(model_cfg, optimizer, mesh),
-      train_step=lambda state, batch: train_step(state, batch, frozen["train"]),
+      abstract_state=steps.abstract_state,
+      train_step=lambda state, batch: steps.train_step(state, batch, frozen["train"]),
       train_iter=train_iter,
       workdir=workdir,
       loop=common.loop_config(ml_collections.ConfigDict(train)),

@@ -22,9 +22,16 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
-from llama_jax import sharding
+from llama_jax import aot, sharding
 from llama_jax.data.scoring import check_answer
-from llama_jax.generation import Generation, generate, score_candidates
+from llama_jax.generation import (
+  Generation,
+  GenerationConfig,
+  SamplingConfig,
+  generate,
+  score_candidates,
+)
+from llama_jax.generation.decode import abstract_decode_args, make_decode_fn
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +73,48 @@ def sample_batches(
       key=jax.random.fold_in(key, start), mesh=mesh,
     )  # fmt: skip
     yield batch, out, time.perf_counter() - t0
+
+
+def generation_config(cfg: ml_collections.ConfigDict, stop_ids, pad_id: int, num_samples=None):
+  """The `generation` section as a `GenerationConfig` (`num_samples` overrides its own)."""
+  g = cfg.generation
+  return GenerationConfig(
+    max_new_tokens=g.max_new_tokens,
+    num_samples=num_samples or g.num_samples,
+    sampling=SamplingConfig(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p),
+    stop_ids=stop_ids,
+    pad_id=pad_id,
+    prompt_bucket=g.prompt_bucket,
+  )
+
+
+def generation_program(
+  model_cfg, gen: GenerationConfig, num_prompts: int, prompt_len: int, mesh, resident=()
+) -> aot.Program:
+  """The compiled decoder of `generate_tokens` for one batch of prompts (prefill + decode
+  loop; both KV caches are its arguments), for `experiments.compile_check`."""
+  args = abstract_decode_args(model_cfg, gen, num_prompts, prompt_len, mesh)
+  b, p = args[1].shape
+  r, n = gen.num_samples, gen.max_new_tokens
+  flops = model_cfg.flops_per_token(p + n) / 3 * (b * p + b * r * n)
+  return aot.Program("generate", make_decode_fn(model_cfg, gen, mesh), args, flops, resident,
+                     note=f"{b} prompts × {p} + {r} × {n} new")  # fmt: skip
+
+
+def check_generation_config(cfg: ml_collections.ConfigDict, model_cfg, num_samples=None):
+  """`generation_config` without a tokenizer: the model's EOS ids stop (shapes and memory do
+  not depend on which ids stop)."""
+  eos = model_cfg.eos_token_id
+  stop_ids = () if eos is None else (eos,) if isinstance(eos, int) else eos
+  return generation_config(cfg, stop_ids, 0, num_samples)
+
+
+def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list[aot.Program]:
+  """The sampler of one batch of `data.batch_size` prompts (`experiments.compile_check`)."""
+  model_cfg = common.model_config(cfg)
+  sharding.check_fits_mesh(model_cfg, mesh)
+  gen = check_generation_config(cfg, model_cfg)
+  return [generation_program(model_cfg, gen, cfg.data.batch_size, assumed.prompt_len, mesh)]
 
 
 def load_policy(cfg: ml_collections.ConfigDict):

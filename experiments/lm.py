@@ -6,15 +6,17 @@ jitted steps from a config, then hands them to `llama_jax.trainer.fit`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+import optax
 
 from experiments import common
-from llama_jax import sharding
+from llama_jax import aot, sharding
 from llama_jax import train_state as ts
 from llama_jax.objectives import lm as lm_obj
 from llama_jax.steps import common as step_lib
@@ -39,16 +41,19 @@ def make_eval_fn(eval_batches, eval_step):
   return evaluate
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics."""
-  sharding.initialize_distributed()  # multi-host TPU / SLURM; a no-op on one process
-  tokenizer = common.build_tokenizer(cfg.tokenizer)
-  mesh = common.build_mesh(cfg.mesh)
-  model_cfg, params = common.load_model(cfg, mesh)
-  common.check_fits(model_cfg, cfg, tokenizer, mesh)
-  common.write_run_files(workdir, cfg, model_cfg)
-  log.info("Model: %s parameters on mesh %s", f"{model_cfg.num_params():,}", dict(mesh.shape))
+@dataclasses.dataclass(frozen=True)
+class LMSteps:
+  """The compiled functions of an LM run and what they need (`build_steps`)."""
 
+  optimizer: optax.GradientTransformation
+  abstract_state: ts.TrainState  # ShapeDtypeStructs with shardings: restore target, AOT args
+  train_step: Any  # jitted (state, batch) -> (state, metrics), state donated
+  eval_step: Any  # jitted (params, batch) -> sums
+
+
+def build_steps(cfg: ml_collections.ConfigDict, model_cfg, mesh) -> LMSteps:
+  """The optimizer and the jitted train / eval steps of `cfg` on `mesh`: what `run` trains
+  with and `programs` compiles ahead of time."""
   opt_cfg = common.optimizer_config(cfg.optimizer, cfg.train.num_steps)
   optimizer = ts.make_optimizer(opt_cfg)
   shardings = ts.state_shardings(model_cfg, optimizer, mesh)
@@ -61,13 +66,51 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     grad_accum_steps=cfg.train.grad_accum_steps,
     learning_rate_fn=ts.learning_rate_schedule(opt_cfg),
   )
-  eval_step = step_lib.jit_eval_step(
-    lm_steps.make_eval_step(model_cfg, mesh=mesh, loss_chunk_size=cfg.train.loss_chunk_size),
-    shardings.params,
-    mesh,
+  eval_step = lm_steps.make_eval_step(
+    model_cfg,
+    mesh=mesh,
+    loss_chunk_size=cfg.train.loss_chunk_size,
+    micro_batches=cfg.train.grad_accum_steps,
   )
+  return LMSteps(
+    optimizer=optimizer,
+    abstract_state=ts.abstract_train_state(model_cfg, optimizer, mesh),
+    train_step=step_lib.jit_train_step(train_step, shardings, mesh),
+    eval_step=step_lib.jit_eval_step(eval_step, shardings.params, mesh),
+  )
+
+
+def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list[aot.Program]:
+  """The run's compiled functions with abstract arguments, for `experiments.compile_check`."""
+  del assumed  # an LM batch is fully given by the config
+  model_cfg = common.model_config(cfg)
+  common.check_fits(model_cfg, cfg, None, mesh)
+  steps = build_steps(cfg, model_cfg, mesh)
+  b, t = cfg.data.batch_size, cfg.data.seq_len
+  batch = aot.rows(step_lib.batch_sharding(mesh), b, t, lm_steps.LM_FIELDS)
+  state = steps.abstract_state
+  flops = model_cfg.flops_per_token(t) * b * t
+  note = f"{b} × {t}"
+  return [
+    aot.Program("train_step", steps.train_step, (state, batch), flops, note=note),
+    aot.Program("eval_step", steps.eval_step, (state.params, batch), flops / 3,
+                resident=state.opt_state, note=note),  # fmt: skip
+  ]
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics."""
+  sharding.initialize_distributed()  # multi-host TPU / SLURM; a no-op on one process
+  tokenizer = common.build_tokenizer(cfg.tokenizer)
+  mesh = common.build_mesh(cfg.mesh)
+  model_cfg, params = common.load_model(cfg, mesh)
+  common.check_fits(model_cfg, cfg, tokenizer, mesh)
+  common.write_run_files(workdir, cfg, model_cfg)
+  log.info("Model: %s parameters on mesh %s", f"{model_cfg.num_params():,}", dict(mesh.shape))
+
+  steps = build_steps(cfg, model_cfg, mesh)
   eval_batches = common.make_eval_batches(cfg.data, tokenizer, mesh)
-  eval_fn = None if eval_batches is None else make_eval_fn(eval_batches, eval_step)
+  eval_fn = None if eval_batches is None else make_eval_fn(eval_batches, steps.eval_step)
 
   results: dict[str, Any] = {}
 
@@ -78,10 +121,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   with common.make_train_pipeline(cfg.data, tokenizer, mesh) as train_iter:
     state = fit(
       init_state=lambda: ts.init_train_state(
-        model_cfg, optimizer, mesh, jax.random.PRNGKey(cfg.train.seed), params=params
+        model_cfg, steps.optimizer, mesh, jax.random.PRNGKey(cfg.train.seed), params=params
       ),
-      abstract_state=ts.abstract_train_state(model_cfg, optimizer, mesh),
-      train_step=step_lib.jit_train_step(train_step, shardings, mesh),
+      abstract_state=steps.abstract_state,
+      train_step=steps.train_step,
       train_iter=train_iter,
       workdir=workdir,
       loop=common.loop_config(cfg.train),

@@ -15,22 +15,28 @@ TensorBoard events and checkpoints of both models; a rerun resumes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
+import optax
 from absl import app, flags
+from jax.sharding import NamedSharding, PartitionSpec
 
 from experiments import common
 from experiments.grpo import (
+  check_minibatches,
   generation_config,
   load_policy_and_reference,
+  rollout_programs,
   train_online,
 )
 from experiments.rejection_sampling import build_scorer
-from llama_jax import online, reward_model, workdirs
+from llama_jax import aot, online, reward_model, rollouts, sharding, workdirs
 from llama_jax import train_state as ts
 from llama_jax.steps import common as step_lib
 from llama_jax.steps import ppo as ppo_steps
@@ -57,13 +63,22 @@ def value_params(cfg, model_cfg, policy_params, mesh):
   return model_cfg, reward_model.from_lm_params(model_cfg, trunk, rng, mesh)
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) PPO in `workdir`; returns start vs end means of the iteration metrics."""
-  tokenizer, mesh, model_cfg, params, ref_params = load_policy_and_reference(
-    cfg, cfg.generation.num_samples
-  )
-  common.write_run_files(workdir, cfg, model_cfg)
-  value_cfg, v_params = value_params(cfg, model_cfg, ref_params, mesh)
+@dataclasses.dataclass(frozen=True)
+class PPOSteps:
+  """The compiled functions of a PPO run (`build_steps`)."""
+
+  ppo: ppo_steps.PPOConfig
+  policy_opt: optax.GradientTransformation
+  value_opt: optax.GradientTransformation
+  abstract_state: online.PPOState
+  score_fn: Any  # jitted (policy, reference, value params, rows, scores, β) -> (out, metrics)
+  policy_step: Any  # jitted (policy state, minibatch) -> (state, metrics)
+  value_step: Any  # jitted (value state, minibatch) -> (state, metrics)
+
+
+def build_steps(cfg: ml_collections.ConfigDict, model_cfg, value_cfg, mesh) -> PPOSteps:
+  """The optimizers and jitted functions of `cfg` on `mesh`: what `run` trains with and
+  `programs` compiles ahead of time."""
   ppo = common.from_section(ppo_steps.PPOConfig, cfg.ppo, loss_chunk_size=cfg.train.loss_chunk_size)
   num_updates = cfg.train.num_steps * cfg.train.num_minibatches
   policy_opt = ts.make_optimizer(common.optimizer_config(cfg.optimizer, num_updates))
@@ -71,26 +86,87 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   policy_sh = ts.state_shardings(model_cfg, policy_opt, mesh)
   value_sh = reward_model.state_shardings(value_cfg, value_opt, mesh)
   accum = cfg.train.grad_accum_steps
-  score_fn = jax.jit(ppo_steps.make_score_fn(model_cfg, value_cfg, ppo, mesh=mesh))
-  policy_step = step_lib.jit_train_step(
-    ppo_steps.make_policy_step(model_cfg, policy_opt, ppo, mesh=mesh, grad_accum_steps=accum),
-    policy_sh,
-    mesh,
+  rows, rep = step_lib.batch_sharding(mesh), NamedSharding(mesh, PartitionSpec())
+  score_fn = jax.jit(
+    ppo_steps.make_score_fn(model_cfg, value_cfg, ppo, mesh=mesh),
+    in_shardings=(policy_sh.params, policy_sh.params, value_sh.params, rows, rows, rep),
+    out_shardings=(rows, rep),
   )
-  value_step = step_lib.jit_train_step(
-    ppo_steps.make_value_step(value_cfg, value_opt, ppo, mesh=mesh, grad_accum_steps=accum),
-    value_sh,
-    mesh,
+  return PPOSteps(
+    ppo=ppo,
+    policy_opt=policy_opt,
+    value_opt=value_opt,
+    abstract_state=online.PPOState(
+      policy=ts.abstract_train_state(model_cfg, policy_opt, mesh),
+      value=reward_model.abstract_train_state(value_cfg, value_opt, mesh),
+      kl_coef=jax.ShapeDtypeStruct((), jnp.float32, sharding=rep),
+      step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
+    ),
+    score_fn=score_fn,
+    policy_step=step_lib.jit_train_step(
+      ppo_steps.make_policy_step(model_cfg, policy_opt, ppo, mesh=mesh, grad_accum_steps=accum),
+      policy_sh, mesh,
+    ),
+    value_step=step_lib.jit_train_step(
+      ppo_steps.make_value_step(value_cfg, value_opt, ppo, mesh=mesh, grad_accum_steps=accum),
+      value_sh, mesh,
+    ),
+  )  # fmt: skip
+
+
+def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list[aot.Program]:
+  """One iteration's compiled functions with abstract arguments (`experiments.compile_check`):
+  sampling, reward models, scoring (policy, reference and value passes), both updates. The
+  value model is assumed to have the policy's architecture (Llama 2: the helpfulness RM)."""
+  model_cfg = common.model_config(cfg)
+  check_minibatches(cfg, mesh, cfg.generation.num_samples)
+  sharding.check_fits_mesh(model_cfg, mesh)
+  steps = build_steps(cfg, model_cfg, model_cfg, mesh)
+  state = steps.abstract_state
+  ref = sharding.abstract_sharded_params(model_cfg, mesh)
+  out, num_rows, t, rms = rollout_programs(
+    cfg, model_cfg, mesh, assumed, cfg.generation.num_samples, resident=(state, ref)
   )
+  rows_sh = step_lib.batch_sharding(mesh)
+  float_fields = ("old_logp", "advantages", "old_values", "returns")
+  rows = aot.rows(rows_sh, num_rows, t, rollouts.ROW_FIELDS)
+  scores = jax.ShapeDtypeStruct((num_rows,), np.float32, sharding=rows_sh)
+  kl_coef = state.kl_coef
+  mb = num_rows // cfg.train.num_minibatches
+  minibatch = aot.rows(rows_sh, mb, t, (*rollouts.ROW_FIELDS, *float_fields),
+                       dtypes=dict.fromkeys(float_fields, np.float32))  # fmt: skip
+  forward = model_cfg.flops_per_token(t) / 3 * t
+  note = f"{mb} rows × {t}"
+  return out + [
+    aot.Program("score", steps.score_fn, (state.policy.params, ref, state.value.params, rows,
+                scores, kl_coef), 3 * forward * num_rows,
+                resident=(state.policy.opt_state, state.value.opt_state, rms),
+                note=f"{num_rows} rows × {t}"),
+    aot.Program("policy_step", steps.policy_step, (state.policy, minibatch), 3 * forward * mb,
+                resident=(state.value, ref, rms), note=note),
+    aot.Program("value_step", steps.value_step, (state.value, minibatch), 3 * forward * mb,
+                resident=(state.policy, ref, rms), note=note),
+  ]  # fmt: skip
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) PPO in `workdir`; returns start vs end means of the iteration metrics."""
+  tokenizer, mesh, model_cfg, params, ref_params = load_policy_and_reference(
+    cfg, cfg.generation.num_samples
+  )
+  common.write_run_files(workdir, cfg, model_cfg)
+  value_cfg, v_params = value_params(cfg, model_cfg, ref_params, mesh)
+  steps = build_steps(cfg, model_cfg, value_cfg, mesh)
+  ppo = steps.ppo
   iteration = online.ppo_iteration(
     policy_config=model_cfg,
     tokenizer=tokenizer,
     gen=generation_config(cfg, tokenizer, cfg.generation.num_samples),
     reward_fn=build_scorer(cfg.reward, tokenizer, mesh),
     ref_params=ref_params,
-    score_fn=score_fn,
-    policy_step=policy_step,
-    value_step=value_step,
+    score_fn=steps.score_fn,
+    policy_step=steps.policy_step,
+    value_step=steps.value_step,
     num_minibatches=cfg.train.num_minibatches,
     no_eos_penalty=ppo.no_eos_penalty,
     kl_target=ppo.kl_target,
@@ -103,18 +179,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   def init_state():
     key = jax.random.PRNGKey(cfg.train.seed)
     return online.PPOState(
-      policy=ts.init_train_state(model_cfg, policy_opt, mesh, key, params=params),
-      value=reward_model.init_train_state(value_cfg, value_opt, mesh, key, params=v_params),
+      policy=ts.init_train_state(model_cfg, steps.policy_opt, mesh, key, params=params),
+      value=reward_model.init_train_state(value_cfg, steps.value_opt, mesh, key, params=v_params),
       kl_coef=jnp.float32(ppo.kl_coef),
       step=jnp.int32(0),
     )
 
-  abstract = online.PPOState(
-    policy=ts.abstract_train_state(model_cfg, policy_opt, mesh),
-    value=reward_model.abstract_train_state(value_cfg, value_opt, mesh),
-    kl_coef=jax.ShapeDtypeStruct((), jnp.float32, sharding=policy_sh.step),
-    step=jax.ShapeDtypeStruct((), jnp.int32, sharding=policy_sh.step),
-  )
+  abstract = steps.abstract_state
   meta = {"model": model_cfg.to_dict(), "ppo": cfg.ppo.to_dict()}
   return train_online(cfg, workdir, iteration, init_state, abstract, meta, PLOT_PANELS)
 

@@ -43,7 +43,7 @@ from jax.experimental import multihost_utils
 
 from experiments import common
 from experiments import generate as generate_experiment
-from llama_jax import rewards, sharding
+from llama_jax import aot, reward_model, rewards, rollouts, sharding
 from llama_jax.data import builders, scoring
 from llama_jax.data.records import prompt_messages
 from llama_jax.generation import score_candidates
@@ -101,6 +101,53 @@ def build_scorer(cfg: ml_collections.ConfigDict, tokenizer, mesh) -> RecordScore
     responses,
     is_safety=[r["concern"] == "safety" for r in records],
   )
+
+
+def reward_model_params(cfg: ml_collections.ConfigDict, model_cfg, mesh) -> dict[str, Any]:
+  """Abstract parameters of the reward models the `reward` section loads, by field name
+  (none for check_answer). Their architecture is assumed to be the policy's (Llama 2 and 3
+  initialize their RMs from the chat model or the pre-trained one)."""
+  fields = {"reward_model": ("reward_model",), "llama2": ("helpful", "safety")}.get(cfg.kind, ())
+  shapes = reward_model.abstract_params(model_cfg)
+  placed = aot.abstract(shapes, reward_model.param_shardings(model_cfg, mesh))
+  return dict.fromkeys(fields, placed)
+
+
+def scorer_programs(
+  cfg: ml_collections.ConfigDict, model_cfg, mesh, seq_len: int, resident=()
+) -> list[aot.Program]:
+  """The reward models' scoring pass over `reward.batch_size` rows of `seq_len` tokens (as
+  `rewards.RewardScorer` pads them), once per RM; the other RMs count as resident."""
+  rms = reward_model_params(cfg, model_cfg, mesh)
+  if not rms:
+    return []
+  sharding.check_batch_fits_mesh(cfg.batch_size, mesh, "reward.batch_size")
+  rows = sharding.named_sharding(mesh, ("act_batch", "act_seq"))
+  batch = aot.rows(rows, cfg.batch_size, seq_len, ("tokens", "segment_ids"))
+  score = rewards.make_score_fn(model_cfg, mesh)
+  flops = reward_model.flops_per_token(model_cfg, seq_len) / 3 * cfg.batch_size * seq_len
+  out = []
+  for name, params in rms.items():
+    others = [p for n, p in rms.items() if n != name]
+    out.append(aot.Program(f"score[{name}]", score, (params, batch["tokens"],
+               batch["segment_ids"]), flops, resident=(others, resident),
+               note=f"{cfg.batch_size} × {seq_len}"))  # fmt: skip
+  return out
+
+
+def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list[aot.Program]:
+  """Sampling K answers per prompt and scoring them (`experiments.compile_check`): the
+  policy and every reward model are on the devices together."""
+  model_cfg = common.model_config(cfg)
+  sharding.check_fits_mesh(model_cfg, mesh)
+  gen = generate_experiment.check_generation_config(cfg, model_cfg)
+  policy = sharding.abstract_sharded_params(model_cfg, mesh)
+  generate = generate_experiment.generation_program(
+    model_cfg, gen, cfg.data.batch_size, assumed.prompt_len, mesh,
+    resident=reward_model_params(cfg.reward, model_cfg, mesh),
+  )  # fmt: skip
+  seq_len = rollouts.row_length([[0] * assumed.prompt_len], gen.max_new_tokens, 64)
+  return [generate, *scorer_programs(cfg.reward, model_cfg, mesh, seq_len, resident=policy)]
 
 
 # --------------------------------------------------------------------------- selection

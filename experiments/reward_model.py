@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import optax
 import ml_collections
 from absl import app, flags
 
 from experiments import common
-from llama_jax import reward_model, sharding
+from llama_jax import aot, reward_model, sharding
 from llama_jax import train_state as ts
 from llama_jax.data import ranking
 from llama_jax.steps import common as step_lib
@@ -77,15 +78,75 @@ def make_eval_fn(batches_fn, eval_step, cfg: ml_collections.ConfigDict, workdir:
   return evaluate
 
 
+@dataclasses.dataclass(frozen=True)
+class RMSteps:
+  """The compiled functions of a reward-model run (`build_steps`)."""
+
+  optimizer: optax.GradientTransformation
+  abstract_state: ts.TrainState
+  train_step: Any  # jitted (state, batch) -> (state, metrics)
+  eval_step: Any  # jitted (params, batch) -> per-row rewards
+
+
+def build_steps(cfg: ml_collections.ConfigDict, model_cfg, mesh, num_steps: int) -> RMSteps:
+  """The optimizer and jitted steps of `cfg` on `mesh`: what `run` trains with and
+  `programs` compiles ahead of time."""
+  opt_cfg = optimizer_config(cfg, num_steps)
+  optimizer = ts.make_optimizer(opt_cfg)
+  shardings = reward_model.state_shardings(model_cfg, optimizer, mesh)
+  max_responses = ranking.MAX_RESPONSES if cfg.data.use_edited else 2
+  train_step = reward_steps.make_train_step(
+    model_cfg, optimizer, mesh=mesh, margins=cfg.reward.margins,
+    centering=cfg.reward.centering, grad_accum_steps=cfg.train.grad_accum_steps,
+    learning_rate_fn=ts.learning_rate_schedule(opt_cfg), max_responses=max_responses,
+  )  # fmt: skip
+  eval_step = reward_steps.make_eval_step(
+    model_cfg, mesh=mesh, max_responses=max_responses,
+    micro_batches=cfg.train.grad_accum_steps,
+  )  # fmt: skip
+  return RMSteps(
+    optimizer=optimizer,
+    abstract_state=reward_model.abstract_train_state(model_cfg, optimizer, mesh),
+    train_step=step_lib.jit_train_step(train_step, shardings, mesh),
+    eval_step=step_lib.jit_eval_step(eval_step, shardings.params, mesh),
+  )
+
+
+def model_config(cfg: ml_collections.ConfigDict, model_cfg):
+  """Ranking rows need a per-row attention mask: kernels that cannot take one fall back to
+  XLA attention (see the config docstring)."""
+  if model_cfg.attention_impl != "xla":
+    log.warning("Reward model: attention_impl %r -> 'xla'", model_cfg.attention_impl)
+    model_cfg = model_cfg.replace(attention_impl="xla")
+  return model_cfg
+
+
+def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list[aot.Program]:
+  """The run's compiled functions with abstract arguments (`experiments.compile_check`)."""
+  del assumed
+  model_cfg = model_config(cfg, common.model_config(cfg))
+  common.check_fits(model_cfg, cfg, None, mesh)
+  steps = build_steps(cfg, model_cfg, mesh, 1000)
+  b, t = cfg.data.batch_size, cfg.data.seq_len
+  batch = aot.rows(step_lib.batch_sharding(mesh), b, t, ("tokens", "segment_ids", "response_ids"),
+                   ("rating", "concern", "valid"))  # fmt: skip
+  state = steps.abstract_state
+  flops = reward_model.flops_per_token(model_cfg, t) * b * t
+  note = f"{b} rows × {t}"
+  return [
+    aot.Program("train_step", steps.train_step, (state, batch), flops, note=note),
+    aot.Program("eval_step", steps.eval_step, (state.params, batch), flops / 3,
+                resident=state.opt_state, note=note),  # fmt: skip
+  ]
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the reward model in `workdir`; returns the final eval metrics."""
   sharding.initialize_distributed()
   tokenizer = common.build_tokenizer(cfg.tokenizer)
   mesh = common.build_mesh(cfg.mesh)
   model_cfg, lm_params = common.load_model(cfg, mesh)
-  if model_cfg.attention_impl != "xla":  # packed rows need a per-row mask (see the config)
-    log.warning("Reward model: attention_impl %r -> 'xla'", model_cfg.attention_impl)
-    model_cfg = model_cfg.replace(attention_impl="xla")
+  model_cfg = model_config(cfg, model_cfg)
   common.check_fits(model_cfg, cfg, tokenizer, mesh)
   common.write_run_files(workdir, cfg, model_cfg)
 
@@ -93,20 +154,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   num_steps = cfg.train.num_steps or cfg.train.epochs * math.ceil(
     len(train_records) / cfg.data.batch_size
   )
-  opt_cfg = optimizer_config(cfg, num_steps)
-  optimizer = ts.make_optimizer(opt_cfg)
-  shardings = reward_model.state_shardings(model_cfg, optimizer, mesh)
-  max_responses = ranking.MAX_RESPONSES if cfg.data.use_edited else 2
-  train_step = reward_steps.make_train_step(
-    model_cfg,
-    optimizer,
-    mesh=mesh,
-    margins=cfg.reward.margins,
-    centering=cfg.reward.centering,
-    grad_accum_steps=cfg.train.grad_accum_steps,
-    learning_rate_fn=ts.learning_rate_schedule(opt_cfg),
-    max_responses=max_responses,
-  )
+  steps = build_steps(cfg, model_cfg, mesh, num_steps)
   pipeline_cfg = common.pipeline_config(cfg.data)
   pipeline = lambda records, **kw: ranking.make_ranking_pipeline(
     records, tokenizer, pipeline_cfg, use_edited=cfg.data.use_edited, mesh=mesh, **kw
@@ -114,12 +162,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   eval_fn = None
   if cfg.data.eval_split:
     eval_records = load_records(cfg.data, cfg.data.eval_split, cfg.data.eval_ratings)
-    eval_step = step_lib.jit_eval_step(
-      reward_steps.make_eval_step(model_cfg, mesh=mesh, max_responses=max_responses),
-      shardings.params,
-      mesh,
+    eval_fn = make_eval_fn(
+      lambda: pipeline(eval_records, evaluation=True), steps.eval_step, cfg, workdir
     )
-    eval_fn = make_eval_fn(lambda: pipeline(eval_records, evaluation=True), eval_step, cfg, workdir)
   log.info(
     "Reward model: %s parameters on mesh %s, %d steps",
     f"{reward_model.num_params(model_cfg):,}",
@@ -142,10 +187,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   with pipeline(train_records) as train_iter:
     state = fit(
       init_state=lambda: reward_model.init_train_state(
-        model_cfg, optimizer, mesh, state_rng, params=params
+        model_cfg, steps.optimizer, mesh, state_rng, params=params
       ),
-      abstract_state=reward_model.abstract_train_state(model_cfg, optimizer, mesh),
-      train_step=step_lib.jit_train_step(train_step, shardings, mesh),
+      abstract_state=steps.abstract_state,
+      train_step=steps.train_step,
       train_iter=train_iter,
       workdir=workdir,
       loop=common.loop_config(ml_collections.ConfigDict(train)),

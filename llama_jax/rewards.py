@@ -145,6 +145,25 @@ class RunningMoments:
 # --------------------------------------------------------------------------- scorers
 
 
+def make_score_fn(config: LlamaConfig, mesh: Mesh | None = None):
+  """`score(params, tokens [N, T], segment_ids [N, T]) -> rewards [N]` of a reward model,
+  jitted (with a mesh: rows over the batch axes, rewards replicated)."""
+  fn = lambda p, tokens, segments: reward_model.sequence_rewards(config, p, tokens, segments)
+  if mesh is None:
+    return jax.jit(fn)
+
+  def sharded(p, tokens, segments):
+    with sharding.activation_sharding(mesh):
+      return fn(p, tokens, segments)
+
+  rows = sharding.named_sharding(mesh, ("act_batch", "act_seq"))
+  return jax.jit(
+    sharded,
+    in_shardings=(reward_model.param_shardings(config, mesh), rows, rows),
+    out_shardings=NamedSharding(mesh, PartitionSpec()),
+  )
+
+
 class RewardScorer:
   """One reward model as a function `(prompts, responses) -> raw rewards` (np.float32 [N]).
 
@@ -168,22 +187,9 @@ class RewardScorer:
     self.config, self.params, self.tokenizer, self.fmt = config, params, tokenizer, fmt
     self.batch_size, self.pad_to = batch_size, pad_to
     self.mesh = mesh
-    fn = lambda p, tokens, segments: reward_model.sequence_rewards(config, p, tokens, segments)
-    if mesh is None:
-      self._score = jax.jit(fn)
-    else:
+    if mesh is not None:
       sharding.check_batch_fits_mesh(batch_size, mesh, "RewardScorer batch_size")
-      rows = sharding.named_sharding(mesh, ("act_batch", "act_seq"))
-
-      def sharded(p, tokens, segments):
-        with sharding.activation_sharding(mesh):
-          return fn(p, tokens, segments)
-
-      self._score = jax.jit(
-        sharded,
-        in_shardings=(reward_model.param_shardings(config, mesh), rows, rows),
-        out_shardings=NamedSharding(mesh, PartitionSpec()),
-      )
+    self._score = make_score_fn(config, mesh)
 
   @classmethod
   def from_workdir(

@@ -192,6 +192,15 @@ def param_shardings(config: LlamaConfig, mesh: Mesh, rules: Rules = DEFAULT_RULE
   )
 
 
+def abstract_sharded_params(config: LlamaConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+  """Parameter `ShapeDtypeStruct`s placed as `param_shardings` (ahead-of-time arguments)."""
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    nn.meta.unbox(abstract_params(config)),
+    param_shardings(config, mesh, rules),
+  )
+
+
 def named_sharding(mesh: Mesh, logical: Sequence[str | None],
                    rules: Rules = DEFAULT_RULES) -> NamedSharding:
   """NamedSharding of an activation / batch array from its logical axis names."""

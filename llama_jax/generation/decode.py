@@ -217,7 +217,7 @@ def decode(
 # --------------------------------------------------------------------------- compiled entry
 
 
-def _cache_shardings(mesh: Mesh) -> KVCache:
+def cache_shardings(mesh: Mesh) -> KVCache:
   kv = sharding.named_sharding(mesh, (None, "act_batch", "act_seq", "act_heads", None))
   return KVCache(
     k=kv,
@@ -251,7 +251,7 @@ def _decode_fn(config: LlamaConfig, gen: GenerationConfig, mesh: Mesh | None):
       return fn(*args)
 
   batch = sharding.named_sharding(mesh, ("act_batch", "act_seq"))
-  caches = _cache_shardings(mesh)
+  caches = cache_shardings(mesh)
   outputs = GenerationOutput(
     tokens=sharding.named_sharding(mesh, ("act_batch", None, None)),
     mask=sharding.named_sharding(mesh, ("act_batch", None, None)),
@@ -268,6 +268,31 @@ def _decode_fn(config: LlamaConfig, gen: GenerationConfig, mesh: Mesh | None):
   )
 
 
+def abstract_decode_args(
+  config: LlamaConfig, gen: GenerationConfig, num_prompts: int, prompt_len: int, mesh: Mesh
+) -> tuple:
+  """Abstract arguments of `make_decode_fn(config, gen, mesh)` for `num_prompts` prompts of
+  up to `prompt_len` tokens, padded as `generate_tokens` pads them (ahead-of-time checks)."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  b, r = -(-num_prompts // shards) * shards, gen.num_samples
+  p = bucket_length(prompt_len, gen.prompt_bucket)
+  batch = sharding.named_sharding(mesh, ("act_batch", "act_seq"))
+  caches = jax.eval_shape(
+    lambda: (KVCache.init(config, b, p), KVCache.init(config, b * r, gen.max_new_tokens))
+  )
+  struct = lambda shape, dtype, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+  place = lambda c: jax.tree.map(lambda x, sh: struct(x.shape, x.dtype, sh), c,
+                                 cache_shardings(mesh))  # fmt: skip
+  return (
+    sharding.abstract_sharded_params(config, mesh),
+    struct((b, p), jnp.int32, batch),
+    struct((b, p), jnp.int32, batch),
+    struct((b, r, 2), jnp.uint32, sharding.named_sharding(mesh, ("act_batch", None, None))),
+    place(caches[0]),
+    place(caches[1]),
+  )
+
+
 @functools.lru_cache(maxsize=16)
 def _make_init_caches(config: LlamaConfig, mesh: Mesh | None):
   """Jitted `(B, P, B·R, N) -> (prompt_cache, sample_cache)`, allocated in their shardings."""
@@ -275,7 +300,7 @@ def _make_init_caches(config: LlamaConfig, mesh: Mesh | None):
   def init(prompts, prompt_len, rows, new_tokens):
     return (KVCache.init(config, prompts, prompt_len), KVCache.init(config, rows, new_tokens))
 
-  shardings = None if mesh is None else (_cache_shardings(mesh),) * 2
+  shardings = None if mesh is None else (cache_shardings(mesh),) * 2
   return jax.jit(init, static_argnums=(0, 1, 2, 3), out_shardings=shardings)
 
 

@@ -92,6 +92,28 @@ def accumulate_gradients(
   return sums, grads
 
 
+def map_microbatches(fn: Callable[[Batch], Any], batch: Batch, num: int) -> Any:
+  """`fn(batch)` of per-row outputs [B, ...], computed `num` micro-batches at a time (a
+  scan) and put back in row order."""
+  if num == 1:
+    return fn(batch)
+  out = jax.lax.map(fn, split_microbatches(batch, num))  # [num, B / num, ...]
+  return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:]), out)
+
+
+def sum_microbatches(sums_fn: Callable[[Batch], Any], batch: Batch, num: int) -> Any:
+  """`sums_fn(batch)` added up over `num` micro-batches, one at a time (a scan), so only one
+  micro-batch's activations are alive: evaluation at the training batch size fits where a
+  training step does."""
+  if num == 1:
+    return sums_fn(batch)
+  micro = split_microbatches(batch, num)
+  shapes = jax.eval_shape(sums_fn, jax.tree.map(lambda x: x[0], micro))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  total, _ = jax.lax.scan(lambda c, mb: (jax.tree.map(jnp.add, c, sums_fn(mb)), None), zeros, micro)
+  return total
+
+
 def apply_gradients(
   state: TrainState, grads: Any, optimizer: optax.GradientTransformation
 ) -> tuple[TrainState, dict[str, jax.Array]]:

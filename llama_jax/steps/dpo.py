@@ -42,7 +42,13 @@ from llama_jax import sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.objectives import dpo as dpo_obj
 from llama_jax.objectives import logprobs as lp
-from llama_jax.steps.common import Batch, sums_train_step, token_logprobs
+from llama_jax.steps.common import (
+  Batch,
+  map_microbatches,
+  sum_microbatches,
+  sums_train_step,
+  token_logprobs,
+)
 from llama_jax.train_state import TrainState
 
 SIDES = ("chosen", "rejected")
@@ -202,14 +208,20 @@ def make_eval_step(
   reference: str = "precomputed",
   mesh: Mesh | None = None,
   rules: sharding.Rules = sharding.DEFAULT_RULES,
+  micro_batches: int = 1,
 ) -> Callable[[Any, Batch, Any], dict[str, jax.Array]]:
   """`eval_step(params, batch, reference_table_or_params) -> sums`; add them up over the
-  evaluation set and call `objectives.dpo.dpo_mean` once (`evaluate`)."""
+  evaluation set and call `objectives.dpo.dpo_mean` once (`evaluate`). The batch is
+  evaluated `micro_batches` row-blocks at a time, as the train step accumulates."""
   ref_fn = reference_fn(config, reference, dpo)
+  fields = _side_fields(reference)
 
   def eval_step(params, batch: Batch, frozen):
+    batch = {side: {k: batch[side][k] for k in fields} for side in SIDES}
+    nll_scale = _nll_scale(batch)  # of the whole batch, as in training
+    fn = lambda b: loss_sums(config, params, b, ref_fn(b, frozen), dpo, nll_scale)
     with sharding.activation_sharding(mesh, rules):
-      sums = loss_sums(config, params, batch, ref_fn(batch, frozen), dpo, _nll_scale(batch))
+      sums = sum_microbatches(fn, batch, micro_batches)
     return {k: v for k, v in sums.items() if k != "loss_sum"}
 
   return eval_step
@@ -233,13 +245,16 @@ def make_reference_step(
   *,
   mesh: Mesh | None = None,
   rules: sharding.Rules = sharding.DEFAULT_RULES,
+  micro_batches: int = 1,
 ) -> Callable[[Any, Batch], dict[str, jax.Array]]:
   """`ref_step(ref_params, batch) -> {logps [B, 2], index [B], valid [B]}` for
-  `reference_logps_table` (jit it with `steps.common.jit_eval_step`)."""
+  `reference_logps_table` (jit it with `steps.common.jit_eval_step`), `micro_batches`
+  row-blocks at a time."""
 
   def ref_step(params, batch: Batch):
+    rows = {side: {k: batch[side][k] for k in ROW_FIELDS} for side in SIDES}
     with sharding.activation_sharding(mesh, rules):
-      logps = pair_logps(config, params, batch, dpo)
+      logps = map_microbatches(lambda b: pair_logps(config, params, b, dpo), rows, micro_batches)
     return {"logps": logps, "index": batch["chosen"]["index"], "valid": batch["chosen"]["valid"]}
 
   return ref_step

@@ -17,7 +17,7 @@ from llama_jax import sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.objectives import grpo as grpo_obj
 from llama_jax.rollouts import ROW_FIELDS
-from llama_jax.steps.common import Batch, sums_train_step, token_logprobs
+from llama_jax.steps.common import Batch, map_microbatches, sums_train_step, token_logprobs
 
 FIELDS = (*ROW_FIELDS, "old_logp", "ref_logp", "advantages")
 
@@ -61,13 +61,17 @@ def make_logps_fn(
   *,
   mesh: Mesh | None = None,
   rules: sharding.Rules = sharding.DEFAULT_RULES,
+  micro_batches: int = 1,
 ):
   """`logps(params, rows) -> (logp, entropy)`, each [B, T]: log-probs of the rows' targets
-  and the entropy of the model's distribution at each position (policy or reference)."""
+  and the entropy of the model's distribution at each position (policy or reference),
+  `micro_batches` row-blocks at a time."""
 
   def logps(params, rows: Batch):
+    rows = {k: rows[k] for k in ROW_FIELDS}
+    fn = lambda b: token_logprobs(config, params, b, chunk_size, with_entropy=True)
     with sharding.activation_sharding(mesh, rules):
-      return token_logprobs(config, params, rows, chunk_size, with_entropy=True)
+      return map_microbatches(fn, rows, micro_batches)
 
   return logps
 

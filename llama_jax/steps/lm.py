@@ -23,7 +23,7 @@ from llama_jax import sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Llama
 from llama_jax.objectives import lm as lm_obj
-from llama_jax.steps.common import Batch, sums_train_step
+from llama_jax.steps.common import Batch, sum_microbatches, sums_train_step
 from llama_jax.train_state import TrainState
 
 LM_FIELDS = ("tokens", "positions", "segment_ids", "targets", "target_mask")
@@ -91,12 +91,15 @@ def make_eval_step(
   mesh: Mesh | None = None,
   rules: sharding.Rules = sharding.DEFAULT_RULES,
   loss_chunk_size: int = 0,
+  micro_batches: int = 1,
 ) -> Callable[[Any, Batch], dict[str, jax.Array]]:
   """`eval_step(params, batch) -> sums` (`objectives.lm.SUM_KEYS`); add them up over the
-  evaluation set and call `objectives.lm.token_mean` once."""
+  evaluation set and call `objectives.lm.token_mean` once. The batch is evaluated
+  `micro_batches` rows-blocks at a time (as the train step accumulates)."""
 
   def eval_step(params, batch: Batch):
+    fn = lambda b: loss_sums(config, params, b, z_loss=0.0, chunk_size=loss_chunk_size)
     with sharding.activation_sharding(mesh, rules):
-      return loss_sums(config, params, batch, z_loss=0.0, chunk_size=loss_chunk_size)
+      return sum_microbatches(fn, {k: batch[k] for k in LM_FIELDS}, micro_batches)
 
   return eval_step

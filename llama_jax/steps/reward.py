@@ -35,7 +35,7 @@ from llama_jax.config import LlamaConfig
 from llama_jax.data import ranking
 from llama_jax.data.records import CONCERNS
 from llama_jax.objectives import reward as reward_obj
-from llama_jax.steps.common import Batch, sums_train_step
+from llama_jax.steps.common import Batch, map_microbatches, sums_train_step
 from llama_jax.train_state import TrainState
 
 RANKING_FIELDS = ("tokens", "segment_ids", "response_ids", "rating", "valid")
@@ -111,13 +111,17 @@ def make_eval_step(
   mesh: Mesh | None = None,
   rules: sharding.Rules = sharding.DEFAULT_RULES,
   max_responses: int = ranking.MAX_RESPONSES,
+  micro_batches: int = 1,
 ) -> Callable[[Any, Batch], dict[str, jax.Array]]:
   """`eval_step(params, batch) -> {rewards [B, K], present [B, K], rating [B], concern [B]}`
-  (jit it with `steps.common.jit_eval_step`: replicated outputs, readable on every host)."""
+  (jit it with `steps.common.jit_eval_step`: replicated outputs, readable on every host),
+  `micro_batches` row-blocks at a time."""
 
   def eval_step(params, batch: Batch):
+    rows = {k: batch[k] for k in RANKING_FIELDS}
+    fn = lambda b: row_rewards(config, params, b, max_responses)
     with sharding.activation_sharding(mesh, rules):
-      rewards, present = row_rewards(config, params, batch, max_responses)
+      rewards, present = map_microbatches(fn, rows, micro_batches)
     return {
       "rewards": rewards,
       "present": present,

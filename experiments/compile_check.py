@@ -1,0 +1,207 @@
+"""Compile-and-fit: does a config's every compiled function fit the chips it targets?
+
+    python -m experiments.compile_check --config=experiments/configs/sft.py:llama3p1_8b \
+      --topology=v5p-32 [--config.train.grad_accum_steps=8 ...] [--target_step_s=10]
+    python -m experiments.compile_check --targets [--readme=README.md]   # every shipped target
+
+Builds each stage's jitted functions exactly as its experiment module does (each stage's
+`programs(cfg, mesh, assumed)` calls the same `build_steps` as its `run`), with abstract
+state and batches from the config alone (no weights, data or tokenizer), lowers and compiles
+them for the topology's devices (`llama_jax.topologies`: TPUs and GPUs from this CPU host),
+and prints one row per function: per-device argument / temporary / resident / total bytes
+against the chip's usable HBM, whether it fits, compile seconds, model TFLOPs per call and
+the time a call takes at 50% MFU (or, with `--target_step_s`, the MFU it would need).
+Recipe configs are checked stage by stage. Exits 1 if anything does not fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments import common
+from llama_jax import aot
+from llama_jax.topologies import Topology, get_topology
+
+GiB = aot.GiB
+# Config files -> the experiment module that runs them (each has `programs`).
+STAGE_MODULES = {
+  "pretrain": "lm", "sft": "lm", "reward_model": "reward_model", "dpo": "dpo", "ppo": "ppo",
+  "grpo": "grpo", "rejection_sampling": "rejection_sampling", "generate": "generate",
+}  # fmt: skip
+# Recipe config sections -> their stage's config kind; `eval` samples like `generate`.
+RECIPE_SECTIONS = {
+  "pretrain": "pretrain", "sft": "sft", "reward_model": "reward_model",
+  "helpful_rm": "reward_model", "safety_rm": "reward_model", "rejection_sampling":
+  "rejection_sampling", "round_sft": "sft", "dpo": "dpo", "ppo": "ppo", "gatt_sft": "sft",
+}  # fmt: skip
+
+
+def usable_hbm(topology: Topology) -> int:
+  """Bytes of HBM a program may use per device (on GPUs, what JAX preallocates)."""
+  return int(topology.chip.hbm_bytes * topology.chip.usable_fraction)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One compiled function of one stage on one topology."""
+
+  stage: str
+  topology: str
+  mesh: dict[str, int]
+  report: aot.Report | None
+  error: str = ""  # the config was refused before compiling (e.g. does not divide the mesh)
+
+  @property
+  def fits(self) -> bool:
+    return self.report is not None and self.report.fits
+
+
+def stage_programs(kind: str, cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed):
+  """The `programs` of the experiment module that runs config kind `kind`."""
+  import importlib
+
+  module = importlib.import_module(f"experiments.{STAGE_MODULES[kind]}")
+  return module.programs(cfg, mesh, assumed)
+
+
+def recipe_stages(cfg: ml_collections.ConfigDict) -> list[tuple[str, str, Any]]:
+  """`(section, kind, stage config)` of a recipe config: the stages it runs, each with the
+  recipe's tokenizer, as `experiments.recipes.Recipe.config` builds them."""
+  out = []
+  for section, kind in RECIPE_SECTIONS.items():
+    if section not in cfg or (section == "pretrain" and cfg.init_from):
+      continue  # absent, or not run (the recipe starts from a pre-trained checkpoint)
+    stage = ml_collections.ConfigDict(cfg[section].to_dict())
+    stage.tokenizer = cfg.tokenizer
+    out.append((section, kind, stage))
+  return out
+
+
+def check(
+  kind: str, cfg: ml_collections.ConfigDict, topology: Topology, assumed: aot.Assumed,
+  stage: str = "",
+) -> list[Row]:
+  """Compiles every function of one stage config on `topology`; one `Row` each."""
+  stage = stage or kind
+  try:
+    mesh = common.build_mesh(cfg.mesh, topology.devices())
+    programs = stage_programs(kind, cfg, mesh, assumed)
+  except ValueError as e:  # the config does not fit the mesh: a row, not a crash
+    return [Row(stage, topology.name, {}, None, error=str(e))]
+  mesh_shape = dict(mesh.shape)
+  return [
+    Row(stage, topology.name, mesh_shape, aot.compile_program(p, usable_hbm(topology)))
+    for p in programs
+  ]
+
+
+def check_config(
+  name: str, cfg: ml_collections.ConfigDict, topology: Topology, assumed: aot.Assumed
+) -> list[Row]:
+  """`check` of a stage config, or of every stage of a recipe config (`name` is the config
+  file's stem: sft, dpo, llama3_recipe, ...)."""
+  if name.endswith("_recipe"):
+    rows = []
+    for section, kind, stage_cfg in recipe_stages(cfg):
+      rows += check(kind, stage_cfg, topology, assumed, stage=section)
+    return rows
+  if name not in STAGE_MODULES:
+    raise ValueError(f"compile_check: no stage for config {name!r}; known: "
+                     f"{sorted(STAGE_MODULES)} and *_recipe")  # fmt: skip
+  return check(name, cfg, topology, assumed)
+
+
+# --------------------------------------------------------------------------- the table
+
+HEADER = ("stage", "function", "call", "mesh (d×f×t)", "args GiB", "temp GiB", "resident GiB",
+          "total GiB", "HBM GiB", "fits", "compile s", "TFLOPs", "time")  # fmt: skip
+
+
+def _gib(n: float) -> str:
+  return f"{n / GiB:.2f}"
+
+
+def table_row(row: Row, topology: Topology, target_step_s: float = 0.0) -> tuple[str, ...]:
+  mesh = "×".join(str(row.mesh.get(a, "?")) for a in ("data", "fsdp", "tensor"))
+  if row.report is None:
+    return (row.stage, "—", "—", mesh, *("—",) * 5, "config refused: " + row.error[:120],
+            "—", "—", "—")  # fmt: skip
+  r = row.report
+  if target_step_s:
+    mfu = aot.required_mfu(r.flops, target_step_s, topology.num_devices, topology.chip.peak_flops)
+    timing = f"needs {mfu:.0%} MFU for {target_step_s:g} s"
+  else:
+    seconds = r.flops / (0.5 * topology.num_devices * topology.chip.peak_flops)
+    timing = f"{seconds:.3g} s @50% MFU"
+  fits = "yes" if r.fits else ("NO: " + r.error[:60] if r.error else "NO")
+  return (row.stage, r.name, r.note, mesh, _gib(r.argument_bytes), _gib(r.temp_bytes),
+          _gib(r.resident_bytes), _gib(r.total_bytes), _gib(r.hbm_bytes), fits,
+          f"{r.compile_seconds:.1f}", f"{r.flops / 1e12:.3g}", timing)  # fmt: skip
+
+
+def markdown(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+# --------------------------------------------------------------------------- the command
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  config_flags.DEFINE_config_file("config", None, "Experiment config file:variant.",
+                                  lock_config=True)  # fmt: skip
+  flags.DEFINE_string("topology", "cpu-8", "Devices to compile for (llama_jax.topologies).")
+  flags.DEFINE_integer("prompt_len", aot.Assumed.prompt_len, "Longest prompt of a generation "
+                       "batch (generation and RL stages).")  # fmt: skip
+  flags.DEFINE_integer("num_pairs", aot.Assumed.num_pairs, "DPO pairs (reference table rows).")
+  flags.DEFINE_float("target_step_s", 0.0, "Report the MFU each call needs to take this long.")
+  flags.DEFINE_string("json", "", "Also write the rows to this JSON file.")
+  flags.DEFINE_bool("targets", False, "Check every shipped config on its documented target "
+                    "(experiments/configs/targets.py) instead of --config.")  # fmt: skip
+  flags.DEFINE_string("readme", "", "With --targets: rewrite the README's target table.")
+
+
+def _config_name() -> str:
+  return Path(config_flags.get_config_filename(FLAGS["config"])).stem
+
+
+def _write_json(path: str, rows: list[Row]) -> None:
+  data = [dataclasses.asdict(r) | {"fits": r.fits,
+          "total_bytes": r.report.total_bytes if r.report else None} for r in rows]  # fmt: skip
+  Path(path).write_text(json.dumps(data, indent=2))
+
+
+def main(argv) -> int:
+  del argv
+  common.setup_logging()
+  assumed = aot.Assumed(prompt_len=FLAGS.prompt_len, num_pairs=FLAGS.num_pairs)
+  if FLAGS.targets:
+    from experiments import targets
+
+    return targets.main(assumed, FLAGS.readme, FLAGS.json)
+  if FLAGS.config is None:
+    raise app.UsageError("--config is required (or --targets)")
+  topology = get_topology(FLAGS.topology)
+  rows = check_config(_config_name(), FLAGS.config, topology, assumed)
+  print(f"\n{topology.name}: {topology.num_devices} × {topology.chip.name}, "
+        f"{_gib(usable_hbm(topology))} GiB usable HBM each; prompts of "
+        f"{assumed.prompt_len} tokens assumed\n")  # fmt: skip
+  print(markdown(HEADER, [table_row(r, topology, FLAGS.target_step_s) for r in rows]))
+  if FLAGS.json:
+    _write_json(FLAGS.json, rows)
+  return 0 if all(r.fits for r in rows) else 1
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(lambda argv: sys.exit(main(argv)))
