@@ -44,11 +44,6 @@ RECIPE_SECTIONS = {
 }  # fmt: skip
 
 
-def usable_hbm(topology: Topology) -> int:
-  """Bytes of HBM a program may use per device (on GPUs, what JAX preallocates)."""
-  return int(topology.chip.hbm_bytes * topology.chip.usable_fraction)
-
-
 @dataclasses.dataclass(frozen=True)
 class Row:
   """One compiled function of one stage on one topology."""
@@ -98,7 +93,7 @@ def check(
     return [Row(stage, topology.name, {}, None, error=str(e))]
   mesh_shape = dict(mesh.shape)
   return [
-    Row(stage, topology.name, mesh_shape, aot.compile_program(p, usable_hbm(topology)))
+    Row(stage, topology.name, mesh_shape, aot.compile_program(p, topology.chip.usable_bytes))
     for p in programs
   ]
 
@@ -129,6 +124,10 @@ def _gib(n: float) -> str:
   return f"{n / GiB:.2f}"
 
 
+def tflops(flops: float) -> str:
+  return f"{flops / 1e12:,.0f}" if flops >= 1e13 else f"{flops / 1e12:.3g}"
+
+
 def table_row(row: Row, topology: Topology, target_step_s: float = 0.0) -> tuple[str, ...]:
   mesh = "×".join(str(row.mesh.get(a, "?")) for a in ("data", "fsdp", "tensor"))
   if row.report is None:
@@ -144,7 +143,7 @@ def table_row(row: Row, topology: Topology, target_step_s: float = 0.0) -> tuple
   fits = "yes" if r.fits else ("NO: " + r.error[:60] if r.error else "NO")
   return (row.stage, r.name, r.note, mesh, _gib(r.argument_bytes), _gib(r.temp_bytes),
           _gib(r.resident_bytes), _gib(r.total_bytes), _gib(r.hbm_bytes), fits,
-          f"{r.compile_seconds:.1f}", f"{r.flops / 1e12:.3g}", timing)  # fmt: skip
+          f"{r.compile_seconds:.1f}", tflops(r.flops), timing)  # fmt: skip
 
 
 def markdown(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
@@ -175,7 +174,7 @@ def _config_name() -> str:
   return Path(config_flags.get_config_filename(FLAGS["config"])).stem
 
 
-def _write_json(path: str, rows: list[Row]) -> None:
+def write_json(path: str, rows: list[Row]) -> None:
   data = [dataclasses.asdict(r) | {"fits": r.fits,
           "total_bytes": r.report.total_bytes if r.report else None} for r in rows]  # fmt: skip
   Path(path).write_text(json.dumps(data, indent=2))
@@ -194,11 +193,11 @@ def main(argv) -> int:
   topology = get_topology(FLAGS.topology)
   rows = check_config(_config_name(), FLAGS.config, topology, assumed)
   print(f"\n{topology.name}: {topology.num_devices} × {topology.chip.name}, "
-        f"{_gib(usable_hbm(topology))} GiB usable HBM each; prompts of "
+        f"{_gib(topology.chip.usable_bytes)} GiB usable HBM each; prompts of "
         f"{assumed.prompt_len} tokens assumed\n")  # fmt: skip
   print(markdown(HEADER, [table_row(r, topology, FLAGS.target_step_s) for r in rows]))
   if FLAGS.json:
-    _write_json(FLAGS.json, rows)
+    write_json(FLAGS.json, rows)
   return 0 if all(r.fits for r in rows) else 1
 
 

@@ -1,0 +1,145 @@
+"""The compile-and-fit check: every stage's compiled functions from its config alone.
+
+On the 8 emulated CPU devices (`cpu-8`) for the tiny config of every stage; on TPU v5p and
+H100 descriptions for a small model when libtpu / the CUDA plugin are installed (the `aot`
+extras). The real-size targets are `tests/test_real_sizes.py` (opt-in).
+"""
+
+import importlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import common
+from experiments import compile_check as cc
+from llama_jax import aot, sharding
+from llama_jax import train_state as ts
+from llama_jax.data import Indexed, make_pair_pipeline, ranking
+from llama_jax.topologies import get_topology
+
+ASSUMED = aot.Assumed(prompt_len=40, num_pairs=640)
+STAGES = (
+  ("pretrain", "tiny", {"train_step", "eval_step"}),
+  ("sft", "tiny", {"train_step", "eval_step"}),
+  ("reward_model", "tiny_llama3", {"train_step", "eval_step"}),
+  ("dpo", "tiny", {"reference_logps", "train_step[precomputed]", "eval_step[precomputed]",
+                   "train_step[in_step]", "eval_step[in_step]"}),
+  ("generate", "tiny", {"generate"}),
+  ("rejection_sampling", "tiny", {"generate", "score[reward_model]"}),
+  ("grpo", "tiny", {"generate", "logps", "train_step"}),
+  ("ppo", "tiny", {"generate", "score", "policy_step", "value_step"}),
+)  # fmt: skip
+
+
+def config(name, variant, **overrides):
+  cfg = importlib.import_module(f"experiments.configs.{name}").get_config(variant)
+  cfg.update_from_flattened_dict(overrides)
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def cpu8():
+  return get_topology("cpu-8")
+
+
+@pytest.mark.parametrize("name,variant,functions", STAGES, ids=[s[0] for s in STAGES])
+def test_every_stage_compiles_on_cpu8(cpu8, name, variant, functions):
+  rows = cc.check_config(name, config(name, variant), cpu8, ASSUMED)
+  assert {r.report.name for r in rows} == functions
+  for row in rows:
+    r = row.report
+    assert row.fits and not r.error, r
+    assert r.argument_bytes > 0 and r.flops > 0 and r.compile_seconds > 0
+    assert r.total_bytes <= r.hbm_bytes == cpu8.chip.usable_bytes
+    assert math_prod(row.mesh.values()) == 8
+
+
+def math_prod(xs):
+  return int(np.prod(list(xs)))
+
+
+def test_state_bytes_match_a_real_sharded_state(cpu8):
+  """The bytes the report charges a device for an abstract state are what a real state of
+  that config holds on a device (fsdp-sharded parameters and moments)."""
+  cfg = config("sft", "tiny")
+  mesh = common.build_mesh(cfg.mesh, cpu8.devices())
+  model_cfg = common.model_config(cfg)
+  optimizer = ts.make_optimizer(common.optimizer_config(cfg.optimizer, 100))
+  real = ts.init_train_state(model_cfg, optimizer, mesh, jax.random.key(0))
+  held = sharding.bytes_per_device(real)
+  assert aot.shard_bytes(ts.abstract_train_state(model_cfg, optimizer, mesh)) == max(held.values())
+
+
+def _batch_arg(name, variant):
+  cfg = config(name, variant)
+  mesh = common.build_mesh(cfg.mesh)
+  programs = cc.stage_programs(name, cfg, mesh, ASSUMED)
+  return cfg, mesh, next(p for p in programs if p.name.startswith("train_step")).args[1]
+
+
+def _assert_spec_matches(spec, real):
+  """Every field the compiled step is given exists in the pipeline's batch, same shape and
+  dtype (the pipeline may carry more)."""
+  flat_spec = dict(jax.tree_util.tree_flatten_with_path(spec)[0])
+  flat_real = dict(jax.tree_util.tree_flatten_with_path(real)[0])
+  for path, s in flat_spec.items():
+    assert path in flat_real, f"{jax.tree_util.keystr(path)} is not in the pipeline's batch"
+    r = flat_real[path]
+    assert (s.shape, np.dtype(s.dtype)) == (r.shape, np.dtype(r.dtype)), path
+
+
+def test_abstract_batches_match_the_pipelines():
+  """What the check compiles against is what the data pipelines feed the real run."""
+  cfg, mesh, spec = _batch_arg("sft", "tiny")
+  tokenizer = common.build_tokenizer(cfg.tokenizer)
+  with common.make_train_pipeline(cfg.data, tokenizer, mesh) as it:
+    _assert_spec_matches(spec, next(iter(it)))
+
+  from experiments.reward_model import load_records
+
+  cfg, mesh, spec = _batch_arg("dpo", "tiny")
+  records = Indexed(load_records(cfg.data, "train", ""))
+  with make_pair_pipeline(records, tokenizer, common.pipeline_config(cfg.data), mesh=mesh) as it:
+    _assert_spec_matches(spec, next(iter(it)))
+
+  cfg, mesh, spec = _batch_arg("reward_model", "tiny_llama3")
+  records = load_records(cfg.data, "train", "")
+  with ranking.make_ranking_pipeline(records, tokenizer, common.pipeline_config(cfg.data),
+                                     use_edited=cfg.data.use_edited, mesh=mesh) as it:  # fmt: skip
+    _assert_spec_matches(spec, next(iter(it)))
+
+
+def test_a_config_that_does_not_divide_the_mesh_is_a_row(cpu8):
+  rows = cc.check_config("dpo", config("dpo", "tiny", **{"data.batch_size": 12}), cpu8, ASSUMED)
+  assert len(rows) == 1 and rows[0].report is None and not rows[0].fits
+  assert "data.batch_size=12" in rows[0].error
+  assert "config refused" in cc.table_row(rows[0], cpu8)[9]
+
+
+def test_recipe_stages_follow_the_recipe():
+  cfg = config("llama3_recipe", "llama3p1_8b")
+  stages = [(s, k) for s, k, _ in cc.recipe_stages(cfg)]
+  # init_from is set: pretraining does not run
+  assert stages == [("sft", "sft"), ("reward_model", "reward_model"),
+                    ("rejection_sampling", "rejection_sampling"), ("round_sft", "sft"),
+                    ("dpo", "dpo")]  # fmt: skip
+  assert all(c.tokenizer == cfg.tokenizer for _, _, c in cc.recipe_stages(cfg))
+
+
+def test_command_prints_the_table_and_exits_nonzero_when_something_does_not_fit(tmp_path):
+  base = [sys.executable, "-m", "experiments.compile_check", "--topology=cpu-8",
+          "--config=experiments/configs/generate.py:tiny"]  # fmt: skip
+  ok = subprocess.run(base + [f"--json={tmp_path / 'rows.json'}"], capture_output=True,
+                      text=True, timeout=300)  # fmt: skip
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  assert "| generate | generate |" in ok.stdout and "| yes |" in ok.stdout
+  assert (tmp_path / "rows.json").exists()
+  # 2 KV heads cannot be split over tensor=8: refused before compiling, named, exit 1
+  bad = subprocess.run(base + ["--config.mesh.data=1", "--config.mesh.fsdp=1",
+                               "--config.mesh.tensor=8"], capture_output=True, text=True,
+                       timeout=300)  # fmt: skip
+  assert bad.returncode == 1 and "config refused" in bad.stdout, bad.stdout[-2000:]
+  assert "kv_heads" in bad.stdout or "k of shape" in bad.stdout
