@@ -10,7 +10,7 @@ import dataclasses
 import math
 from typing import Any, Literal
 
-AttentionImpl = Literal["xla", "dot_product", "cudnn"]
+AttentionImpl = Literal["xla", "dot_product", "cudnn", "splash"]  # see llama_jax.attention.KERNELS
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 DTYPES = ("float32", "bfloat16", "float16")
 

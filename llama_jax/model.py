@@ -8,7 +8,9 @@ Dimension vocabulary (used in every einsum, name and comment of the project):
 Attention masks come from segment ids: a query attends to a key iff both carry the same
 segment id and the key is not later than the query. Segment 0 marks padding (and empty KV
 cache slots), so one rule covers plain causal attention, padded batches, packed documents
-and decoding against a cache.
+and decoding against a cache. The cache-free path (training, scoring, prefill) runs the
+kernel `LlamaConfig.attention_impl` names in the table of `llama_jax.attention`; decoding
+against a cache runs `attend_xla`.
 
 Every parameter carries logical axis names (see `llama_jax.sharding` for the table that maps
 them to mesh axes), and the main activations are constrained with logical names prefixed
@@ -18,7 +20,6 @@ them to mesh axes), and the main activations are constrained with logical names 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -26,12 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama_jax import attention
+from llama_jax.attention import (  # noqa: F401  (re-exported: decode code and tests use them)
+  KVPart,
+  attend_dot_product,
+  attend_xla,
+  segment_mask,
+)
 from llama_jax.config import LlamaConfig, RopeScaling
-
-# A large finite negative instead of -inf: rows with every key masked (padding queries)
-# then give a harmless uniform average instead of NaNs.
-_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-
 
 # --------------------------------------------------------------------------- RoPE
 
@@ -81,15 +84,6 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
     [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
   )
   return t - jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
-
-
-def segment_mask(q_segments: jax.Array, kv_segments: jax.Array, causal: bool) -> jax.Array:
-  """[B, T, S] bool: same segment and, if causal, key slot ≤ query slot."""
-  mask = q_segments[:, :, None] == kv_segments[:, None, :]
-  if causal:
-    t, s = q_segments.shape[1], kv_segments.shape[1]
-    mask &= jnp.arange(t)[:, None] >= jnp.arange(s)[None, :]
-  return mask
 
 
 # --------------------------------------------------------------------------- KV cache
@@ -143,55 +137,20 @@ class KVCache:
 
 # --------------------------------------------------------------------------- attention
 
-# One attention input part: keys [B/R, S, K, H], values [B/R, S, K, H], mask [B, T, S].
-KVPart = tuple[jax.Array, jax.Array, jax.Array]
 
+@flax.struct.dataclass
+class AttentionMasks:
+  """What every layer needs to mask attention, built once per call by `Llama.hidden_states`.
 
-def attend_xla(q: jax.Array, parts: Sequence[KVPart]) -> jax.Array:
-  """Softmax attention of q [B, T, N, H] over the concatenation of key/value parts.
-
-  GQA without repeating K/V: queries are viewed as [B, T, K, G, H], so KV head j serves
-  query heads j·G … (j+1)·G−1. Scores and softmax are float32 whatever the input dtype.
-  Several parts (a KV cache and the new tokens) are scored separately and share one
-  softmax, so the cache is never concatenated with, or copied into, a new buffer.
-
-  A part may hold fewer rows than q: with B/R rows, key row i serves the R consecutive
-  query rows i·R … (i+1)·R−1 (a prompt prefilled once and shared by R samples), without
-  repeating it. Masks are per query row, [B, T, S], for every part.
+  The cache-free path (training, scoring, prefill) gives `segment_ids` and `extra_mask` to
+  the kernel that `attention_impl` names (see `llama_jax.attention`), which builds its own
+  causal segment mask from them. Decoding against a cache uses `part_masks` instead: the
+  dense masks of `attend_xla`, one per prefix part, then the cache's.
   """
-  b, t, n, h = q.shape
-  kv_heads = parts[0][0].shape[2]
-  g = n // kv_heads
-  q = q.reshape(b, t, kv_heads, g, h) * (h**-0.5)
 
-  def scores(k, mask):  # [B, K, G, T, S]
-    r = b // k.shape[0]
-    qr = q.reshape(b // r, r, t, kv_heads, g, h)
-    s = jnp.einsum("BRTKGH,BSKH->BRKGTS", qr, k, preferred_element_type=jnp.float32)
-    return jnp.where(mask[:, None, None], s.reshape(b, kv_heads, g, t, -1), _MASK_VALUE)
-
-  def values(p, v):  # [B, T, K, G, H]
-    r = b // v.shape[0]
-    pr = p.reshape(b // r, r, kv_heads, g, t, -1)
-    return jnp.einsum("BRKGTS,BSKH->BRTKGH", pr, v).reshape(b, t, kv_heads, g, h)
-
-  logits = jnp.concatenate([scores(k, mask) for k, _, mask in parts], axis=-1)
-  probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
-  sizes = np.cumsum([k.shape[1] for k, _, _ in parts])[:-1]
-  out = sum(
-    values(p, v) for p, (_, v, _) in zip(jnp.split(probs, sizes, axis=-1), parts, strict=True)
-  )
-  return out.reshape(b, t, n, h)
-
-
-def attend_dot_product(
-  q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, implementation
-) -> jax.Array:
-  """`jax.nn.dot_product_attention` (cuDNN flash attention on GPU), causal + segments."""
-  mask = None if segment_ids is None else segment_mask(segment_ids, segment_ids, False)[:, None]
-  return jax.nn.dot_product_attention(
-    q, k, v, mask=mask, is_causal=True, implementation=implementation
-  )
+  segment_ids: jax.Array | None = None  # [B, T] int; 0 = padding
+  extra_mask: jax.Array | None = None  # [B, T, T] bool, ANDed with the causal segment mask
+  part_masks: tuple[jax.Array, ...] = ()  # [B, T, S] bool per KV part
 
 
 # --------------------------------------------------------------------------- layers
@@ -229,7 +188,7 @@ class LayerCache:
   layer: jax.Array  # [] int32: the layer about to run
   index: jax.Array  # [] int32: the slot of the first new token
   # Static: the new tokens fill the whole cache (a prefill), so attention needs nothing
-  # from it and takes the cache-free path (cuDNN flash attention on GPU).
+  # from it and takes the cache-free path (the kernel of `attention_impl`).
   prefill: bool = flax.struct.field(pytree_node=False, default=False)
 
 
@@ -240,14 +199,15 @@ class Attention(nn.Module):
   [layer, :, index:index+T], then attends to the read-only `prefix_kv` parts (keys, values
   [B/R, P, K, H]) and to its whole updated cache slice. Writing before reading lets XLA
   update the cache in place; reading the old cache and writing after makes it copy the
-  whole cache on every decode step. `masks` then holds one mask per prefix part, then the
-  cache's; for a prefill they are those of the cache-free path.
+  whole cache on every decode step. `masks.part_masks` then holds one mask per prefix part,
+  then the cache's; a prefill takes the cache-free path, the kernel of `attention_impl`.
   """
 
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, positions, masks, prefix_kv=(), cache: LayerCache | None = None):
+  def __call__(self, x, positions, masks: AttentionMasks, prefix_kv=(),
+               cache: LayerCache | None = None):
     cfg = self.config
     d, n, kh, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     wq = _dense_param(self, "q", (d, n, h), ("embed", "q_heads", "head_dim"), cfg)
@@ -272,13 +232,10 @@ class Attention(nn.Module):
     if cache is not None and not cache.prefill:
       own = lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False).astype(q.dtype)
       parts = [(pk.astype(q.dtype), pv.astype(q.dtype), m)
-               for (pk, pv), m in zip(prefix_kv, masks[:-1], strict=True)]
-      out = attend_xla(q, [*parts, (own(cache.k), own(cache.v), masks[-1])])
-    elif cfg.attention_impl == "xla":
-      out = attend_xla(q, [(k, v, masks[0])])
+               for (pk, pv), m in zip(prefix_kv, masks.part_masks[:-1], strict=True)]
+      out = attend_xla(q, [*parts, (own(cache.k), own(cache.v), masks.part_masks[-1])])
     else:
-      impl = "cudnn" if cfg.attention_impl == "cudnn" else None
-      out = attend_dot_product(q, k, v, masks[1], impl)
+      out = attention.attend(cfg.attention_impl, q, k, v, masks.segment_ids, masks.extra_mask)
     out = nn.with_logical_constraint(out, heads)
     y = jnp.einsum("BTNH,NHD->BTD", out, wo)
     return y, cache
@@ -355,7 +312,8 @@ class Llama(nn.Module):
     prefix: optional read-only `KVCache` of B/R rows, attended before `cache` (needs one).
     attention_mask: optional bool [B, T, T] of `hidden_states` without a cache: which keys
       each query may see, ANDed with the causal segment mask (e.g. responses packed after
-      one shared prompt, see `llama_jax.data.ranking`). Needs attention_impl "xla".
+      one shared prompt, see `llama_jax.data.ranking`). Needs a kernel that takes one
+      (`AttentionKernel.extra_mask`: "xla"); the others raise.
   """
 
   config: LlamaConfig
@@ -397,12 +355,10 @@ class Llama(nn.Module):
                     attention_mask=None):
     """Final-normed hidden states [B, T, D] (and the updated cache, or None)."""
     cfg = self.config
-    if attention_mask is not None and (cache is not None or cfg.attention_impl != "xla"):
-      # The cuDNN / dot-product path builds its mask from segment ids alone.
-      raise ValueError(
-        "Llama: attention_mask needs attention_impl='xla' and no cache (got attention_impl="
-        f"{cfg.attention_impl!r}, cache {'given' if cache is not None else 'None'})"
-      )
+    attention.check_kernel(cfg.attention_impl, extra_mask=attention_mask is not None,
+                           caller="Llama")
+    if attention_mask is not None and cache is not None:
+      raise ValueError("Llama: attention_mask is for calls without a cache (got a cache)")
     if prefix is not None and cache is None:
       raise ValueError("Llama: a shared `prefix` needs a `cache` for the new tokens")
     if prefix is not None and tokens.shape[0] % prefix.k.shape[1]:
@@ -423,10 +379,8 @@ class Llama(nn.Module):
     x = nn.with_logical_constraint(x, ("act_batch", "act_seq", "act_embed"))
 
     if cache is None:
-      mask = segment_mask(segment_ids, segment_ids, causal=True)
-      if attention_mask is not None:
-        mask &= attention_mask
-      x, _ = self._run_layers(x, positions, (mask, segment_ids), (), None)
+      masks = AttentionMasks(segment_ids=segment_ids, extra_mask=attention_mask)
+      x, _ = self._run_layers(x, positions, masks, (), None)
       return self.final_norm(x), None
 
     t, rows = tokens.shape[1], tokens.shape[0]
@@ -438,13 +392,13 @@ class Llama(nn.Module):
     )
     # New token t sits in slot index + t and sees the slots up to its own (same segment).
     causal = jnp.arange(cache.max_len)[None, :] <= cache.index + jnp.arange(t)[:, None]
-    masks = (segment_mask(segment_ids, written, causal=False) & causal[None],)
+    part_masks = (segment_mask(segment_ids, written, causal=False) & causal[None],)
     prefix_kv = ()
     if prefix is not None:
       shared = segment_mask(segment_ids, _per_row(prefix.segment_ids, rows), causal=False)
-      masks, prefix_kv = (shared, *masks), ((prefix.k, prefix.v),)
-    if prefill:
-      masks = (segment_mask(segment_ids, segment_ids, causal=True), segment_ids)
+      part_masks, prefix_kv = (shared, *part_masks), ((prefix.k, prefix.v),)
+    masks = (AttentionMasks(segment_ids=segment_ids) if prefill
+             else AttentionMasks(part_masks=part_masks))
     layer_cache = LayerCache(cache.k, cache.v, jnp.zeros((), jnp.int32), cache.index, prefill)
     x, layer_cache = self._run_layers(x, positions, masks, prefix_kv, layer_cache)
     cache = KVCache(k=layer_cache.k, v=layer_cache.v, segment_ids=written, index=cache.index + t)
