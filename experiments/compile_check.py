@@ -16,13 +16,21 @@ Recipe configs are checked stage by stage. Exits 1 if anything does not fit.
 
 from __future__ import annotations
 
+import os
+
+# Compile-only devices: never look for local accelerators (an installed CUDA plugin would
+# otherwise fail its start-up check and stay unregistered), and let several processes load
+# libtpu (it takes a lock file by default).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-import ml_collections
+import ml_collections  # noqa: E402
 from absl import app, flags
 from ml_collections import config_flags
 

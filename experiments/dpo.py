@@ -161,7 +161,9 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
     steps = build_steps(cfg, model_cfg, mesh, 1000, reference)
     state = steps.abstract_state
     if reference == "precomputed":
-      table = jax.ShapeDtypeStruct((assumed.num_pairs, 2), np.float32, sharding=steps.frozen_sharding)
+      table = jax.ShapeDtypeStruct(
+        (assumed.num_pairs, 2), np.float32, sharding=steps.frozen_sharding
+      )
       out.append(aot.Program(
         "reference_logps", reference_step(cfg, model_cfg, dpo_config(cfg), mesh),
         (ref_params, batch), forward, note=note))  # fmt: skip

@@ -24,9 +24,8 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from experiments import common
+from experiments import common, rejection_sampling
 from experiments import generate as generate_experiment
-from experiments import rejection_sampling
 from llama_jax import aot, online, rollouts, sharding
 from llama_jax import train_state as ts
 from llama_jax.steps import common as step_lib

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import optax
 import ml_collections
+import optax
 from absl import app, flags
 
 from experiments import common
@@ -114,8 +114,8 @@ def build_steps(cfg: ml_collections.ConfigDict, model_cfg, mesh, num_steps: int)
 
 def model_config(cfg: ml_collections.ConfigDict, model_cfg):
   """Ranking rows need a per-row attention mask: kernels that cannot take one fall back to
-  XLA attention (see the config docstring)."""
-  if model_cfg.attention_impl != "xla":
+  XLA attention ("auto" does so itself; see the config docstring)."""
+  if model_cfg.attention_impl not in ("xla", "auto"):
     log.warning("Reward model: attention_impl %r -> 'xla'", model_cfg.attention_impl)
     model_cfg = model_cfg.replace(attention_impl="xla")
   return model_cfg

@@ -309,6 +309,19 @@ KERNELS: dict[str, AttentionKernel] = {
 }
 
 
+# attention_impl="auto": the fastest kernel of the platform the program runs on (the mesh's
+# devices), XLA where none is listed or where the call carries an extra mask (the ranking
+# reward model's shared-prompt rows), which only XLA can take.
+AUTO = {"tpu": "splash", "gpu": "cudnn"}
+
+
+def resolve(name: str, *, extra_mask: bool = False, platform: str | None = None) -> str:
+  """The kernel an `attention_impl` stands for: itself, or for "auto" `AUTO`'s choice."""
+  if name != "auto":
+    return name
+  return "xla" if extra_mask else AUTO.get(platform, "xla")
+
+
 def _extra_mask_error(name: str, caller: str) -> str:
   able = " or ".join(f"attention_impl={k!r}" for k, e in KERNELS.items() if e.extra_mask)
   return (
@@ -322,13 +335,16 @@ def check_kernel(name: str, *, extra_mask: bool = False, platform: str | None = 
   """The kernel called `name`, after checking it can serve the call; raises ValueError.
 
   Args:
-    name: an `attention_impl` (a key of `KERNELS`).
+    name: an `attention_impl` (a key of `KERNELS`, or "auto", see `resolve`).
     extra_mask: the call carries an extra [B, T, T] mask.
     platform: the platform the call runs on (see `mesh_platform`); None skips that check.
     caller: prefix of the error messages.
   """
+  name = resolve(name, extra_mask=extra_mask, platform=platform)
   if name not in KERNELS:
-    raise ValueError(f"{caller}: unknown attention_impl {name!r}; known: {sorted(KERNELS)}")
+    raise ValueError(
+      f"{caller}: unknown attention_impl {name!r}; known: {sorted(KERNELS)} and 'auto'"
+    )
   kernel = KERNELS[name]
   if extra_mask and not kernel.extra_mask:
     raise ValueError(_extra_mask_error(name, caller))

@@ -10,8 +10,9 @@ import dataclasses
 import math
 from typing import Any, Literal
 
-AttentionImpl = Literal["xla", "dot_product", "cudnn", "splash"]  # see llama_jax.attention.KERNELS
-RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+# The kernels of llama_jax.attention.KERNELS, and "auto" (the platform's fastest: `resolve`).
+AttentionImpl = Literal["xla", "dot_product", "cudnn", "splash", "auto"]
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "offload_dots_no_batch"]
 DTYPES = ("float32", "bfloat16", "float16")
 
 

@@ -285,6 +285,11 @@ _REMAT_POLICIES = {
   "full": None,  # save nothing, recompute the whole layer
   "dots": jax.checkpoint_policies.checkpoint_dots,
   "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+  # The projections' outputs kept in host memory between the forward and the backward pass:
+  # "dots_no_batch" without its device memory, at the cost of host transfers.
+  "offload_dots_no_batch": jax.checkpoint_policies.offload_dot_with_no_batch_dims(
+    "device", "pinned_host"
+  ),
 }
 
 

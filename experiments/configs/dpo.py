@@ -75,7 +75,7 @@ def _real(preset: str, fsdp: int):
     param_dtype="float32",
     remat_policy="dots",
     scan_layers=True,
-    attention_impl="cudnn",
+    attention_impl="auto",
   )
   config.tokenizer = "/path/to/llama3.1/original/tokenizer.model"
   config.init_from = "/path/to/sft_workdir"

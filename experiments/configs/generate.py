@@ -82,7 +82,8 @@ def tiny():
 
 
 def llama3p1_8b():
-  config = _base(preset="llama3p1_8b", dtype="bfloat16", param_dtype="bfloat16")
+  config = _base(preset="llama3p1_8b", dtype="bfloat16", param_dtype="bfloat16",
+                 scan_layers=True, attention_impl="auto")
   config.tokenizer = "/path/to/llama3.1-8b-instruct/original/tokenizer.model"
   config.init_from = "/path/to/llama3.1-8b-instruct"
   config.data.update(num_prompts=512, batch_size=64)

@@ -69,7 +69,7 @@ def llama3p2_1b():
   config = tiny()
   config.model = ml_collections.ConfigDict(
     {"preset": "llama3p2_1b", "dtype": "bfloat16", "param_dtype": "float32",
-     "attention_impl": "cudnn", "remat_policy": "dots", "scan_layers": True}
+     "attention_impl": "auto", "remat_policy": "dots", "scan_layers": True}
   )  # fmt: skip
   config.tokenizer = "/path/to/Llama-3.2-1B-Instruct/original/tokenizer.model"
   config.init_from = "/path/to/Llama-3.2-1B-Instruct"

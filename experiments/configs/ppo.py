@@ -73,7 +73,7 @@ def llama2_7b():
   config = tiny()
   config.model = ml_collections.ConfigDict(
     {"preset": "llama2_7b", "dtype": "bfloat16", "param_dtype": "float32",
-     "attention_impl": "cudnn", "remat_policy": "dots", "scan_layers": True}
+     "attention_impl": "auto", "remat_policy": "dots", "scan_layers": True}
   )  # fmt: skip
   config.tokenizer = "/path/to/llama-2-7b-chat/tokenizer.model"
   config.init_from = "/path/to/llama2_7b_rejection_sampling_sft"

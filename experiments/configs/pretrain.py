@@ -42,6 +42,7 @@ def _real(preset: str, tokenizer: str, seq_len: int, batch_size: int, **model):
     param_dtype="float32",
     remat_policy="dots",
     scan_layers=True,
+    attention_impl="auto",
     **model,
   )
   config.tokenizer = tokenizer

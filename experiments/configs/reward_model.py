@@ -108,7 +108,7 @@ def _real(preset: str, tokenizer: str, seq_len: int, lr: float, grad_accum: int)
     param_dtype="float32",
     remat_policy="dots_no_batch",
     scan_layers=True,
-    attention_impl="xla",
+    attention_impl="auto",
   )
   config.tokenizer = tokenizer
   config.init_from = "/path/to/Llama-2-7b-chat-hf"

@@ -44,7 +44,8 @@ def tiny():
 def _real(preset: str, tokenizer: str, seq_len: int, lr: float):
   config = _sft(
     lm_config(
-      preset=preset, dtype="bfloat16", param_dtype="float32", remat_policy="dots", scan_layers=True
+      preset=preset, dtype="bfloat16", param_dtype="float32", remat_policy="dots",
+      scan_layers=True, attention_impl="auto",
     )
   )
   config.tokenizer = tokenizer

@@ -68,7 +68,7 @@ def make_logps_fn(
   `micro_batches` row-blocks at a time."""
 
   def logps(params, rows: Batch):
-    rows = {k: rows[k] for k in ROW_FIELDS}
+    rows = {k: rows[k] for k in ("tokens", "positions", "segment_ids", "targets")}
     fn = lambda b: token_logprobs(config, params, b, chunk_size, with_entropy=True)
     with sharding.activation_sharding(mesh, rules):
       return map_microbatches(fn, rows, micro_batches)
