@@ -176,6 +176,7 @@ def define_flags() -> None:
   flags.DEFINE_bool("targets", False, "Check every shipped config on its documented target "
                     "(experiments/configs/targets.py) instead of --config.")  # fmt: skip
   flags.DEFINE_string("readme", "", "With --targets: rewrite the README's target table.")
+  flags.DEFINE_string("only", "", "With --targets: only those whose name or topology has this.")
 
 
 def _config_name() -> str:
@@ -195,7 +196,7 @@ def main(argv) -> int:
   if FLAGS.targets:
     from experiments import targets
 
-    return targets.main(assumed, FLAGS.readme, FLAGS.json)
+    return targets.main(assumed, FLAGS.readme, FLAGS.json, FLAGS.only)
   if FLAGS.config is None:
     raise app.UsageError("--config is required (or --targets)")
   topology = get_topology(FLAGS.topology)

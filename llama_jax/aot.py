@@ -21,6 +21,7 @@ seen to accept programs whose own figures sum above the HBM, so the figures deci
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -151,6 +152,17 @@ def _refused_bytes(message: str) -> int:
   return int(float(m.group(1)) * _UNITS[m.group(2)]) if m else 0
 
 
+@contextlib.contextmanager
+def no_compilation_cache():
+  """Compile-only devices cannot load an executable back: keep them out of the cache."""
+  enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", enabled)
+
+
 def compile_program(program: Program, hbm_bytes: int) -> Report:
   """Lowers and compiles `program`, returning its per-device memory against `hbm_bytes`.
 
@@ -162,7 +174,10 @@ def compile_program(program: Program, hbm_bytes: int) -> Report:
     resident_bytes=shard_bytes(program.resident),
   )  # fmt: skip
   try:
-    compiled = program.fn.lower(*program.args).compile()
+    # Compile-only devices cannot load an executable back: keep them out of the persistent
+    # compilation cache.
+    with no_compilation_cache():
+      compiled = program.fn.lower(*program.args).compile()
   except Exception as e:  # noqa: BLE001 - any compiler refusal becomes a row of the table
     message = str(e)
     if "RESOURCE_EXHAUSTED" not in message and "out of memory" not in message.lower():

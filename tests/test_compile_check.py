@@ -6,6 +6,7 @@ extras). The real-size targets are `tests/test_real_sizes.py` (opt-in).
 """
 
 import importlib
+import importlib.util
 import subprocess
 import sys
 
@@ -143,3 +144,37 @@ def test_command_prints_the_table_and_exits_nonzero_when_something_does_not_fit(
                        timeout=300)  # fmt: skip
   assert bad.returncode == 1 and "config refused" in bad.stdout, bad.stdout[-2000:]
   assert "kv_heads" in bad.stdout or "k of shape" in bad.stdout
+
+
+CHIP_KERNELS = (
+  ("v5p-8", "libtpu", ("xla", "dot_product", "splash", "auto"), "tpu_custom_call"),
+  ("h100-8", "jax_plugins.xla_cuda12", ("xla", "dot_product", "cudnn", "auto"), "cudnn$fmha"),
+)
+
+
+@pytest.mark.parametrize("topology,plugin,kernels,flash_marker", CHIP_KERNELS,
+                         ids=[c[0] for c in CHIP_KERNELS])  # fmt: skip
+def test_small_model_compiles_for_real_chips_with_each_kernel(
+  topology, plugin, kernels, flash_marker
+):
+  """A bf16 model with 128-wide heads, every attention kernel the chip supports, through the
+  SFT train step for TPU v5p-8 and 8 × H100 descriptions (the `aot` / `aot-gpu` extras):
+  the flash kernels really are in the compiled program ("auto" picks them), and they need
+  less memory than XLA's materialized scores."""
+  pytest.importorskip(plugin)
+  if "cudnn" in kernels and importlib.util.find_spec("nvidia.cudnn") is None:
+    pytest.skip("lowering cuDNN attention needs nvidia-cudnn-cu12")
+  chips = get_topology(topology)
+  temps = {}
+  for kernel in kernels:
+    cfg = config("sft", "tiny", **{"model.attention_impl": kernel, "model.head_dim": 128,
+                                   "model.num_layers": 2, "model.dtype": "bfloat16"})  # fmt: skip
+    mesh = common.build_mesh(cfg.mesh, chips.devices())
+    program = next(p for p in cc.stage_programs("sft", cfg, mesh, ASSUMED)
+                   if p.name == "train_step")  # fmt: skip
+    with aot.no_compilation_cache():
+      compiled = program.fn.lower(*program.args).compile()
+    temps[kernel] = compiled.memory_analysis().temp_size_in_bytes
+    flash = kernel in ("splash", "cudnn", "auto")
+    assert (flash_marker in compiled.as_text()) == flash, (kernel, flash_marker)
+  assert temps[kernels[2]] < temps["xla"], temps

@@ -25,8 +25,14 @@ Variants
                 masked, significantly_better / better pairs, seq 4096, 256 pairs per batch.
                 Target: one host of 8 × H100 80GB (fsdp=8), bf16 compute, fp32 master
                 weights, reference log-probs precomputed (the reference never shares memory
-                with the policy and its optimizer state); cuDNN attention.
-  llama3p1_70b  as 8B on 8 hosts × 8 H100 (fsdp=64) or TPU v5p-128.
+                with the policy and its optimizer state), remat "dots", fsdp over all devices,
+                32 micro-batches (one pair per GPU); on TPU v5p-32 set
+                --config.train.grad_accum_steps=16.
+  llama3p1_70b  as 8B on 8 hosts × 8 H100 (fsdp=64) or TPU v5p-128, remat "full", 4
+                micro-batches (one pair per device).
+  llama3p1_405b as 8B on TPU v5p-1024: fsdp=64 × tensor=8, remat "full", 4 micro-batches.
+All real variants use attention_impl "auto" (Pallas splash attention on TPU, cuDNN on GPU);
+`python -m experiments.compile_check --targets` checks them on their targets.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ from experiments.configs.base import TINY_MODEL, lm_config, use_preference_data
 
 
 def get_config(variant: str = "tiny"):
-  variants = {"tiny": tiny, "llama3p1_8b": llama3p1_8b, "llama3p1_70b": llama3p1_70b}
+  variants = {"tiny": tiny, "llama3p1_8b": llama3p1_8b, "llama3p1_70b": llama3p1_70b,
+              "llama3p1_405b": llama3p1_405b}  # fmt: skip
   if variant not in variants:
     raise ValueError(f"unknown dpo variant {variant!r}; known: {sorted(variants)}")
   return variants[variant]()
@@ -106,8 +113,21 @@ def _real(preset: str, fsdp: int):
 
 
 def llama3p1_8b():
-  return _real("llama3p1_8b", fsdp=8)
+  config = _real("llama3p1_8b", fsdp=-1)
+  config.train.grad_accum_steps = 32  # one pair (2 rows of 4096) per GPU per micro-batch
+  return config
 
 
 def llama3p1_70b():
-  return _real("llama3p1_70b", fsdp=64)
+  config = _real("llama3p1_70b", fsdp=-1)
+  config.model.remat_policy = "full"
+  config.train.grad_accum_steps = 4  # one pair per device on 64
+  return config
+
+
+def llama3p1_405b():
+  config = _real("llama3p1_405b", fsdp=-1)
+  config.model.remat_policy = "full"
+  config.mesh.tensor = 8
+  config.train.grad_accum_steps = 4  # one pair per fsdp group of 8 chips on v5p-1024
+  return config

@@ -10,9 +10,17 @@ Variants
                 `--config.init_from=<pretrain workdir or HF dir>`; empty trains from scratch.
   llama2_7b     Llama 2-Chat SFT: lr 2e-5 cosine, batch 64 × 4096, 2 epochs (num_steps is
                 the step count of 2 epochs of your data), loss on answers only. Target: one
-                host of 8 × H100/A100 80GB, fsdp=8, remat "dots", bf16 compute.
+                host of 8 × H100/A100 80GB, fsdp=8, remat "dots", 4 micro-batches, bf16.
   llama3p1_8b   Llama 3 SFT: lr 1e-5, loss on target tokens only, seq 8192, batch 64.
-                Target: 8 × H100 (fsdp=8) or TPU v5p-32 (fsdp=-1).
+                Target: TPU v5p-32 (fsdp=-1, 4 micro-batches: one row per chip), or 8 × H100
+                with --config.train.grad_accum_steps=8.
+  llama3p1_70b  as 8B for Llama 3.1 70B, lr 5e-6: TPU v5p-128 or 8 hosts × 8 H100 (fsdp=64,
+                one row per device), remat "full" (the layer inputs only).
+  llama3p1_405b as 8B for Llama 3.1 405B, lr 2e-6: TPU v5p-1024, fsdp=64 × tensor=8 (heads
+                and MLP split over the 8 chips of a host pair, one row per fsdp group),
+                remat "full".
+All real variants use attention_impl "auto" (Pallas splash attention on TPU, cuDNN on GPU);
+`python -m experiments.compile_check --targets` checks them on their targets.
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ from experiments.configs.base import TINY_MODEL, lm_config
 
 
 def get_config(variant: str = "tiny"):
-  variants = {"tiny": tiny, "llama2_7b": llama2_7b, "llama3p1_8b": llama3p1_8b}
+  variants = {"tiny": tiny, "llama2_7b": llama2_7b, "llama3p1_8b": llama3p1_8b,
+              "llama3p1_70b": llama3p1_70b, "llama3p1_405b": llama3p1_405b}  # fmt: skip
   if variant not in variants:
     raise ValueError(f"unknown sft variant {variant!r}; known: {sorted(variants)}")
   return variants[variant]()
@@ -67,8 +76,25 @@ def _real(preset: str, tokenizer: str, seq_len: int, lr: float):
 
 
 def llama2_7b():
-  return _real("llama2_7b", "/path/to/llama2/tokenizer.model", 4096, 2e-5)
+  config = _real("llama2_7b", "/path/to/llama2/tokenizer.model", 4096, 2e-5)
+  config.train.grad_accum_steps = 4
+  return config
 
 
 def llama3p1_8b():
-  return _real("llama3p1_8b", "/path/to/llama3/tokenizer.model", 8192, 1e-5)
+  config = _real("llama3p1_8b", "/path/to/llama3/tokenizer.model", 8192, 1e-5)
+  config.train.grad_accum_steps = 4
+  return config
+
+
+def llama3p1_70b():
+  config = _real("llama3p1_70b", "/path/to/llama3/tokenizer.model", 8192, 5e-6)
+  config.model.remat_policy = "full"
+  return config
+
+
+def llama3p1_405b():
+  config = _real("llama3p1_405b", "/path/to/llama3/tokenizer.model", 8192, 2e-6)
+  config.model.remat_policy = "full"
+  config.mesh.update(data=1, fsdp=-1, tensor=8)
+  return config

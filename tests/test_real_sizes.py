@@ -1,0 +1,24 @@
+"""Every shipped real-size config fits the hardware its docstring names (opt-in: minutes to
+an hour of compiling on a CPU host; needs the `aot` / `aot-gpu` extras and cuDNN for GPUs).
+
+    pytest -m real_size tests/test_real_sizes.py [-k dpo]
+
+The same check as `python -m experiments.compile_check --targets`, which also rewrites the
+README's table.
+"""
+
+import pytest
+
+from experiments import targets
+from llama_jax import aot
+
+pytestmark = pytest.mark.real_size
+
+
+@pytest.mark.parametrize("target", targets.TARGETS, ids=lambda t: f"{t.name}@{t.topology}")
+def test_target_fits(target):
+  pytest.importorskip("libtpu" if target.topology.startswith("v") else "jax_plugins.xla_cuda12")
+  rows = targets.check_target(target, aot.Assumed())
+  assert rows and all(r.report is not None for r in rows), [r.error for r in rows]
+  too_big = [(r.stage, r.report.name, r.report.total_bytes / aot.GiB) for r in rows if not r.fits]
+  assert not too_big, f"{target.name} on {target.topology}: does not fit: {too_big}"
