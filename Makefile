@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# CPU build of torch, pinned: an unpinned torch pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	# aot: libtpu, so the tests also compile for TPU descriptions (experiments.compile_check).
+	$(PY) -m pip install -q -e '.[test,aot]'
 	touch $(STAMP)
 
 # The Llama 3 recipe at tiny scale (~10 min on 2 CPU cores); a rerun prints the stored report.

@@ -43,6 +43,7 @@ GiB = aot.GiB
 STAGE_MODULES = {
   "pretrain": "lm", "sft": "lm", "reward_model": "reward_model", "dpo": "dpo", "ppo": "ppo",
   "grpo": "grpo", "rejection_sampling": "rejection_sampling", "generate": "generate",
+  "evaluation": "recipes",  # a recipe's `eval` section (+ the policy's model)
 }  # fmt: skip
 # Recipe config sections -> their stage's config kind; `eval` samples like `generate`.
 RECIPE_SECTIONS = {
@@ -77,7 +78,8 @@ def stage_programs(kind: str, cfg: ml_collections.ConfigDict, mesh, assumed: aot
 
 def recipe_stages(cfg: ml_collections.ConfigDict) -> list[tuple[str, str, Any]]:
   """`(section, kind, stage config)` of a recipe config: the stages it runs, each with the
-  recipe's tokenizer, as `experiments.recipes.Recipe.config` builds them."""
+  recipe's tokenizer, as `experiments.recipes.Recipe.config` builds them, and the policy
+  evaluation that follows each policy-changing stage."""
   out = []
   for section, kind in RECIPE_SECTIONS.items():
     if section not in cfg or (section == "pretrain" and cfg.init_from):
@@ -85,7 +87,9 @@ def recipe_stages(cfg: ml_collections.ConfigDict) -> list[tuple[str, str, Any]]:
     stage = ml_collections.ConfigDict(cfg[section].to_dict())
     stage.tokenizer = cfg.tokenizer
     out.append((section, kind, stage))
-  return out
+  evaluation = ml_collections.ConfigDict(cfg.eval.to_dict())
+  evaluation.model = cfg.sft.model  # the policy's architecture and numerics
+  return out + [("eval", "evaluation", evaluation)]
 
 
 def check(

@@ -27,13 +27,40 @@ from jax.experimental import multihost_utils
 
 from experiments import common, dpo, lm, report
 from experiments import generate as generate_experiment
-from llama_jax import evaluation, workdirs
+from llama_jax import aot, evaluation, rollouts, sharding, workdirs
 from llama_jax.data import builders, bundled, gatt
+from llama_jax.steps import common as step_lib
 
 log = logging.getLogger(__name__)
 
 STAGE_FILE = "stage.json"
 SAMPLES_FILE = "samples.jsonl"
+
+
+def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list[aot.Program]:
+  """An evaluation's compiled functions, for `experiments.compile_check` (`cfg`: a recipe's
+  `eval` section plus the policy's `model`): answers to `batch_size` prompts, and the KL
+  pass's log-probs of the policy and of the reference, which are on the devices together.
+  (The KL's one temperature-1 sample per prompt compiles the same shapes as the answers.)"""
+  model_cfg = common.model_config(cfg)
+  sharding.check_fits_mesh(model_cfg, mesh)
+  section = ml_collections.ConfigDict({"generation": {
+    "max_new_tokens": cfg.max_new_tokens, "num_samples": 1, "temperature": 0.0, "top_k": 0,
+    "top_p": 1.0, "prompt_bucket": 0}})  # fmt: skip
+  gen = generate_experiment.check_generation_config(section, model_cfg)
+  ref = sharding.abstract_sharded_params(model_cfg, mesh)
+  answers = generate_experiment.generation_program(
+    model_cfg, gen, cfg.batch_size, assumed.prompt_len, mesh, resident=ref
+  )
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  n = -(-cfg.batch_size // shards) * shards
+  t = rollouts.row_length([[0] * assumed.prompt_len], cfg.max_new_tokens, 64)
+  rows = aot.rows(step_lib.batch_sharding(mesh), n, t, ("tokens", "positions", "segment_ids",
+                                                        "targets"))  # fmt: skip
+  flops = model_cfg.flops_per_token(t) / 3 * n * t
+  logps = aot.Program("kl_logps", evaluation.logps_fn(model_cfg, mesh), (ref, rows), flops,
+                      resident=ref, note=f"{n} rows × {t}")  # fmt: skip
+  return [answers, logps]
 
 
 def stage_config(section: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:

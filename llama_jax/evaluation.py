@@ -74,7 +74,7 @@ def _pad_rows(rows: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarra
 
 
 @functools.lru_cache(maxsize=16)
-def _logps_fn(config: LlamaConfig, mesh: Mesh):
+def logps_fn(config: LlamaConfig, mesh: Mesh):
   """The jitted log-prob pass, one per model and mesh: evaluating many checkpoints of one
   model (a recipe's stages) compiles it once."""
   return step_lib.jit_eval_step(
@@ -100,7 +100,7 @@ def sampled_kl(
     max_new_tokens=max_new_tokens, num_samples=1, sampling=SamplingConfig(temperature=1.0),
     stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
   )  # fmt: skip
-  logps = _logps_fn(config, mesh)
+  logps = logps_fn(config, mesh)
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   kls, lengths = [], []
   for start in range(0, len(prompts), batch_size):

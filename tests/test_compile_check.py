@@ -126,8 +126,8 @@ def test_recipe_stages_follow_the_recipe():
   # init_from is set: pretraining does not run
   assert stages == [("sft", "sft"), ("reward_model", "reward_model"),
                     ("rejection_sampling", "rejection_sampling"), ("round_sft", "sft"),
-                    ("dpo", "dpo")]  # fmt: skip
-  assert all(c.tokenizer == cfg.tokenizer for _, _, c in cc.recipe_stages(cfg))
+                    ("dpo", "dpo"), ("eval", "evaluation")]  # fmt: skip
+  assert all(c.tokenizer == cfg.tokenizer for _, k, c in cc.recipe_stages(cfg) if k != "evaluation")
 
 
 def test_command_prints_the_table_and_exits_nonzero_when_something_does_not_fit(tmp_path):
@@ -178,3 +178,14 @@ def test_small_model_compiles_for_real_chips_with_each_kernel(
     flash = kernel in ("splash", "cudnn", "auto")
     assert (flash_marker in compiled.as_text()) == flash, (kernel, flash_marker)
   assert temps[kernels[2]] < temps["xla"], temps
+
+
+def test_recipe_evaluation_compiles_on_cpu8(cpu8):
+  """The policy evaluation a recipe runs after each stage: answers and the KL pass."""
+  (_, kind, evaluation), = [s for s in cc.recipe_stages(config("llama3_recipe", "smoke"))
+                            if s[0] == "eval"]  # fmt: skip
+  rows = cc.check(kind, evaluation, cpu8, ASSUMED, stage="eval")
+  assert [r.report.name for r in rows] == ["generate", "kl_logps"]
+  assert all(r.fits for r in rows)
+  # the reference is resident while the policy answers, and is an argument of the KL pass
+  assert rows[0].report.resident_bytes == rows[1].report.resident_bytes > 0

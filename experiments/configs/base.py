@@ -2,9 +2,10 @@
 
 model       preset (a `LlamaConfig.preset` name) plus any `LlamaConfig` field to override;
             with `init_from` only the compute fields apply (dtype, param_dtype,
-            attention_impl, scan_layers, remat_policy). On NVIDIA GPUs set
-            attention_impl="cudnn" (flash attention; 2.8x the step rate of "xla" on an H100,
-            see benchmarks/README.md); keep "xla" on TPU and CPU.
+            attention_impl, scan_layers, remat_policy). attention_impl "auto" (the real
+            variants) is flash attention where there is one: cuDNN on NVIDIA GPUs (2.8x the
+            step rate of "xla" on an H100, see benchmarks/README.md), Pallas splash
+            attention on TPU, "xla" on CPU (`llama_jax.attention`).
 tokenizer   "tiny:llama3" / "tiny:llama2" (bundled) or a tokenizer.model / tokenizer.json path.
 init_from   "" (fresh init), a Hugging Face checkpoint directory, or an experiment workdir
             (its `model_config.json` and newest Orbax checkpoint).

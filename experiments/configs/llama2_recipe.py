@@ -104,7 +104,7 @@ def llama2_7b():
                 round_sft_mix="/path/to/human_sft.jsonl")  # fmt: skip
   config.eval.data.update(source="tfds", name="my_eval_prompts", num_prompts=0)
   config.eval.update(batch_size=64, max_new_tokens=1024)
-  config.eval.mesh.update(data=8)
+  config.eval.mesh.update(data=1, fsdp=-1)  # fp32 policy and reference sharded together
   config.gatt.update(mode="policy", num_turns=4, num_dialogues=2000, num_eval=200,
                      instructions="capitals,lowercase,over,ahoy")  # fmt: skip
   config.gatt.data.update(source="tfds", name="my_sft_data")
@@ -115,6 +115,7 @@ def llama2_7b():
   config.safety_rm = reward_model.llama2_7b_safety()
   config.rejection_sampling = rejection_sampling.llama2_70b()
   config.rejection_sampling.model.preset = "llama2_7b"
+  config.rejection_sampling.mesh.update(data=-1, fsdp=1)  # each device holds the 7B models
   config.rejection_sampling.tokenizer = config.tokenizer
   config.round_sft = sft.llama2_7b()
   config.ppo = ppo.llama2_7b()

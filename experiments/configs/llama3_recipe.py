@@ -129,7 +129,7 @@ def llama3p1_8b():
                 prompt_stride=0, round_sft_mix="/path/to/human_sft.jsonl")  # fmt: skip
   config.eval.data.update(source="tfds", name="my_eval_prompts", num_prompts=0)
   config.eval.update(batch_size=64, max_new_tokens=1024)
-  config.eval.mesh.update(data=8)
+  config.eval.mesh.update(data=1, fsdp=-1)  # fp32 policy and reference sharded together
   config.pretrain = pretrain.llama3p2_1b()  # unused: init_from is set
   config.sft = sft.llama3p1_8b()
   config.reward_model = reward_model.llama3p1_8b()
