@@ -101,8 +101,8 @@ class Report:
 
 
 def shard_bytes(tree: Any) -> int:
-  """Bytes one device holds of an abstract (or real) sharded tree: the largest shard of
-  every leaf (fully replicated leaves count whole)."""
+  """Bytes one device holds of an abstract (or real) sharded tree: one shard of every leaf
+  (a replicated leaf counts whole)."""
   total = 0
   for leaf in jax.tree.leaves(tree):
     if not hasattr(leaf, "shape"):
@@ -174,8 +174,6 @@ def compile_program(program: Program, hbm_bytes: int) -> Report:
     resident_bytes=shard_bytes(program.resident),
   )  # fmt: skip
   try:
-    # Compile-only devices cannot load an executable back: keep them out of the persistent
-    # compilation cache.
     with no_compilation_cache():
       compiled = program.fn.lower(*program.args).compile()
   except Exception as e:  # noqa: BLE001 - any compiler refusal becomes a row of the table

@@ -189,3 +189,18 @@ def test_recipe_evaluation_compiles_on_cpu8(cpu8):
   assert all(r.fits for r in rows)
   # the reference is resident while the policy answers, and is an argument of the KL pass
   assert rows[0].report.resident_bytes == rows[1].report.resident_bytes > 0
+
+
+def test_a_program_the_tpu_compiler_refuses_is_a_row_with_its_size():
+  """Llama 3.1 8B SFT with XLA attention (float32 [T, T] scores) and no micro-batching on
+  v5p-8: XLA:TPU refuses it for HBM within seconds; the report keeps what it would need."""
+  pytest.importorskip("libtpu")
+  cfg = config("sft", "llama3p1_8b", **{"model.attention_impl": "xla",
+                                        "train.grad_accum_steps": 1})  # fmt: skip
+  chips = get_topology("v5p-8")
+  mesh = common.build_mesh(cfg.mesh, chips.devices())
+  train = next(p for p in cc.stage_programs("sft", cfg, mesh, ASSUMED) if p.name == "train_step")
+  report = aot.compile_program(train, chips.chip.usable_bytes)
+  assert not report.fits and "RESOURCE_EXHAUSTED" in report.error
+  assert report.temp_bytes > 1000 * aot.GiB  # the message's figure (TiBs of scores)
+  assert report.argument_bytes == aot.shard_bytes(train.args)

@@ -18,8 +18,8 @@ Variants
                 them right at temperature 1), 16 prompts × 8 samples per iteration, 2 updates
                 each, 40 iterations; CPU, about 5 minutes. Start from the tiny SFT workdir.
   llama3p2_1b   GRPO on Llama 3.2 1B Instruct: 64 prompts × 16 samples, lr 1e-6, β 0.04,
-                512 new tokens, 4 updates per iteration. Target: one host of 8 × H100
-                (fsdp=8), bf16 compute, fp32 master weights.
+                512 new tokens, 4 updates per iteration (2 micro-batches each). Target: one
+                host of 8 × H100 (fsdp=8), bf16 compute, fp32 master weights.
 """
 
 from __future__ import annotations
@@ -78,5 +78,7 @@ def llama3p2_1b():
   config.grpo.group_size = 16
   config.generation.update(max_new_tokens=512, prompt_bucket=128)
   config.optimizer.update(learning_rate=1e-6, grad_clip=1.0)
-  config.train.update(num_steps=500, num_minibatches=4, loss_chunk_size=512)
+  config.train.update(
+    num_steps=500, num_minibatches=4, loss_chunk_size=512, grad_accum_steps=2
+  )
   return config
