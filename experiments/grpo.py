@@ -121,7 +121,8 @@ def build_steps(cfg: ml_collections.ConfigDict, model_cfg, mesh) -> GRPOSteps:
 
 def rollout_programs(cfg, model_cfg, mesh, assumed: aot.Assumed, num_samples: int, resident):
   """Sampling `num_samples` responses to each of `data.batch_size` prompts and scoring them
-  with the `reward` section's models (PPO and GRPO); returns `(programs, rows, seq_len)`."""
+  with the `reward` section's models (PPO and GRPO); returns `(programs, rows, seq_len,
+  reward-model params)`."""
   gen = generate_experiment.check_generation_config(cfg, model_cfg, num_samples)
   rms = rejection_sampling.reward_model_params(cfg.reward, model_cfg, mesh)
   seq_len = rollouts.row_length([[0] * assumed.prompt_len], gen.max_new_tokens, 64)

@@ -62,6 +62,19 @@ def math_prod(xs):
   return int(np.prod(list(xs)))
 
 
+def test_the_small_preset_compiles_on_cpu8_with_micro_batches(cpu8):
+  """small_50m (the CPU benchmark size) with 2 micro-batches and remat: micro-batching
+  halves the activations the train step keeps, which the report shows."""
+  temps = {}
+  for accum in (1, 2):
+    cfg = config("sft", "tiny", **{"train.grad_accum_steps": accum, "data.seq_len": 512})
+    cfg.model = {"preset": "small_50m", "scan_layers": True, "remat_policy": "dots"}
+    rows = cc.check_config("sft", cfg, cpu8, ASSUMED)
+    assert all(r.fits for r in rows)
+    temps[accum] = next(r.report.temp_bytes for r in rows if r.report.name == "train_step")
+  assert temps[2] < 0.75 * temps[1], temps
+
+
 def test_state_bytes_match_a_real_sharded_state(cpu8):
   """The bytes the report charges a device for an abstract state are what a real state of
   that config holds on a device (fsdp-sharded parameters and moments)."""

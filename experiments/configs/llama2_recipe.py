@@ -115,7 +115,7 @@ def llama2_7b():
   config.safety_rm = reward_model.llama2_7b_safety()
   config.rejection_sampling = rejection_sampling.llama2_70b()
   config.rejection_sampling.model.preset = "llama2_7b"
-  config.rejection_sampling.mesh.update(data=-1, fsdp=1)  # each device holds the 7B models
+  config.rejection_sampling.mesh.update(data=-1, fsdp=1, tensor=1)  # each device: all 7Bs
   config.rejection_sampling.tokenizer = config.tokenizer
   config.round_sft = sft.llama2_7b()
   config.ppo = ppo.llama2_7b()

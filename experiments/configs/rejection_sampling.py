@@ -25,9 +25,8 @@ Variants
                 Set init_from to a tiny SFT workdir and reward.reward_model to a tiny RM
                 workdir (`experiments/configs/reward_model.py:tiny_llama3`).
   llama2_70b    Llama 2-Chat 70B: 1k prompts per batch × K=16 at temperature 1.2, the
-                combined helpful/safety score. Target: 8 hosts × 8 H100 (data=8, fsdp=8 for
-                the policy; each RM is 70B too, so score with fsdp sharding on the same mesh)
-                or TPU v5p-128.
+                combined helpful/safety score. Target: 8 hosts × 8 H100 or TPU v5p-128: the
+                policy and both 70B RMs on one mesh, data=4 × fsdp=2 × tensor=8.
   llama3p1_8b   Llama 3.1 8B: K=8 at temperature 1.0 with one RM, 512 prompts per batch.
                 Target: one host of 8 × H100 (data=8: each GPU holds the bf16 weights).
 """
@@ -70,7 +69,9 @@ def llama2_70b():
   config.model.preset = "llama2_70b"
   config.tokenizer = "/path/to/llama-2-70b-chat/tokenizer.model"
   config.init_from = "/path/to/llama-2-70b-chat-hf"
-  config.mesh.update(data=8, fsdp=8, tensor=1)
+  # Tensor parallelism within a host (decoding reads every weight per token: no all-gathers
+  # across hosts), two hosts per model copy: the policy and both RMs take 26 GiB per GPU.
+  config.mesh.update(data=4, fsdp=2, tensor=8)
   config.data.update(num_prompts=1024, batch_size=64)
   config.generation.update(num_samples=16, temperature=1.2, max_new_tokens=1024)
   config.reward.update(kind="llama2", helpful="/path/to/rm_helpful", safety="/path/to/rm_safety")

@@ -35,13 +35,13 @@ Variants
                      4096, margin "small". Target: one host of 8 × H100/A100 80GB (fsdp=8),
                      bf16 compute, fp32 master weights; 64 micro-batches of one row per GPU.
   llama2_70b_helpful lr 5e-6, otherwise as 7B. Target: 8 hosts × 8 H100 (fsdp=64, 8
-                     micro-batches) or TPU v5p-128 (64 chips).
+                     micro-batches) or TPU v5p-128 (64 chips); remat "full".
   llama3p1_8b        Llama 3 RM from the pre-trained Llama 3.1 8B: lr 1e-5, 512 prompts per
                      batch (2–3 responses each: 1–3 pairs), seq 4096, no margin.
                      Target: 8 × H100 80GB (fsdp=8, 64 micro-batches) or TPU v5p-32 (16 chips,
                      fsdp=-1; set train.grad_accum_steps=32).
   Packed ranking rows need a per-row attention mask, which only attention_impl "xla" takes
-  (cuDNN flash attention builds its mask from segment ids), so the RM runs use "xla". XLA
+  (the flash kernels build their masks from segment ids), so "auto" runs the RMs on "xla". XLA
   attention materializes the [T, T] scores; remat "dots_no_batch" recomputes them in the
   backward pass instead of keeping 32 layers of them (what "dots" would save), and one row
   per device per micro-batch keeps the transient at ~2 GB per layer at T = 4096.
@@ -152,7 +152,11 @@ def llama2_7b_safety():
 
 
 def llama2_70b_helpful():
-  return _llama2("helpfulness", "llama2_70b", lr=5e-6, grad_accum=8)
+  config = _llama2("helpfulness", "llama2_70b", lr=5e-6, grad_accum=8)
+  # One row per device; saving the 80 layers' projections ("dots_no_batch") would take 74 GiB
+  # of an H100's 59 usable, the layer inputs alone ("full") take 5.
+  config.model.remat_policy = "full"
+  return config
 
 
 def llama3p1_8b():
