@@ -18,9 +18,10 @@ Fields (name, tokenizer, init_from, prompt_stride, round_sft_mix, eval as in
 Variants
   tiny        the tiny model: 2 rounds, PPO, Ghost Attention; about 20 minutes on 2 CPU cores.
   smoke       the tests' variant: one round, a few steps per stage.
-  llama2_7b   Llama 2 7B from the pre-trained checkpoint: real stage configs (SFT and RMs
-              fsdp over 8 × H100 80GB, rejection sampling and PPO as in their configs),
-              4 rounds, GAtt in "policy" mode (the RLHF model follows instructions).
+  llama2_7b   Llama 2 7B from the pre-trained checkpoint: real stage configs on 2 hosts ×
+              8 H100 80GB (PPO's target: SFT and RMs fsdp=16, the RMs in 32 micro-batches,
+              rejection sampling data=8 × tensor=2, PPO as in its config), 4 rounds, GAtt
+              in "policy" mode (the RLHF model follows instructions).
 """
 
 from __future__ import annotations
@@ -113,9 +114,12 @@ def llama2_7b():
   config.sft = sft.llama2_7b()
   config.helpful_rm = reward_model.llama2_7b_helpful()
   config.safety_rm = reward_model.llama2_7b_safety()
+  for rm in (config.helpful_rm, config.safety_rm):  # 512 rows: one per GPU on 16 GPUs
+    rm.train.grad_accum_steps = 32
   config.rejection_sampling = rejection_sampling.llama2_70b()
   config.rejection_sampling.model.preset = "llama2_7b"
-  config.rejection_sampling.mesh.update(data=-1, fsdp=1, tensor=1)  # each device: all 7Bs
+  # 16 H100s: 7B's full-size KV heads (no GQA) need tensor=2 to leave room for the cache.
+  config.rejection_sampling.mesh.update(data=-1, fsdp=1, tensor=2)
   config.rejection_sampling.tokenizer = config.tokenizer
   config.round_sft = sft.llama2_7b()
   config.ppo = ppo.llama2_7b()

@@ -24,9 +24,9 @@ Variants
   smoke         the tests' variant: two rounds of a few steps each.
   llama3p1_8b   the same recipe on Llama 3.1 8B from the pre-trained checkpoint, 6 rounds:
                 the stage sections are the real configs of each stage (one host of
-                8 × H100 80GB: SFT/RM/DPO fsdp=8 in bf16 with fp32 master weights,
-                rejection sampling data=8). Point `tokenizer`, `init_from` and each
-                section's data at your files.
+                8 × H100 80GB: SFT/RM/DPO fsdp=8 in bf16 with fp32 master weights, SFT
+                in 8 micro-batches, rejection sampling data=8). Point `tokenizer`,
+                `init_from` and each section's data at your files.
 """
 
 from __future__ import annotations
@@ -135,5 +135,7 @@ def llama3p1_8b():
   config.reward_model = reward_model.llama3p1_8b()
   config.rejection_sampling = rejection_sampling.llama3p1_8b()
   config.round_sft = sft.llama3p1_8b()
+  for stage in (config.sft, config.round_sft):  # one row of 8192 per GPU on 8 H100s
+    stage.train.grad_accum_steps = 8
   config.dpo = dpo.llama3p1_8b()
   return config
