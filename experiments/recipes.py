@@ -52,7 +52,7 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
   answers = generate_experiment.generation_program(
     model_cfg, gen, cfg.batch_size, assumed.prompt_len, mesh, resident=ref
   )
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  shards = sharding.batch_shards(mesh)
   n = -(-cfg.batch_size // shards) * shards
   t = rollouts.row_length([[0] * assumed.prompt_len], cfg.max_new_tokens, 64)
   rows = aot.rows(step_lib.batch_sharding(mesh), n, t, ("tokens", "positions", "segment_ids",

@@ -101,7 +101,7 @@ def sampled_kl(
     stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
   )  # fmt: skip
   logps = logps_fn(config, mesh)
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  shards = sharding.batch_shards(mesh)
   kls, lengths = [], []
   for start in range(0, len(prompts), batch_size):
     ids = [encode_prompt(tokenizer, p, chat=True) for p in prompts[start : start + batch_size]]

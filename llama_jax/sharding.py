@@ -217,9 +217,14 @@ def activation_sharding(mesh: Mesh | None, rules: Rules = DEFAULT_RULES):
     yield
 
 
+def batch_shards(mesh: Mesh) -> int:
+  """How many pieces the batch axes (data × fsdp) split a batch into."""
+  return _mesh_axis_size(mesh, BATCH_AXES)
+
+
 def check_batch_fits_mesh(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
   """Raises, naming the values, if a global batch does not divide over data × fsdp."""
-  n = _mesh_axis_size(mesh, BATCH_AXES)
+  n = batch_shards(mesh)
   if batch_size % n:
     raise ValueError(
       f"{what}={batch_size} is not divisible by the mesh's batch axes data × fsdp = {n} "

@@ -12,7 +12,7 @@ from experiments import common
 from experiments import reward_model as rm_experiment
 from experiments.configs import reward_model as configs
 from experiments.configs.base import TINY_MODEL
-from llama_jax import LlamaConfig, reward_model, rewards, sharding
+from llama_jax import LlamaConfig, attention, reward_model, rewards, sharding
 from llama_jax import train_state as ts
 from llama_jax.checkpoint import save_hf_checkpoint
 from llama_jax.data import bundled, ranking
@@ -108,7 +108,9 @@ def test_real_configs_are_consistent(variant):
   assert cfg.data.batch_size == 512 and cfg.train.warmup_fraction == 0.03
   assert cfg.optimizer.learning_rate == 1e-5 and cfg.optimizer.final_lr_fraction == 0.1
   assert cfg.data.batch_size % cfg.train.grad_accum_steps == 0
-  assert cfg.model.attention_impl == "xla"
+  # "auto" takes XLA attention for the ranking rows' extra mask, whatever the platform
+  assert cfg.model.attention_impl == "auto"
+  assert attention.resolve("auto", extra_mask=True, platform="tpu") == "xla"
   shapes = reward_model.abstract_params(model)
   count = sum(np.prod(x.shape) for x in jax.tree.leaves(shapes))
   assert count == reward_model.num_params(model)

@@ -273,7 +273,7 @@ def abstract_decode_args(
 ) -> tuple:
   """Abstract arguments of `make_decode_fn(config, gen, mesh)` for `num_prompts` prompts of
   up to `prompt_len` tokens, padded as `generate_tokens` pads them (ahead-of-time checks)."""
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  shards = sharding.batch_shards(mesh)
   b, r = -(-num_prompts // shards) * shards, gen.num_samples
   p = bucket_length(prompt_len, gen.prompt_bucket)
   batch = sharding.named_sharding(mesh, ("act_batch", "act_seq"))
@@ -375,7 +375,7 @@ def generate_tokens(
     raise ValueError(f"generate_tokens: keys of shape {keys.shape}; expected {(num_prompts, r)}")
 
   # Pad the batch with copies of the first prompt so that it divides the batch shards.
-  shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+  shards = 1 if mesh is None else sharding.batch_shards(mesh)
   extra = -num_prompts % shards
   prompts = prompts + [prompts[0]] * extra
   keys = jnp.concatenate([keys, jnp.repeat(keys[:1], extra, axis=0)]) if extra else keys
