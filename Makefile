@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The Llama 3 recipe at tiny scale (~10 min on 2 CPU cores); a rerun prints the stored report.
+# On the CPU unless JAX_PLATFORMS says otherwise: the test venv's libtpu (compile-only TPU
+# descriptions) would otherwise look for TPU chips first and log errors before falling back.
 demo: $(STAMP)
-	$(PY) -m experiments.llama3_recipe --config=experiments/configs/llama3_recipe.py:demo \
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m experiments.llama3_recipe --config=experiments/configs/llama3_recipe.py:demo \
 	  --workdir=runs/llama3_demo
 
 test: $(STAMP)
