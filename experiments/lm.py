@@ -88,14 +88,10 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
   steps = build_steps(cfg, model_cfg, mesh)
   b, t = cfg.data.batch_size, cfg.data.seq_len
   batch = aot.rows(step_lib.batch_sharding(mesh), b, t, lm_steps.LM_FIELDS)
-  state = steps.abstract_state
   flops = model_cfg.flops_per_token(t) * b * t
-  note = f"{b} × {t}"
-  return [
-    aot.Program("train_step", steps.train_step, (state, batch), flops, note=note),
-    aot.Program("eval_step", steps.eval_step, (state.params, batch), flops / 3,
-                resident=state.opt_state, note=note),  # fmt: skip
-  ]
+  return aot.train_and_eval(
+    steps.train_step, steps.eval_step, steps.abstract_state, batch, flops, f"{b} × {t}"
+  )
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

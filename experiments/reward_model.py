@@ -130,14 +130,10 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
   b, t = cfg.data.batch_size, cfg.data.seq_len
   batch = aot.rows(step_lib.batch_sharding(mesh), b, t, ("tokens", "segment_ids", "response_ids"),
                    ("rating", "concern", "valid"))  # fmt: skip
-  state = steps.abstract_state
   flops = reward_model.flops_per_token(model_cfg, t) * b * t
-  note = f"{b} rows × {t}"
-  return [
-    aot.Program("train_step", steps.train_step, (state, batch), flops, note=note),
-    aot.Program("eval_step", steps.eval_step, (state.params, batch), flops / 3,
-                resident=state.opt_state, note=note),  # fmt: skip
-  ]
+  return aot.train_and_eval(
+    steps.train_step, steps.eval_step, steps.abstract_state, batch, flops, f"{b} rows × {t}"
+  )
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

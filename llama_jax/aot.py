@@ -59,6 +59,18 @@ class Program:
   note: str = ""
 
 
+def train_and_eval(
+  train_step, eval_step, state: Any, batch: Any, train_flops: float, note: str
+) -> list[Program]:
+  """A run's train step on `state` and its eval step on `state.params` (the optimizer state
+  resident meanwhile), for one batch: the compiled functions of an LM or RM run."""
+  return [
+    Program("train_step", train_step, (state, batch), train_flops, note=note),
+    Program("eval_step", eval_step, (state.params, batch), train_flops / 3,
+            resident=state.opt_state, note=note),  # fmt: skip
+  ]
+
+
 @dataclasses.dataclass(frozen=True)
 class Assumed:
   """Shapes a config does not fix, because they depend on the data.
