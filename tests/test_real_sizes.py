@@ -17,7 +17,11 @@ pytestmark = pytest.mark.real_size
 
 @pytest.mark.parametrize("target", targets.TARGETS, ids=lambda t: f"{t.name}@{t.topology}")
 def test_target_fits(target):
-  pytest.importorskip("libtpu" if target.topology.startswith("v") else "jax_plugins.xla_cuda12")
+  if target.topology.startswith("v"):
+    pytest.importorskip("libtpu")
+  else:  # GPU descriptions, and cuDNN to lower flash attention ("auto")
+    pytest.importorskip("jax_plugins.xla_cuda12")
+    pytest.importorskip("nvidia.cudnn")
   rows = targets.check_target(target, aot.Assumed())
   assert rows and all(r.report is not None for r in rows), [r.error for r in rows]
   too_big = [(r.stage, r.report.name, r.report.total_bytes / aot.GiB) for r in rows if not r.fits]
