@@ -8,6 +8,8 @@ sections read below: `model`, `tokenizer`, `init_from`, `mesh`, `data`, `optimiz
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import importlib
 import json
 import logging
 import os
@@ -36,6 +38,62 @@ log = logging.getLogger(__name__)
 
 MODEL_CONFIG_FILE = workdirs.MODEL_CONFIG_FILE
 _COMPUTE_FIELDS = ("dtype", "param_dtype", "attention_impl", "scan_layers", "remat_policy")
+
+
+class ConfigError(ValueError):
+  """A config names a key its stage does not know, or gives a value of the wrong type."""
+
+
+def reference_config(stage: str) -> ml_collections.ConfigDict:
+  """The default variant of `experiments/configs/<stage>.py`: the keys (and value types) every
+  config of the stage has; variants change values, never keys."""
+  return importlib.import_module(f"experiments.configs.{stage}").get_config()
+
+
+def _model_reference() -> dict[str, Any]:
+  """A `model` section's known keys: `preset` and every `LlamaConfig` field (types are left
+  to `LlamaConfig`, which checks its own)."""
+  return {"preset": "", **{f.name: None for f in dataclasses.fields(LlamaConfig)}}
+
+
+def _type_ok(value: Any, expected: Any) -> bool:
+  """Whether `value` may stand where the reference has `expected` (None: anything; an int
+  where a float is expected; a list where a tuple is)."""
+  if expected is None or value is None:
+    return True
+  if isinstance(expected, bool) or isinstance(value, bool):
+    return isinstance(value, bool) and isinstance(expected, bool)
+  if isinstance(expected, float):
+    return isinstance(value, (int, float))
+  if isinstance(expected, (list, tuple)):
+    return isinstance(value, (list, tuple))
+  return isinstance(value, type(expected))
+
+
+def check_config(cfg: Any, reference: Any, where: str = "config") -> None:
+  """Raises `ConfigError` if `cfg` has a key that `reference` (its stage's reference config,
+  `reference_config`) lacks, naming the section, the key and the closest known keys, or a
+  value of another type than the reference's. Call it first in `run` and `programs`, so a
+  misspelled key (`optimizer.learning_rte`) stops the run before anything compiles instead
+  of training with the default.
+  """
+  known = reference.to_dict() if isinstance(reference, ml_collections.ConfigDict) else reference
+  given = cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg
+  for key, value in given.items():
+    path = f"{where}.{key}"
+    if key not in known:
+      close = difflib.get_close_matches(key, list(known), n=3)
+      hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+      raise ConfigError(f"{where} has no key {key!r}{hint} (known: {', '.join(sorted(known))})")
+    expected = _model_reference() if key == "model" else known[key]
+    if isinstance(expected, dict):
+      if not isinstance(value, dict):
+        raise ConfigError(f"{path} must be a section (a ConfigDict), not {value!r}")
+      check_config(value, expected, path)
+    elif not _type_ok(value, expected):
+      raise ConfigError(
+        f"{path}={value!r} is a {type(value).__name__}; expected a {type(expected).__name__}"
+      )
 
 
 def define_flags() -> None:
@@ -118,7 +176,8 @@ def load_records(cfg: ml_collections.ConfigDict, split: str):
 
 
 def from_section(cls, section: ml_collections.ConfigDict, **extra):
-  """The dataclass `cls` from the config section's fields of the same names."""
+  """The dataclass `cls` from the config section's fields of the same names (a section may
+  hold other keys, read elsewhere: `check_config` is what refuses unknown ones)."""
   names = {f.name for f in dataclasses.fields(cls)}
   return cls(**{k: v for k, v in section.items() if k in names}, **extra)
 
@@ -130,7 +189,7 @@ def pipeline_config(cfg: ml_collections.ConfigDict) -> PipelineConfig:
 def tokenize_fn(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer):
   """The `data` section's tokenize function; sft data may set `loss_on` ("all_assistant",
   or "last_assistant" as for Ghost Attention dialogues)."""
-  options = {"loss_on": cfg.loss_on} if cfg.get("loss_on") else {}
+  options = {"loss_on": cfg.loss_on} if cfg.loss_on else {}
   return make_tokenize_fn(cfg.kind, tokenizer, **options)
 
 

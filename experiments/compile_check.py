@@ -101,6 +101,8 @@ def check(
   try:
     mesh = common.build_mesh(cfg.mesh, topology.devices())
     programs = stage_programs(kind, cfg, mesh, assumed)
+  except common.ConfigError:
+    raise  # a misspelled key or a wrong type: the config is wrong everywhere, not just here
   except ValueError as e:  # the config does not fit the mesh: a row, not a crash
     return [Row(stage, topology.name, {}, None, error=str(e))]
   mesh_shape = dict(mesh.shape)
@@ -116,6 +118,7 @@ def check_config(
   """`check` of a stage config, or of every stage of a recipe config (`name` is the config
   file's stem: sft, dpo, llama3_recipe, ...)."""
   if name.endswith("_recipe"):
+    common.check_config(cfg, common.reference_config(name))
     rows = []
     for section, kind, stage_cfg in recipe_stages(cfg):
       rows += check(kind, stage_cfg, topology, assumed, stage=section)

@@ -148,6 +148,7 @@ def build_steps(cfg, model_cfg, mesh, num_steps: int, reference: str | None = No
 def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list[aot.Program]:
   """Both reference modes' steps and the reference pass, with abstract arguments (for
   `experiments.compile_check`); the precomputed table has `assumed.num_pairs` rows."""
+  common.check_config(cfg, common.reference_config("dpo"))
   model_cfg = common.model_config(cfg)
   common.check_fits(model_cfg, cfg, None, mesh)
   b, t = cfg.data.batch_size, cfg.data.seq_len
@@ -181,6 +182,7 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) DPO in `workdir`; returns the held-out metrics before and after."""
+  common.check_config(cfg, common.reference_config("dpo"))
   sharding.initialize_distributed()
   tokenizer = common.build_tokenizer(cfg.tokenizer)
   mesh = common.build_mesh(cfg.mesh)

@@ -111,6 +111,7 @@ def check_generation_config(cfg: ml_collections.ConfigDict, model_cfg, num_sampl
 
 def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list[aot.Program]:
   """The sampler of one batch of `data.batch_size` prompts (`experiments.compile_check`)."""
+  common.check_config(cfg, common.reference_config("generate"))
   model_cfg = common.model_config(cfg)
   sharding.check_fits_mesh(model_cfg, mesh)
   gen = check_generation_config(cfg, model_cfg)
@@ -139,6 +140,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   Returns summary metrics: prompts, responses, mean response tokens, generated tokens/s
   and, with a scorer, the mean score and the mean best-of-K score.
   """
+  common.check_config(cfg, common.reference_config("generate"))
   sharding.initialize_distributed()
   if cfg.scorer and cfg.scorer not in SCORERS:
     raise ValueError(f"scorer={cfg.scorer!r}; expected '' or one of {sorted(SCORERS)}")

@@ -1,14 +1,16 @@
-"""GRPO: K samples per prompt, group-normalized rewards, clipped ratio, k3 KL to the reference.
+"""Critic-free online RL: GRPO, Dr. GRPO, RLOO, REINFORCE++ (`grpo.advantage`, `grpo.scale`,
+`grpo.aggregation`; see `llama_jax.steps.grpo.GRPOConfig`).
 
     python -m experiments.grpo --config=experiments/configs/grpo.py:tiny --workdir=DIR \
       --config.init_from=SFT_WORKDIR [--config.reward.kind=reward_model ...]
+    ... --config=experiments/configs/grpo.py:tiny_rloo (or tiny_reinforce_pp, tiny_dr_grpo)
 
 The policy and the reference start from `init_from`. Each iteration samples
 `grpo.group_size` responses to `data.batch_size` prompts, scores them (`reward`: as in
 `experiments.rejection_sampling`, default the bundled prompts' answer check) and takes
-`train.num_minibatches` GRPO steps. Writes DIR/metrics.jsonl (reward, KL, clip fraction,
-response length, EOS rate, time split), metrics.png, TensorBoard events and checkpoints; a
-rerun resumes.
+`train.num_minibatches` updates (`llama_jax.online.make_iteration`). Writes
+DIR/metrics.jsonl (reward, objective/kl, clip fraction, entropy, response length, EOS rate,
+time split), metrics.png, TensorBoard events and checkpoints; a rerun resumes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import app, flags
+from jax.sharding import NamedSharding, PartitionSpec
 
 from experiments import common, rejection_sampling
 from experiments import generate as generate_experiment
@@ -30,20 +33,8 @@ from llama_jax import aot, online, rollouts, sharding
 from llama_jax import train_state as ts
 from llama_jax.steps import common as step_lib
 from llama_jax.steps import grpo as grpo_steps
-from llama_jax.trainer import fit
 
 log = logging.getLogger(__name__)
-
-PLOT_PANELS = (
-  ("reward/mean",),
-  ("kl",),
-  ("objective/entropy",),
-  ("loss",),
-  ("policy/clipfrac",),
-  ("response/length",),
-  ("response/eos_rate",),
-  ("time/generation", "time/scoring", "time/training"),
-)
 
 
 def generation_config(cfg: ml_collections.ConfigDict, tokenizer, num_samples: int):
@@ -90,7 +81,7 @@ class GRPOSteps:
   optimizer: optax.GradientTransformation
   shardings: ts.TrainState
   abstract_state: ts.TrainState
-  logps_fn: Any  # jitted (params, rows) -> (logp, entropy), policy or reference
+  score_fn: Any  # jitted (params, ref params, rows, scores) -> (out, metrics)
   train_step: Any  # jitted (state, minibatch) -> (state, metrics)
 
 
@@ -98,25 +89,30 @@ def build_steps(cfg: ml_collections.ConfigDict, model_cfg, mesh) -> GRPOSteps:
   """The optimizer and jitted functions of `cfg` on `mesh`: what `run` trains with and
   `programs` compiles ahead of time."""
   grpo = common.from_section(
-    grpo_steps.GRPOConfig, cfg.grpo, loss_chunk_size=cfg.train.loss_chunk_size
-  )
+    grpo_steps.GRPOConfig, cfg.grpo, loss_chunk_size=cfg.train.loss_chunk_size,
+    max_length=cfg.generation.max_new_tokens,
+  )  # fmt: skip
   opt_cfg = common.optimizer_config(cfg.optimizer, cfg.train.num_steps * cfg.train.num_minibatches)
   optimizer = ts.make_optimizer(opt_cfg)
   shardings = ts.state_shardings(model_cfg, optimizer, mesh)
   step = grpo_steps.make_train_step(
     model_cfg, optimizer, grpo, mesh=mesh, grad_accum_steps=cfg.train.grad_accum_steps
   )
-  logps = grpo_steps.make_logps_fn(
-    model_cfg, grpo.loss_chunk_size, mesh=mesh, micro_batches=cfg.train.num_minibatches
+  score = grpo_steps.make_score_fn(
+    model_cfg, grpo, mesh=mesh, micro_batches=cfg.train.num_minibatches
   )
+  rows, rep = step_lib.batch_sharding(mesh), NamedSharding(mesh, PartitionSpec())
   return GRPOSteps(
     grpo=grpo,
     optimizer=optimizer,
     shardings=shardings,
     abstract_state=ts.abstract_train_state(model_cfg, optimizer, mesh),
-    logps_fn=step_lib.jit_eval_step(logps, shardings.params, mesh),
+    score_fn=jax.jit(
+      score, in_shardings=(shardings.params, shardings.params, rows, rows),
+      out_shardings=(rows, rep),
+    ),
     train_step=step_lib.jit_train_step(step, shardings, mesh),
-  )
+  )  # fmt: skip
 
 
 def rollout_programs(cfg, model_cfg, mesh, assumed: aot.Assumed, num_samples: int, resident):
@@ -136,6 +132,7 @@ def rollout_programs(cfg, model_cfg, mesh, assumed: aot.Assumed, num_samples: in
 def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list[aot.Program]:
   """One iteration's compiled functions with abstract arguments (`experiments.compile_check`):
   sampling, reward models, the policy's and the reference's log-probs, the update."""
+  common.check_config(cfg, common.reference_config("grpo"))
   model_cfg = common.model_config(cfg)
   check_minibatches(cfg, mesh, cfg.grpo.group_size)
   sharding.check_fits_mesh(model_cfg, mesh)
@@ -147,95 +144,66 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
   )
   rows_sh = step_lib.batch_sharding(mesh)
   rows = aot.rows(rows_sh, num_rows, t, rollouts.ROW_FIELDS)
-  minibatch = aot.rows(rows_sh, num_rows // cfg.train.num_minibatches, t, grpo_steps.FIELDS,
-                       dtypes={k: np.float32 for k in ("old_logp", "ref_logp", "advantages")})
-  minibatch["advantages"] = jax.ShapeDtypeStruct(
-    minibatch["advantages"].shape[:1], np.float32, sharding=rows_sh
-  )  # one advantage per response
+  scores = jax.ShapeDtypeStruct((num_rows,), np.float32, sharding=rows_sh)
+  mb = num_rows // cfg.train.num_minibatches
+  minibatch = aot.rows(
+    rows_sh,
+    mb,
+    t,
+    grpo_steps.FIELDS,
+    dtypes={k: np.float32 for k in ("old_logp", "ref_logp", "advantages")},
+  )
   forward = model_cfg.flops_per_token(t) / 3 * t
+  passes = 2 if steps.grpo.uses_reference else 1
+  # "logps": the policy's and the reference's log-prob passes and the advantages.
   return out + [
-    aot.Program("logps", steps.logps_fn, (state.params, rows), forward * num_rows,
-                resident=(state.opt_state, ref, rms), note=f"{num_rows} rows × {t}"),
-    aot.Program("train_step", steps.train_step, (state, minibatch),
-                3 * forward * num_rows // cfg.train.num_minibatches, resident=(ref, rms),
-                note=f"{num_rows // cfg.train.num_minibatches} rows × {t}"),
+    aot.Program("logps", steps.score_fn, (state.params, ref, rows, scores),
+                passes * forward * num_rows, resident=(state.opt_state, rms),
+                note=f"{num_rows} rows × {t}"),
+    aot.Program("train_step", steps.train_step, (state, minibatch), 3 * forward * mb,
+                resident=(ref, rms), note=f"{mb} rows × {t}"),
   ]  # fmt: skip
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) GRPO in `workdir`; returns the first and last iterations' metrics."""
+  """Runs (or resumes) the critic-free algorithm of `cfg.grpo` in `workdir`; returns the first
+  and last iterations' metrics (`online.summarize`)."""
   sharding.initialize_distributed()
+  common.check_config(cfg, common.reference_config("grpo"))
   tokenizer, mesh, model_cfg, params, ref_params = load_policy_and_reference(
     cfg, cfg.grpo.group_size
   )
   common.write_run_files(workdir, cfg, model_cfg)
   steps = build_steps(cfg, model_cfg, mesh)
-  grpo, optimizer, shardings = steps.grpo, steps.optimizer, steps.shardings
-  iteration = online.grpo_iteration(
-    policy_config=model_cfg,
-    tokenizer=tokenizer,
-    gen=generation_config(cfg, tokenizer, grpo.group_size),
-    reward_fn=rejection_sampling.build_scorer(cfg.reward, tokenizer, mesh),
-    ref_params=ref_params,
-    logps_fn=steps.logps_fn,
-    train_step=steps.train_step,
+  iteration = online.make_iteration(
+    online.GRPO(steps.score_fn, steps.train_step),
+    sampler(cfg, model_cfg, tokenizer, mesh, steps.grpo.group_size),
+    rejection_sampling.build_scorer(cfg.reward, tokenizer, mesh),
+    ref_params,
     num_minibatches=cfg.train.num_minibatches,
-    scale=grpo.scale,
-    use_reference=grpo.beta > 0,
-    chat=cfg.chat,
-    mesh=mesh,
     seed=cfg.train.seed,
   )
 
   def init_state():
     key = jax.random.PRNGKey(cfg.train.seed)
-    policy = ts.init_train_state(model_cfg, optimizer, mesh, key, params=params)
-    return online.GRPOState(policy=policy, step=jnp.int32(0))
+    policy = ts.init_train_state(model_cfg, steps.optimizer, mesh, key, params=params)
+    return online.PolicyState(policy=policy, step=jnp.int32(0))
 
-  abstract = online.GRPOState(
+  abstract = online.PolicyState(
     policy=steps.abstract_state,
-    step=jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.step),
+    step=jax.ShapeDtypeStruct((), jnp.int32, sharding=steps.shardings.step),
   )
   meta = {"model": model_cfg.to_dict(), "grpo": cfg.grpo.to_dict()}
-  return train_online(cfg, workdir, iteration, init_state, abstract, meta, PLOT_PANELS)
+  return online.train_online(
+    iteration, init_state=init_state, abstract_state=abstract, prompts=prompt_iterator(cfg),
+    workdir=workdir, loop=common.loop_config(cfg.train), meta=meta,
+  )  # fmt: skip
 
 
-def train_online(cfg, workdir, iteration, init_state, abstract_state, meta, plot_panels):
-  """Runs `iteration` under `llama_jax.trainer.fit` over the configured prompts; returns
-  `summarize` of this run's iterations."""
-  history: list[dict[str, float]] = []
-
-  def logged(state, batch):
-    state, metrics = iteration(state, batch)
-    history.append(metrics)
-    return state, metrics
-
-  fit(
-    init_state=init_state,
-    abstract_state=abstract_state,
-    train_step=logged,
-    train_iter=prompt_iterator(cfg),
-    workdir=workdir,
-    loop=common.loop_config(cfg.train),
-    meta=meta,
-    plot_panels=plot_panels,
-  )
-  return summarize(history)
-
-
-def summarize(history: list[dict[str, float]], window: int = 3) -> dict[str, Any]:
-  """Means of the first and the last `window` iterations of this run (start vs end)."""
-  if not history:
-    return {}
-
-  def mean(rows):
-    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
-
-  return {
-    "start": mean(history[:window]),
-    "end": mean(history[-window:]),
-    "iterations": len(history),
-  }
+def sampler(cfg: ml_collections.ConfigDict, model_cfg, tokenizer, mesh, num_samples: int):
+  """The configured rollout sampler (`online.Sampler`)."""
+  gen = generation_config(cfg, tokenizer, num_samples)
+  return online.Sampler(model_cfg, tokenizer, gen, chat=cfg.chat, mesh=mesh)
 
 
 def main(argv):

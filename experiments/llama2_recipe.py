@@ -45,6 +45,7 @@ GATT_FILE = "gatt.jsonl"
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the recipe in `workdir`; returns the report dict."""
+  common.check_config(cfg, common.reference_config("llama2_recipe"))
   recipe = recipes.Recipe(cfg, workdir, "Llama 2 recipe: " + cfg.name)
   pretrained = recipes.pretrained_model(recipe)
   sft = recipe.path("sft")

@@ -37,6 +37,7 @@ from experiments import average, common, dpo, lm, recipes, rejection_sampling, r
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the recipe in `workdir`; returns the report dict."""
+  common.check_config(cfg, common.reference_config("llama3_recipe"))
   recipe = recipes.Recipe(cfg, workdir, "Llama 3 recipe: " + cfg.name)
   pretrained = recipes.pretrained_model(recipe)
   sft = recipe.path("sft")

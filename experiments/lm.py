@@ -24,6 +24,7 @@ from llama_jax.steps import lm as lm_steps
 from llama_jax.trainer import fit
 
 log = logging.getLogger(__name__)
+STAGE = "sft"  # the reference config (pretrain configs have the same keys)
 
 
 def make_eval_fn(eval_batches, eval_step):
@@ -83,6 +84,7 @@ def build_steps(cfg: ml_collections.ConfigDict, model_cfg, mesh) -> LMSteps:
 def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list[aot.Program]:
   """The run's compiled functions with abstract arguments, for `experiments.compile_check`."""
   del assumed  # an LM batch is fully given by the config
+  common.check_config(cfg, common.reference_config(STAGE))
   model_cfg = common.model_config(cfg)
   common.check_fits(model_cfg, cfg, None, mesh)
   steps = build_steps(cfg, model_cfg, mesh)
@@ -96,6 +98,7 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics."""
+  common.check_config(cfg, common.reference_config(STAGE))
   sharding.initialize_distributed()  # multi-host TPU / SLURM; a no-op on one process
   tokenizer = common.build_tokenizer(cfg.tokenizer)
   mesh = common.build_mesh(cfg.mesh)

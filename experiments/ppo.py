@@ -30,10 +30,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 from experiments import common
 from experiments.grpo import (
   check_minibatches,
-  generation_config,
   load_policy_and_reference,
+  prompt_iterator,
   rollout_programs,
-  train_online,
+  sampler,
 )
 from experiments.rejection_sampling import build_scorer
 from llama_jax import aot, online, reward_model, rollouts, sharding, workdirs
@@ -43,15 +43,7 @@ from llama_jax.steps import ppo as ppo_steps
 
 log = logging.getLogger(__name__)
 
-PLOT_PANELS = (
-  ("reward/mean",),
-  ("objective/kl",),
-  ("objective/entropy",),
-  ("policy/clipfrac", "policy/approxkl"),
-  ("loss/value", "value/explained_variance"),
-  ("response/length",),
-  ("time/generation", "time/scoring", "time/training"),
-)
+PLOT_PANELS = (*online.PLOT_PANELS, ("loss/value", "value/explained_variance"))
 
 
 def value_params(cfg, model_cfg, policy_params, mesh):
@@ -118,6 +110,7 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
   """One iteration's compiled functions with abstract arguments (`experiments.compile_check`):
   sampling, reward models, scoring (policy, reference and value passes), both updates. The
   value model is assumed to have the policy's architecture (Llama 2: the helpfulness RM)."""
+  common.check_config(cfg, common.reference_config("ppo"))
   model_cfg = common.model_config(cfg)
   check_minibatches(cfg, mesh, cfg.generation.num_samples)
   sharding.check_fits_mesh(model_cfg, mesh)
@@ -151,6 +144,7 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) PPO in `workdir`; returns start vs end means of the iteration metrics."""
+  common.check_config(cfg, common.reference_config("ppo"))
   tokenizer, mesh, model_cfg, params, ref_params = load_policy_and_reference(
     cfg, cfg.generation.num_samples
   )
@@ -158,23 +152,16 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   value_cfg, v_params = value_params(cfg, model_cfg, ref_params, mesh)
   steps = build_steps(cfg, model_cfg, value_cfg, mesh)
   ppo = steps.ppo
-  iteration = online.ppo_iteration(
-    policy_config=model_cfg,
-    tokenizer=tokenizer,
-    gen=generation_config(cfg, tokenizer, cfg.generation.num_samples),
-    reward_fn=build_scorer(cfg.reward, tokenizer, mesh),
-    ref_params=ref_params,
-    score_fn=steps.score_fn,
-    policy_step=steps.policy_step,
-    value_step=steps.value_step,
+  iteration = online.make_iteration(
+    online.PPO(steps.score_fn, steps.policy_step, steps.value_step, ppo.kl_target,
+               ppo.kl_horizon),
+    sampler(cfg, model_cfg, tokenizer, mesh, cfg.generation.num_samples),
+    build_scorer(cfg.reward, tokenizer, mesh),
+    ref_params,
     num_minibatches=cfg.train.num_minibatches,
     no_eos_penalty=ppo.no_eos_penalty,
-    kl_target=ppo.kl_target,
-    kl_horizon=ppo.kl_horizon,
-    chat=cfg.chat,
-    mesh=mesh,
     seed=cfg.train.seed,
-  )
+  )  # fmt: skip
 
   def init_state():
     key = jax.random.PRNGKey(cfg.train.seed)
@@ -187,7 +174,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   abstract = steps.abstract_state
   meta = {"model": model_cfg.to_dict(), "ppo": cfg.ppo.to_dict()}
-  return train_online(cfg, workdir, iteration, init_state, abstract, meta, PLOT_PANELS)
+  return online.train_online(
+    iteration, init_state=init_state, abstract_state=abstract, prompts=prompt_iterator(cfg),
+    workdir=workdir, loop=common.loop_config(cfg.train), meta=meta, plot_panels=PLOT_PANELS,
+  )  # fmt: skip
 
 
 def main(argv):

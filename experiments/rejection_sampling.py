@@ -58,15 +58,16 @@ PLOT_FILE = "rejection_sampling.png"
 TFDS_DIR = "tfds"
 SCORER_KINDS = ("reward_model", "llama2", "check_answer")
 
-# `(records, responses) -> scores`: flat aligned lists, one rl_prompt record per response.
-RecordScorer = Callable[[Sequence[dict[str, Any]], Sequence[str]], Sequence[float]]
+# The project's scorer signature, `(records, prompts, responses) -> scores`: flat aligned lists,
+# one rl_prompt record per response (prompts[i] is records[i]["prompt"]).
+RecordScorer = Callable[[Sequence[dict[str, Any]], Sequence[Any], Sequence[str]], Sequence[float]]
 
 
 # --------------------------------------------------------------------------- scoring
 
 
 def build_scorer(cfg: ml_collections.ConfigDict, tokenizer, mesh) -> RecordScorer:
-  """The `reward` section as a scorer of (record, response) pairs.
+  """The `reward` section as a scorer `(records, prompts, responses) -> scores`.
 
   kind "reward_model": the raw score of the RM in `reward_model`; "llama2": logit(R_c) of
   the helpfulness and safety RMs in `helpful` and `safety` (`rewards.combine_llama2_rewards`
@@ -79,9 +80,7 @@ def build_scorer(cfg: ml_collections.ConfigDict, tokenizer, mesh) -> RecordScore
   if cfg.kind not in SCORER_KINDS:
     raise ValueError(f"reward.kind={cfg.kind!r}; expected one of {SCORER_KINDS}")
   if cfg.kind == "check_answer":
-    return lambda records, responses: [
-      scoring.check_answer(r, y) for r, y in zip(records, responses, strict=True)
-    ]
+    return rollouts.check_answer_reward
 
   def rm(field: str) -> rewards.RewardScorer:
     if not cfg[field]:
@@ -92,15 +91,23 @@ def build_scorer(cfg: ml_collections.ConfigDict, tokenizer, mesh) -> RecordScore
 
   if cfg.kind == "reward_model":
     scorer = rm("reward_model")
-    return lambda records, responses: scorer([r["prompt"] for r in records], responses)
+    return lambda records, prompts, responses: scorer(prompts, responses)
   combined = rewards.Llama2Scorer(
     rm("helpful"), rm("safety"), threshold=cfg.threshold, whitening=cfg.get("whitening", "none")
   )
-  return lambda records, responses: combined(
-    [r["prompt"] for r in records],
+  return lambda records, prompts, responses: combined(
+    prompts,
     responses,
     is_safety=[r["concern"] == "safety" for r in records],
   )
+
+
+def score_records(
+  scorer: RecordScorer, records: Sequence[dict[str, Any]], candidates: Sequence[Sequence[str]]
+) -> np.ndarray:
+  """Scores [B, K] of candidates [B][K] to `records` (`score_candidates`' checks, one call)."""
+  by_record = lambda recs, ys: scorer(recs, [r["prompt"] for r in recs], ys)
+  return score_candidates(by_record, records, candidates)
 
 
 def reward_model_params(cfg: ml_collections.ConfigDict, model_cfg, mesh) -> dict[str, Any]:
@@ -138,6 +145,7 @@ def scorer_programs(
 def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list[aot.Program]:
   """Sampling K answers per prompt and scoring them (`experiments.compile_check`): the
   policy and every reward model are on the devices together."""
+  common.check_config(cfg, common.reference_config("rejection_sampling"))
   model_cfg = common.model_config(cfg)
   sharding.check_fits_mesh(model_cfg, mesh)
   gen = generate_experiment.check_generation_config(cfg, model_cfg)
@@ -238,7 +246,7 @@ def rescore(scorer: RecordScorer, entries: dict[str, dict[str, Any]]) -> dict[st
   if not entries:
     return {}
   keys = list(entries)
-  scores = score_candidates(
+  scores = score_records(
     scorer, [entries[k]["record"] for k in keys], [[entries[k]["response"]] for k in keys]
   )[:, 0]
   return {k: entries[k] | {"score": float(s)} for k, s in zip(keys, scores, strict=True)}
@@ -303,6 +311,7 @@ def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """One rejection-sampling round into `workdir`; returns this round's statistics (see
   `round_stats`, plus pool/* counts, check/* accuracies and tokens/s)."""
+  common.check_config(cfg, common.reference_config("rejection_sampling"))
   sharding.initialize_distributed()
   tokenizer, mesh, model_cfg, params = generate_experiment.load_policy(cfg)
   scorer = build_scorer(cfg.reward, tokenizer, mesh)
@@ -316,7 +325,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   ):
     seconds += batch_seconds
     num_tokens += int(out.mask.sum())
-    scores = score_candidates(scorer, batch, out.texts)
+    scores = score_records(scorer, batch, out.texts)
     for record, texts, row in zip(batch, out.texts, scores, strict=True):
       best = int(np.argmax(row))  # the first of tied maxima
       key = prompt_key(record)

@@ -93,7 +93,7 @@ def dpo_table(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def online_table(rows: Sequence[dict[str, Any]]) -> list[str]:
-  keys = ("reward/mean", "objective/kl", "objective/entropy", "response/length")
+  keys = ("reward/mean", "objective/kl", "policy/entropy", "response/length")
   header = ["run", "iterations", *(f"{k} start → end" for k in keys)]
   body = [
     [r["run"], r.get("iterations"),

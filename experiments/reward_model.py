@@ -26,6 +26,7 @@ from absl import app, flags
 
 from experiments import common
 from llama_jax import aot, reward_model, sharding
+from llama_jax import metrics as metrics_lib
 from llama_jax import train_state as ts
 from llama_jax.data import ranking
 from llama_jax.steps import common as step_lib
@@ -71,7 +72,7 @@ def make_eval_fn(batches_fn, eval_step, cfg: ml_collections.ConfigDict, workdir:
       rows, margins=cfg.reward.margins, centering=cfg.reward.centering
     )
     if jax.process_index() == 0:
-      reward_steps.plot_score_distribution(Path(workdir) / SCORES_PLOT, rows)
+      metrics_lib.plot_score_distribution(Path(workdir) / SCORES_PLOT, rows)
     log.info("Evaluation:\n%s", reward_steps.bucket_table(metrics))
     return metrics
 
@@ -123,6 +124,7 @@ def model_config(cfg: ml_collections.ConfigDict, model_cfg):
 
 def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list[aot.Program]:
   """The run's compiled functions with abstract arguments (`experiments.compile_check`)."""
+  common.check_config(cfg, common.reference_config("reward_model"))
   del assumed
   model_cfg = model_config(cfg, common.model_config(cfg))
   common.check_fits(model_cfg, cfg, None, mesh)
@@ -138,6 +140,7 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the reward model in `workdir`; returns the final eval metrics."""
+  common.check_config(cfg, common.reference_config("reward_model"))
   sharding.initialize_distributed()
   tokenizer = common.build_tokenizer(cfg.tokenizer)
   mesh = common.build_mesh(cfg.mesh)

@@ -10,10 +10,24 @@ import dataclasses
 import math
 from typing import Any, Literal
 
+import jax.numpy as jnp
+
 # The kernels of llama_jax.attention.KERNELS, and "auto" (the platform's fastest: `resolve`).
 AttentionImpl = Literal["xla", "dot_product", "cudnn", "splash", "auto"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "offload_dots_no_batch"]
 DTYPES = ("float32", "bfloat16", "float16")
+# The file an experiment workdir keeps its `LlamaConfig` in (`LlamaConfig.to_dict` as JSON).
+MODEL_CONFIG_FILE = "model_config.json"
+
+
+def dtype_name(dtype: Any) -> str:
+  """The canonical name ("bfloat16") of anything `jnp.dtype` accepts (`jnp.bfloat16`,
+  `np.dtype("float32")`, "float16", ...): what configs store, so they stay hashable and
+  JSON-able."""
+  try:
+    return jnp.dtype(dtype).name
+  except TypeError as e:
+    raise ValueError(f"{dtype!r} is not a dtype: {e}") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +74,14 @@ class LlamaConfig:
 
   def __post_init__(self):
     for name in ("dtype", "param_dtype"):
-      if getattr(self, name) not in DTYPES:
-        raise ValueError(f"LlamaConfig.{name}={getattr(self, name)!r}; expected one of {DTYPES}")
+      value = getattr(self, name)
+      try:
+        canonical = dtype_name(value)
+      except ValueError:
+        canonical = None
+      if canonical not in DTYPES:
+        raise ValueError(f"LlamaConfig.{name}={value!r}; expected one of {DTYPES}")
+      object.__setattr__(self, name, canonical)  # frozen: normalized once, here
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
         f"LlamaConfig.num_heads={self.num_heads} is not a multiple of "

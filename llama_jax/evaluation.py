@@ -25,11 +25,9 @@ from jax.sharding import Mesh
 from llama_jax import sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.data import scoring
-from llama_jax.generation import GenerationConfig, SamplingConfig, generate, generate_tokens
-from llama_jax.generation.api import encode_prompt
-from llama_jax.rollouts import rollout_rows, row_length
+from llama_jax.generation import GenerationConfig, SamplingConfig, generate
+from llama_jax.rollouts import make_logps_fn, sample_rollout
 from llama_jax.steps import common as step_lib
-from llama_jax.steps.grpo import make_logps_fn
 from llama_jax.tokenizer import Tokenizer
 
 
@@ -95,7 +93,9 @@ def sampled_kl(
   seed: int = 0,
 ) -> dict[str, float]:
   """KL(π ‖ π_ref) per response (k1 over one temperature-1 sample per prompt), its
-  standard error, and the mean sampled response length."""
+  standard error, and the mean sampled response length. Rows and log-probs come from the
+  same functions online RL scores its rollouts with (`rollouts.sample_rollout`,
+  `rollouts.make_logps_fn`)."""
   gen = GenerationConfig(
     max_new_tokens=max_new_tokens, num_samples=1, sampling=SamplingConfig(temperature=1.0),
     stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
@@ -104,16 +104,14 @@ def sampled_kl(
   shards = sharding.batch_shards(mesh)
   kls, lengths = [], []
   for start in range(0, len(prompts), batch_size):
-    ids = [encode_prompt(tokenizer, p, chat=True) for p in prompts[start : start + batch_size]]
+    records = [{"prompt": p} for p in prompts[start : start + batch_size]]
     key = jax.random.fold_in(jax.random.key(seed), start)
-    out = jax.device_get(generate_tokens(config, params, ids, key, gen, mesh=mesh))
-    rows = rollout_rows(ids, np.asarray(out.tokens), np.asarray(out.mask),
-                        seq_len=row_length(ids, max_new_tokens, 64))  # fmt: skip
+    rows = sample_rollout(config, params, tokenizer, records, key, gen, chat=True, mesh=mesh).rows
     padded = _pad_rows(rows, shards)
     batch = {k: v for k, v in padded.items() if k != "response_mask"}
     (policy, _), (ref, _) = logps(params, batch), logps(ref_params, batch)
     diff = (np.asarray(policy) - np.asarray(ref)) * padded["response_mask"]
-    kls += diff.sum(-1)[: len(ids)].tolist()
+    kls += diff.sum(-1)[: len(records)].tolist()
     lengths += rows["response_mask"].sum(-1).tolist()
   kls = np.asarray(kls)
   return {

@@ -514,3 +514,39 @@ def _postfix(metrics: Mapping[str, Any], rates: Mapping[str, float]) -> str:
   if "mfu" in rates:
     parts.append(f"mfu={rates['mfu']:.1%}")
   return ", ".join(parts)
+
+
+def plot_score_distribution(path: str | Path, rows: Mapping[str, np.ndarray]) -> Path:
+  """PNG of the reward distribution: chosen vs rejected (and edited) scores, and the
+  chosen − rejected margin per rating bucket."""
+  # Agg canvas without pyplot, as `plot_metrics` (no global backend); the ranking layout and
+  # rating names only here, so importing metrics stays light.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  from llama_jax.data import ranking
+  from llama_jax.objectives import reward as reward_obj
+
+  rewards, present = rows["rewards"], rows["present"].astype(bool)
+  chosen, rejected = ranking.chosen_rejected(rewards, present)
+  edited = rewards[present.sum(axis=1) == 3, 0]
+  fig = Figure(figsize=(10, 3.5), layout="constrained")
+  FigureCanvasAgg(fig)
+  left, right = fig.subplots(1, 2)
+  bins = np.linspace(rewards[present].min(), rewards[present].max() + 1e-6, 40)
+  for values, label in ((chosen, "chosen"), (rejected, "rejected"), (edited, "edited")):
+    if len(values):
+      left.hist(values, bins=bins, alpha=0.5, label=f"{label} ({len(values)})")
+  left.set_title("reward per response")
+  left.legend()
+  margins = chosen - rejected
+  bins = np.linspace(margins.min(), margins.max() + 1e-6, 30)
+  for code, name in reversed(list(enumerate(reward_obj.RATING_NAMES))):
+    bucket = rows["rating"] == code
+    if bucket.any():
+      right.hist(margins[bucket], bins=bins, alpha=0.5, label=f"{name} ({bucket.sum()})")
+  right.axvline(0.0, color="black", lw=0.8)
+  right.set_title("chosen − rejected per rating")
+  right.legend(fontsize="small")
+  fig.savefig(path, dpi=100)
+  return Path(path)

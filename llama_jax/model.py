@@ -61,14 +61,25 @@ def llama3_scale_frequencies(inv_freq: np.ndarray, s: RopeScaling) -> np.ndarray
   )
 
 
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+  """`(sin, cos)` [B, T, 1, H/2] float32 of positions [B, T]: computed once per forward pass
+  (`Llama.hidden_states`) and shared by every layer, which all rotate by the same angles."""
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+  return jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
   """Rotates x [B, T, N, H] by positions [B, T] in the half-split layout of HF Llama.
 
   Pairs are (x[i], x[i + H/2]); Meta's checkpoints pair neighbours instead, which
   `llama_jax.checkpoint.meta` undoes once at import time.
   """
-  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
-  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  return rotate(x, rope_tables(positions, inv_freq))
+
+
+def rotate(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """`apply_rope` with the `(sin, cos)` tables of `rope_tables`."""
+  sin, cos = rope
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
@@ -206,8 +217,9 @@ class Attention(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, positions, masks: AttentionMasks, prefix_kv=(),
+  def __call__(self, x, rope, masks: AttentionMasks, prefix_kv=(),
                cache: LayerCache | None = None):
+    """`rope`: the `(sin, cos)` tables of the tokens' positions (`rope_tables`)."""
     cfg = self.config
     d, n, kh, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     wq = _dense_param(self, "q", (d, n, h), ("embed", "q_heads", "head_dim"), cfg)
@@ -215,12 +227,11 @@ class Attention(nn.Module):
     wv = _dense_param(self, "v", (d, kh, h), ("embed", "kv_heads", "head_dim"), cfg)
     wo = _dense_param(self, "o", (n, h, d), ("q_heads", "head_dim", "embed"), cfg)
 
-    inv_freq = rope_inv_frequencies(h, cfg.rope_theta, cfg.rope_scaling)
     heads = ("act_batch", "act_seq", "act_heads", None)
     q = nn.with_logical_constraint(jnp.einsum("BTD,DNH->BTNH", x, wq), heads)
     k = nn.with_logical_constraint(jnp.einsum("BTD,DKH->BTKH", x, wk), heads)
     v = nn.with_logical_constraint(jnp.einsum("BTD,DKH->BTKH", x, wv), heads)
-    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    q, k = rotate(q, rope), rotate(k, rope)
 
     if cache is not None:  # write first, then read (see the class docstring)
       layer, at = cache.layer, (cache.layer, 0, cache.index, 0, 0)
@@ -269,12 +280,12 @@ class Block(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, carry, positions, masks, prefix_kv=()):
+  def __call__(self, carry, rope, masks, prefix_kv=()):
     cfg = self.config
     x, cache = carry
     residual = ("act_batch", "act_seq", "act_embed")
     attn_out, cache = Attention(cfg, name="attn")(
-      RMSNorm(cfg, name="attn_norm")(x), positions, masks, prefix_kv, cache
+      RMSNorm(cfg, name="attn_norm")(x), rope, masks, prefix_kv, cache
     )
     x = nn.with_logical_constraint(x + attn_out, residual)
     x = x + MLP(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x))
@@ -410,12 +421,15 @@ class Llama(nn.Module):
     return self.final_norm(x), cache
 
   def _run_layers(self, x, positions, masks, prefix_kv, cache):
+    cfg = self.config
+    inv_freq = rope_inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    rope = rope_tables(positions, inv_freq)  # once here, not once per layer
     carry = (x, cache)
-    if self.config.scan_layers:
-      carry, _ = self.layers(carry, positions, masks, prefix_kv)
+    if cfg.scan_layers:
+      carry, _ = self.layers(carry, rope, masks, prefix_kv)
       return carry
     for i, layer in enumerate(self.layers):
-      carry, _ = layer(carry, positions, masks, jax.tree.map(lambda a, i=i: a[i], prefix_kv))
+      carry, _ = layer(carry, rope, masks, jax.tree.map(lambda a, i=i: a[i], prefix_kv))
     return carry
 
   def logits(self, hidden: jax.Array) -> jax.Array:

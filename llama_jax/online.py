@@ -1,13 +1,27 @@
-"""Online RL iterations: sample from the policy, score, update (PPO with a value model; GRPO).
+"""Online RL: one iteration driver, algorithms as plug-ins (PPO; GRPO and its critic-free kin).
 
-Each iteration is a host function `iteration(state, batch) -> (state, metrics)` over a batch
-`{"records": [rl_prompt records]}` from `rollouts.PromptIterator`, so `llama_jax.trainer.fit`
-runs it like any train step (logging, checkpoints, resume). Inside, every heavy piece is its
-own compiled function: generation (`generation.generate_tokens`), scoring
-(`steps.ppo.make_score_fn` / `steps.grpo.make_logps_fn`), and one jitted, state-donating
-update per minibatch (Llama 2: 512 prompts per iteration, minibatches of 64, one gradient
-step each). The reward is any `(records, texts) -> scores` function: a reward model
-(`rewards.RewardScorer`, Llama 2's combination) or a program (`rollouts.check_answer_reward`).
+    algorithm = GRPO(score_fn, train_step)             # or PPO(score_fn, policy_step, ...)
+    iteration = make_iteration(algorithm, sampler, reward_fn, ref_params, num_minibatches=2)
+    summary = train_online(iteration, init_state=..., abstract_state=..., prompts=..., ...)
+
+Every iteration is the same five steps, whatever the algorithm:
+
+    sample     `gen.num_samples` responses per prompt (`rollouts.sample_rollout`), key folded
+               from the seed and the iteration, so a resumed run samples what it would have
+    score      the reward function `(records, prompts, responses) -> scores [N]`, plus
+               `no_eos_penalty` for responses cut off without a stop token
+    advantages `algorithm.score(state, ref_params, rows, scores) -> (arrays, metrics)`, one
+               jitted pass: old (and reference) log-probs, advantages, value targets
+    updates    `algorithm.update(state, minibatch) -> (state, metrics)` per shuffled minibatch
+               (jitted, state-donating steps; Llama 2: 512 prompts, minibatches of 64)
+    metrics    the scoring metrics, the updates' means, reward/response/time statistics; then
+               `algorithm.finish(state, metrics)` (PPO's adaptive KL) and the step count + 1
+
+An algorithm is any object with those three methods over a state that has `policy` (a
+`TrainState`) and `step` (the iteration count the trainer checkpoints and resumes by).
+Metric names are shared across algorithms: objective/kl (nats per response),
+objective/kl_per_token, objective/scores, policy/entropy, policy/clipfrac, policy/approxkl,
+loss/policy, reward/*, response/*, time/*.
 
 Rollouts are assembled on the host, so this runs on one host (any number of its devices);
 multi-host RL would need the rows built as global arrays per process.
@@ -17,8 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import flax.struct
 import jax
@@ -27,12 +41,40 @@ import numpy as np
 from jax.sharding import Mesh
 
 from llama_jax.config import LlamaConfig
-from llama_jax.generation import GenerationConfig, encode_prompt, generate_tokens, response_text
-from llama_jax.objectives import grpo as grpo_obj
+from llama_jax.generation import GenerationConfig
 from llama_jax.objectives import ppo as ppo_obj
-from llama_jax.rollouts import RewardFn, ended_with_stop, rollout_rows, row_length
+from llama_jax.rollouts import RewardFn, Rollout, sample_rollout
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.train_state import TrainState
+from llama_jax.trainer import fit
+
+Metrics = dict[str, Any]
+
+PLOT_PANELS = (
+  ("reward/mean",),
+  ("objective/kl",),
+  ("policy/entropy",),
+  ("loss/policy",),
+  ("policy/clipfrac", "policy/approxkl"),
+  ("response/length",),
+  ("response/eos_rate",),
+  ("time/generation", "time/scoring", "time/training"),
+)
+
+
+# --------------------------------------------------------------------------- states
+
+
+@flax.struct.dataclass
+class PolicyState:
+  """A critic-free algorithm's state (GRPO, Dr. GRPO, RLOO, REINFORCE++): the policy's train
+  state and the iteration count (`step`)."""
+
+  policy: TrainState
+  step: jax.Array
+
+
+GRPOState = PolicyState
 
 
 @flax.struct.dataclass
@@ -46,59 +88,89 @@ class PPOState:
   step: jax.Array
 
 
-@flax.struct.dataclass
-class GRPOState:
-  """The policy's train state and the iteration count (`step`)."""
+# --------------------------------------------------------------------------- algorithms
 
-  policy: TrainState
-  step: jax.Array
+
+class Algorithm(Protocol):
+  """What the driver needs of an algorithm (see the module docstring)."""
+
+  def score(self, state, ref_params, rows, scores) -> tuple[Mapping[str, Any], Metrics]: ...
+
+  def update(self, state, minibatch) -> tuple[Any, Metrics]: ...
+
+  def finish(self, state, metrics: Metrics) -> tuple[Any, Metrics]: ...
 
 
 @dataclasses.dataclass(frozen=True)
-class Rollout:
-  """One batch of sampled responses: rows [B·R, T] (`rollouts.rollout_rows`), texts, the
-  records each row answers, response lengths and whether each ended with a stop token."""
+class GRPO:
+  """Critic-free policy gradient over `PolicyState`: the jitted `steps.grpo` score function
+  (its `GRPOConfig` picks GRPO, Dr. GRPO, RLOO or REINFORCE++) and train step."""
 
-  rows: dict[str, np.ndarray]
-  texts: list[str]
-  records: list[dict[str, Any]]
-  lengths: np.ndarray
-  stopped: np.ndarray
-  seconds: float
+  score_fn: Callable  # (policy params, ref params, rows, scores) -> (out, metrics)
+  train_step: Callable  # (policy state, minibatch) -> (state, metrics), donates the state
+
+  def score(self, state: PolicyState, ref_params, rows, scores):
+    return self.score_fn(state.policy.params, ref_params, rows, scores)
+
+  def update(self, state: PolicyState, minibatch):
+    policy, metrics = self.train_step(state.policy, minibatch)
+    return state.replace(policy=policy), metrics
+
+  def finish(self, state: PolicyState, metrics: Metrics):
+    return state, metrics
 
 
-def sample_rollout(
-  config: LlamaConfig,
-  params: Any,
-  tokenizer: Tokenizer,
-  records: Sequence[dict[str, Any]],
-  key: jax.Array,
-  gen: GenerationConfig,
-  *,
-  chat: bool = True,
-  mesh: Mesh | None = None,
-  row_multiple: int = 64,
-) -> Rollout:
-  """`gen.num_samples` responses to each record's prompt, as training rows."""
-  t0 = time.perf_counter()
-  prompt_ids = [encode_prompt(tokenizer, r["prompt"], chat=chat) for r in records]
-  out = jax.device_get(generate_tokens(config, params, prompt_ids, key, gen, mesh=mesh))
-  tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
-  r = gen.num_samples
-  texts = [
-    response_text(tokenizer, tokens[i, j], mask[i, j], gen.stop_ids)
-    for i in range(len(records))
-    for j in range(r)
-  ]
-  seq_len = row_length(prompt_ids, gen.max_new_tokens, row_multiple)
-  return Rollout(
-    rows=rollout_rows(prompt_ids, tokens, mask, seq_len=seq_len),
-    texts=texts,
-    records=[rec for rec in records for _ in range(r)],
-    lengths=mask.sum(-1).reshape(-1),
-    stopped=ended_with_stop(tokens, mask, gen.stop_ids).reshape(-1),
-    seconds=time.perf_counter() - t0,
-  )
+@dataclasses.dataclass(frozen=True)
+class PPO:
+  """PPO with a value model over `PPOState`: the jitted `steps.ppo` functions, and the
+  adaptive KL controller (on when `kl_target` > 0)."""
+
+  score_fn: Callable  # (policy, ref, value params, rows, scores, β) -> (out, metrics)
+  policy_step: Callable  # (policy state, minibatch) -> (state, metrics)
+  value_step: Callable  # (value state, minibatch) -> (state, metrics)
+  kl_target: float = 0.0
+  kl_horizon: int = 10000
+
+  def score(self, state: PPOState, ref_params, rows, scores):
+    params = (state.policy.params, ref_params, state.value.params)
+    return self.score_fn(*params, rows, scores, state.kl_coef)
+
+  def update(self, state: PPOState, minibatch):
+    policy, pm = self.policy_step(state.policy, minibatch)
+    value, vm = self.value_step(state.value, minibatch)
+    metrics = pm | {k: v for k, v in vm.items() if k.startswith(("loss/", "value/"))}
+    metrics |= {"value/grad_norm": vm["grad_norm"], "finite": pm["finite"] & vm["finite"]}
+    return state.replace(policy=policy, value=value), metrics
+
+  def finish(self, state: PPOState, metrics: Metrics):
+    beta = float(state.kl_coef)
+    if self.kl_target > 0:
+      num = metrics["num_responses"]
+      new = ppo_obj.adaptive_kl_beta(
+        beta, metrics["objective/kl"], num, target=self.kl_target, horizon=self.kl_horizon
+      )
+      state = state.replace(kl_coef=jnp.float32(new))
+    return state, metrics | {"kl_coef": beta}
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """How rollouts are drawn: the policy's architecture, tokenizer, generation settings
+  (`gen.num_samples` responses per prompt), chat template and mesh."""
+
+  config: LlamaConfig
+  tokenizer: Tokenizer
+  gen: GenerationConfig
+  chat: bool = True
+  mesh: Mesh | None = None
+
+  def __call__(self, params, records, key) -> Rollout:
+    return sample_rollout(
+      self.config, params, self.tokenizer, records, key, self.gen, chat=self.chat, mesh=self.mesh
+    )
 
 
 def minibatch_indices(num_rows: int, num_minibatches: int, rng: np.random.Generator):
@@ -108,141 +180,119 @@ def minibatch_indices(num_rows: int, num_minibatches: int, rng: np.random.Genera
   return np.split(rng.permutation(num_rows), num_minibatches)
 
 
-def _take(arrays: dict[str, Any], index: np.ndarray) -> dict[str, np.ndarray]:
+def _take(arrays: Mapping[str, Any], index: np.ndarray) -> dict[str, np.ndarray]:
   return {k: np.asarray(v)[index] for k, v in arrays.items()}
 
 
-def rollout_metrics(rollout: Rollout, scores: np.ndarray) -> dict[str, float]:
-  return {
+def rollout_metrics(rollout: Rollout, scores: np.ndarray, group_size: int) -> dict[str, float]:
+  """reward/* (of the reward function, before shaping) and response/* of one rollout."""
+  metrics = {
     "reward/mean": float(np.mean(scores)),
     "reward/std": float(np.std(scores)),
     "response/length": float(rollout.lengths.mean()),
     "response/eos_rate": float(rollout.stopped.mean()),
+    "num_responses": float(len(scores)),
     "time/generation": rollout.seconds,
   }
+  if group_size > 1:  # how many prompts give a group baseline anything to work with
+    groups = scores.reshape(-1, group_size)
+    metrics["reward/group_std"] = float(groups.std(axis=1).mean())
+    metrics["reward/groups_with_signal"] = float((groups.max(1) > groups.min(1)).mean())
+  return metrics
 
 
-def _mean_metrics(per_step: list[dict[str, Any]]) -> dict[str, float]:
-  fetched = jax.device_get(per_step)
+def mean_metrics(per_step: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+  """The minibatch updates' metrics averaged; `finite` only if every update's was."""
+  fetched = jax.device_get(list(per_step))
   out = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0] if k != "finite"}
   out["finite"] = float(all(bool(m["finite"]) for m in fetched))
   return out
 
 
-def ppo_iteration(
-  *,
-  policy_config: LlamaConfig,
-  tokenizer: Tokenizer,
-  gen: GenerationConfig,
+def make_iteration(
+  algorithm: Algorithm,
+  sampler: Sampler,
   reward_fn: RewardFn,
   ref_params: Any,
-  score_fn: Callable,
-  policy_step: Callable,
-  value_step: Callable,
+  *,
   num_minibatches: int,
   no_eos_penalty: float = 0.0,
-  kl_target: float = 0.0,
-  kl_horizon: int = 10000,
-  chat: bool = True,
-  mesh: Mesh | None = None,
   seed: int = 0,
 ):
-  """`iteration(state: PPOState, batch) -> (state, metrics)`; the step functions are the
-  jitted `steps.ppo` ones (`policy_step` and `value_step` donate their states)."""
+  """`iteration(state, batch) -> (state, metrics)` over a batch `{"records": [rl_prompt
+  records]}` from `rollouts.PromptIterator`, so `llama_jax.trainer.fit` runs it like any
+  train step (logging, checkpoints, resume)."""
 
-  def iteration(state: PPOState, batch):
+  def iteration(state, batch):
     step = int(state.step)
-    key = jax.random.fold_in(jax.random.key(seed), step)
-    rollout = sample_rollout(
-      policy_config, state.policy.params, tokenizer, batch["records"], key, gen,
-      chat=chat, mesh=mesh,
-    )  # fmt: skip
+    rollout = sampler(state.policy.params, batch["records"], jax.random.fold_in(
+      jax.random.key(seed), step))  # fmt: skip
     t0 = time.perf_counter()
-    raw = np.asarray(reward_fn(rollout.records, rollout.texts), np.float32)
-    scores = raw + no_eos_penalty * (~rollout.stopped)
-    out, score_metrics = score_fn(
-      state.policy.params, ref_params, state.value.params, rollout.rows, scores, state.kl_coef
-    )
-    out = jax.device_get(out)
+    records = rollout.records
+    raw = reward_fn(records, [r["prompt"] for r in records], rollout.texts)
+    raw = np.asarray(raw, np.float32)
+    scores = raw + np.float32(no_eos_penalty) * (~rollout.stopped)
+    arrays, score_metrics = algorithm.score(state, ref_params, rollout.rows, scores)
+    arrays = rollout.rows | jax.device_get(dict(arrays))
     t1 = time.perf_counter()
-    policy, value, policy_metrics, value_metrics = state.policy, state.value, [], []
-    arrays = rollout.rows | out
+    updates = []
+    # Shuffled rows keep minibatches alike (whole groups per minibatch would also do).
     for index in minibatch_indices(len(scores), num_minibatches, np.random.default_rng(step)):
-      mb = _take(arrays, index)
-      policy, m = policy_step(policy, mb)
-      policy_metrics.append(m)
-      value, m = value_step(value, mb)
-      value_metrics.append(m)
+      state, m = algorithm.update(state, _take(arrays, index))
+      updates.append(m)
     metrics = {k: float(v) for k, v in jax.device_get(score_metrics).items()}
-    pm, vm = _mean_metrics(policy_metrics), _mean_metrics(value_metrics)
-    metrics |= {k: v for k, v in pm.items() if k not in ("finite", "skipped")}
-    metrics |= {k: v for k, v in vm.items() if k.startswith(("loss/", "value/"))}
-    metrics |= {"value/grad_norm": vm["grad_norm"], "finite": pm["finite"] * vm["finite"]}
-    metrics |= rollout_metrics(rollout, raw) | {"time/training": time.perf_counter() - t1}
-    metrics |= {"time/scoring": t1 - t0, "kl_coef": float(state.kl_coef), "loss": pm["loss/policy"]}
-    kl_coef = state.kl_coef
-    if kl_target > 0:
-      kl_coef = jnp.float32(
-        ppo_obj.adaptive_kl_beta(
-          float(kl_coef), metrics["objective/kl"], len(scores), target=kl_target,
-          horizon=kl_horizon,
-        )
-      )  # fmt: skip
-    return PPOState(policy=policy, value=value, kl_coef=kl_coef, step=state.step + 1), metrics
+    metrics |= mean_metrics(updates) | rollout_metrics(rollout, raw, sampler.gen.num_samples)
+    metrics |= {"time/scoring": t1 - t0, "time/training": time.perf_counter() - t1}
+    metrics["loss"] = metrics["loss/policy"]
+    state, metrics = algorithm.finish(state, metrics)
+    return state.replace(step=state.step + 1), metrics
 
   return iteration
 
 
-def grpo_iteration(
+def train_online(
+  iteration: Callable,
   *,
-  policy_config: LlamaConfig,
-  tokenizer: Tokenizer,
-  gen: GenerationConfig,
-  reward_fn: RewardFn,
-  ref_params: Any,
-  logps_fn: Callable,
-  train_step: Callable,
-  num_minibatches: int,
-  scale: str = "std",
-  use_reference: bool = True,
-  chat: bool = True,
-  mesh: Mesh | None = None,
-  seed: int = 0,
-):
-  """`iteration(state: GRPOState, batch) -> (state, metrics)`; `gen.num_samples` is the
-  group size K, `train_step` the jitted `steps.grpo` step (donates the policy's state)."""
+  init_state: Callable[[], Any],
+  abstract_state: Any,
+  prompts: Iterator[dict[str, Any]],
+  workdir: str,
+  loop: Any,
+  meta: Mapping[str, Any] | None = None,
+  plot_panels: Sequence[Sequence[str]] = PLOT_PANELS,
+) -> dict[str, Any]:
+  """Runs `iteration` under `llama_jax.trainer.fit` over `prompts` (a `PromptIterator`;
+  `loop` a `trainer.LoopConfig`); returns `summarize` of this run's iterations."""
+  history: list[dict[str, float]] = []
 
-  def iteration(state: GRPOState, batch):
-    step = int(state.step)
-    key = jax.random.fold_in(jax.random.key(seed), step)
-    policy = state.policy
-    rollout = sample_rollout(
-      policy_config, policy.params, tokenizer, batch["records"], key, gen, chat=chat, mesh=mesh
-    )
-    t0 = time.perf_counter()
-    scores = np.asarray(reward_fn(rollout.records, rollout.texts), np.float32)
-    advantages = np.asarray(grpo_obj.group_advantages(scores, gen.num_samples, scale=scale))
-    old_logp, entropy = logps_fn(policy.params, rollout.rows)
-    ref_logp = logps_fn(ref_params, rollout.rows)[0] if use_reference else old_logp
-    arrays = rollout.rows | jax.device_get(
-      {"old_logp": old_logp, "ref_logp": ref_logp}
-    ) | {"advantages": advantages}  # fmt: skip
-    entropy = float(ppo_obj.masked_mean(entropy, rollout.rows["response_mask"]))
-    t1 = time.perf_counter()
-    step_metrics = []
-    # Whole groups per minibatch would also do; shuffled rows keep minibatches alike.
-    for index in minibatch_indices(len(scores), num_minibatches, np.random.default_rng(step)):
-      policy, m = train_step(policy, _take(arrays, index))
-      step_metrics.append(m)
-    metrics = _mean_metrics(step_metrics) | rollout_metrics(rollout, scores)
-    groups = scores.reshape(-1, gen.num_samples)
-    metrics |= {
-      "objective/entropy": entropy,
-      "reward/group_std": float(groups.std(axis=1).mean()),
-      "reward/groups_with_signal": float((groups.max(axis=1) > groups.min(axis=1)).mean()),
-      "time/scoring": t1 - t0,
-      "time/training": time.perf_counter() - t1,
-    }
-    return GRPOState(policy=policy, step=state.step + 1), metrics
+  def logged(state, batch):
+    state, metrics = iteration(state, batch)
+    history.append(metrics)
+    return state, metrics
 
-  return iteration
+  fit(
+    init_state=init_state,
+    abstract_state=abstract_state,
+    train_step=logged,
+    train_iter=prompts,
+    workdir=workdir,
+    loop=loop,
+    meta=meta,
+    plot_panels=plot_panels,
+  )
+  return summarize(history)
+
+
+def summarize(history: Sequence[Mapping[str, float]], window: int = 3) -> dict[str, Any]:
+  """Means of the first and the last `window` iterations of this run (start vs end)."""
+  if not history:
+    return {}
+
+  def mean(rows):
+    return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+
+  return {
+    "start": mean(history[:window]),
+    "end": mean(history[-window:]),
+    "iterations": len(history),
+  }

@@ -37,12 +37,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from llama_jax import sharding
 from llama_jax import train_state as ts
 from llama_jax.checkpoint import orbax as ckpt_lib
-from llama_jax.config import LlamaConfig
+from llama_jax.config import MODEL_CONFIG_FILE, LlamaConfig
 from llama_jax.data import ranking
 from llama_jax.model import Llama
 from llama_jax.train_state import TrainState
-
-MODEL_CONFIG_FILE = "model_config.json"  # as `experiments.common` writes it
 
 
 def trunk_config(config: LlamaConfig) -> LlamaConfig:

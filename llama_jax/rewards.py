@@ -37,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from llama_jax import reward_model, sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.data.records import prompt_messages
+from llama_jax.objectives.ppo import masked_whiten
 from llama_jax.tokenizer import Tokenizer, render_prompt_response
 
 SAFETY_THRESHOLD = 0.15  # Llama 2: σ-score of the safety RM below which it decides
@@ -80,17 +81,14 @@ def combine_llama2_rewards(
 def whiten(
   x: jax.Array, mask: jax.Array | None = None, *, shift_mean: bool = True, eps: float = 1e-8
 ) -> jax.Array:
-  """(x − mean) / std over the batch (over `mask` entries if given); float32.
+  """(x − mean) / std over the batch (over `mask` entries if given, the others 0); float32.
 
-  With `shift_mean=False` the mean is added back (scaled only, TRL's convention).
+  With `shift_mean=False` the mean is added back (scaled only, TRL's convention). One
+  definition with PPO's advantages: `llama_jax.objectives.ppo.masked_whiten`.
   """
   x = jnp.asarray(x, jnp.float32)
-  w = jnp.ones_like(x) if mask is None else jnp.asarray(mask, jnp.float32)
-  count = jnp.maximum(jnp.sum(w), 1.0)
-  mean = jnp.sum(w * x) / count
-  var = jnp.sum(w * jnp.square(x - mean)) / count
-  out = (x - mean) * jax.lax.rsqrt(var + eps)
-  return out if shift_mean else out + mean
+  mask = jnp.ones_like(x) if mask is None else mask
+  return masked_whiten(x, mask, shift_mean=shift_mean, eps=eps)
 
 
 @flax.struct.dataclass

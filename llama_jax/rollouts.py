@@ -1,8 +1,12 @@
-"""Host-side pieces of online RL (PPO, GRPO): prompt batches, rollout rows, reward functions.
+"""Rollouts: prompt batches, sampled responses as training rows, their log-probs, rewards.
 
     prompts = PromptIterator(records, batch_size=64, seed=0)     # resumable, endless
-    rows = rollout_rows(prompt_ids, generation_output, pad_id)    # [B·R, T] numpy
-    scores = reward_fn(records, texts)                           # `make_reward_fn`
+    rollout = sample_rollout(config, params, tokenizer, records, key, gen)   # rows [B·R, T]
+    logp, entropy = jit(make_logps_fn(config))(params, rollout.rows)        # [B·R, T] each
+    scores = reward_fn(rollout.records, prompts, rollout.texts)             # [B·R]
+
+`sample_rollout` + `make_logps_fn` are the one path from prompts to per-token log-probs:
+online RL scores its rollouts with them and `llama_jax.evaluation.sampled_kl` its KL.
 
 A rollout row is one prompt followed by one sampled response, right-padded, in the layout
 of a pad-mode data batch (`tokens`, `positions`, `segment_ids`, `targets`) plus
@@ -14,16 +18,27 @@ token it predicts.
 
 from __future__ import annotations
 
+import dataclasses
 import random
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import jax
 import numpy as np
+from jax.sharding import Mesh
 
+from llama_jax import sharding
+from llama_jax.config import LlamaConfig
 from llama_jax.data import scoring
+from llama_jax.generation import GenerationConfig, encode_prompt, generate_tokens, response_text
+from llama_jax.steps.common import Batch, map_microbatches, token_logprobs
+from llama_jax.tokenizer import Tokenizer
 
 ROW_FIELDS = ("tokens", "positions", "segment_ids", "targets", "response_mask")
-RewardFn = Callable[[Sequence[dict[str, Any]], Sequence[str]], Sequence[float]]
+# The project's scorer signature: `(records, prompts, responses) -> scores [N]`, flat aligned
+# lists (prompts[i] is records[i]["prompt"]).
+RewardFn = Callable[[Sequence[dict[str, Any]], Sequence[Any], Sequence[str]], Sequence[float]]
 
 
 class PromptIterator:
@@ -100,9 +115,80 @@ def ended_with_stop(tokens: np.ndarray, mask: np.ndarray, stop_ids: Sequence[int
   return (lengths > 0) & np.isin(last, np.asarray(stop_ids))
 
 
-def check_answer_reward(records: Sequence[dict[str, Any]], texts: Sequence[str]) -> list[float]:
+def check_answer_reward(
+  records: Sequence[dict[str, Any]], prompts: Sequence[Any], responses: Sequence[str]
+) -> list[float]:
   """1 for a right answer, 0 otherwise (`llama_jax.data.scoring.check_answer`)."""
-  return [scoring.check_answer(r, y) for r, y in zip(records, texts, strict=True)]
+  del prompts  # the records hold the references
+  return [scoring.check_answer(r, y) for r, y in zip(records, responses, strict=True)]
 
 
 REWARD_FUNCTIONS: dict[str, RewardFn] = {"check_answer": check_answer_reward}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+  """One batch of sampled responses: rows [B·R, T] (`rollout_rows`), texts, the records each
+  row answers, response lengths and whether each ended with a stop token."""
+
+  rows: dict[str, np.ndarray]
+  texts: list[str]
+  records: list[dict[str, Any]]
+  lengths: np.ndarray
+  stopped: np.ndarray
+  seconds: float
+
+
+def sample_rollout(
+  config: LlamaConfig,
+  params: Any,
+  tokenizer: Tokenizer,
+  records: Sequence[dict[str, Any]],
+  key: jax.Array,
+  gen: GenerationConfig,
+  *,
+  chat: bool = True,
+  mesh: Mesh | None = None,
+  row_multiple: int = 64,
+) -> Rollout:
+  """`gen.num_samples` responses to each record's prompt, as training rows."""
+  t0 = time.perf_counter()
+  prompt_ids = [encode_prompt(tokenizer, r["prompt"], chat=chat) for r in records]
+  out = jax.device_get(generate_tokens(config, params, prompt_ids, key, gen, mesh=mesh))
+  tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+  r = gen.num_samples
+  texts = [
+    response_text(tokenizer, tokens[i, j], mask[i, j], gen.stop_ids)
+    for i in range(len(records))
+    for j in range(r)
+  ]
+  seq_len = row_length(prompt_ids, gen.max_new_tokens, row_multiple)
+  return Rollout(
+    rows=rollout_rows(prompt_ids, tokens, mask, seq_len=seq_len),
+    texts=texts,
+    records=[rec for rec in records for _ in range(r)],
+    lengths=mask.sum(-1).reshape(-1),
+    stopped=ended_with_stop(tokens, mask, gen.stop_ids).reshape(-1),
+    seconds=time.perf_counter() - t0,
+  )
+
+
+def make_logps_fn(
+  config: LlamaConfig,
+  chunk_size: int = 0,
+  *,
+  mesh: Mesh | None = None,
+  rules: sharding.Rules = sharding.DEFAULT_RULES,
+  micro_batches: int = 1,
+):
+  """`logps(params, rows) -> (logp, entropy)`, each [B, T]: log-probs of the rows' targets
+  and the entropy of the model's distribution at each position (policy or reference),
+  `micro_batches` row-blocks at a time. Not jitted."""
+
+  def logps(params, rows: Batch):
+    rows = {k: rows[k] for k in ("tokens", "positions", "segment_ids", "targets")}
+    fn = lambda b: token_logprobs(config, params, b, chunk_size, with_entropy=True)
+    with sharding.activation_sharding(mesh, rules):
+      return map_microbatches(fn, rows, micro_batches)
+
+  return logps

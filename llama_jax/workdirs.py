@@ -20,9 +20,8 @@ from jax.sharding import Mesh
 from llama_jax import reward_model, sharding
 from llama_jax.checkpoint import orbax as ckpt_lib
 from llama_jax.checkpoint.hf import load_hf_checkpoint
-from llama_jax.config import LlamaConfig
+from llama_jax.config import MODEL_CONFIG_FILE, LlamaConfig
 
-MODEL_CONFIG_FILE = "model_config.json"
 KINDS = ("lm", "reward_model")
 
 
@@ -41,20 +40,34 @@ def read_model_config(workdir: str | Path, **overrides: Any) -> LlamaConfig:
   return LlamaConfig.from_dict(json.loads(config_file.read_text())).replace(**overrides)
 
 
+# What a workdir's newest saved state holds, told by where its parameters sit: (a path prefix
+# of the saved state, the kind of model, the state field holding its TrainState). First match.
+_LAYOUTS = (
+  ("params/head/", "reward_model", ""),  # `reward_model` params: {"lm", "head"}
+  ("policy/params/", "lm", "policy"),  # PPO / GRPO: the policy (next to a value model)
+  ("params/", "lm", ""),  # pretrain, SFT, DPO: an LM TrainState
+)
+
+
+def _layout(path: str | Path) -> tuple[str, str]:
+  """`(kind, state field)` of an experiment workdir, from its model_config.json and what its
+  newest checkpoint holds; a clear error if it has neither or holds no model we know."""
+  read_model_config(path)  # not a workdir at all: say so before opening any checkpoint
+  saved = ckpt_lib.saved_shapes(path)
+  for prefix, kind, within in _LAYOUTS:
+    if any(p.startswith(prefix) for p in saved):
+      return kind, within
+  expected = " or ".join(f"{prefix}..." for prefix, *_ in _LAYOUTS)
+  fields = sorted({p.split("/")[0] for p in saved})
+  raise ValueError(
+    f"{path!s}: its newest checkpoint holds no model parameters ({expected}); saved: {fields}"
+  )
+
+
 def model_kind(path: str | Path) -> str:
-  """ "lm" or "reward_model": what the newest checkpoint of `path` holds (HF: "lm"; a PPO or
-  GRPO workdir: "lm", its policy)."""
-  if is_hf_checkpoint(path):
-    return "lm"
-  saved = ckpt_lib.saved_shapes(path)
-  return "reward_model" if any(p.startswith("params/head/") for p in saved) else "lm"
-
-
-def _lm_state_field(path: str | Path) -> str:
-  """Where the LM's TrainState sits in a workdir's saved state: "" (top level) or "policy"
-  (online RL states, which also hold a value model)."""
-  saved = ckpt_lib.saved_shapes(path)
-  return "policy" if any(p.startswith("policy/params/") for p in saved) else ""
+  """ "lm" or "reward_model": what `path` holds (a Hugging Face directory: "lm"; an experiment
+  workdir: what its newest checkpoint saved; a PPO or GRPO workdir: "lm", its policy)."""
+  return "lm" if is_hf_checkpoint(path) else _layout(path)[0]
 
 
 def lm_abstract_params(config: LlamaConfig, mesh: Mesh) -> Any:
@@ -91,4 +104,4 @@ def load_model(
     return config, reward_model.load_params(str(path), config, mesh)
   directory = ckpt_lib.checkpoint_dir(path)
   abstract = lm_abstract_params(config, mesh)
-  return config, ckpt_lib.load_params(directory, abstract, within=_lm_state_field(path))
+  return config, ckpt_lib.load_params(directory, abstract, within=_layout(path)[1])

@@ -10,6 +10,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -36,4 +37,7 @@ SLOW_FILES = (
 
 
 def pytest_collection_modifyitems(items):
+  for item in items:  # `-m "not slow"` for a quick pass; `make test` still runs them all
+    if item.path.name in SLOW_FILES:
+      item.add_marker(pytest.mark.slow)
   items.sort(key=lambda item: item.path.name not in SLOW_FILES)  # stable: files stay together

@@ -1,6 +1,8 @@
 """Model averaging: weighted means by hand, dtypes kept, mismatches named, and checkpoints
 averaged from workdirs and Hugging Face directories through the command-line entry."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,3 +99,12 @@ def test_reward_models_average_and_kinds_do_not_mix(tmp_path):
     averaging.average_checkpoints([paths[0], lm], mesh=mesh)
   with pytest.raises(ValueError, match="Hugging Face output is for LMs"):
     average.run(paths, str(tmp_path / "out"), hf_out=str(tmp_path / "hf"))
+
+
+def test_model_kind_says_what_a_directory_lacks(tmp_path):
+  with pytest.raises(FileNotFoundError, match="neither a Hugging Face checkpoint"):
+    workdirs.model_kind(tmp_path)
+  config = json.dumps(LlamaConfig.preset("tiny").to_dict())
+  (tmp_path / workdirs.MODEL_CONFIG_FILE).write_text(config)
+  with pytest.raises(Exception, match="no (such|complete) checkpoint"):
+    workdirs.model_kind(tmp_path)

@@ -3,6 +3,8 @@
 import json
 import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ from llama_jax.checkpoint import (
 from llama_jax.checkpoint.meta import ffn_hidden_dim
 from llama_jax.checkpoint.torch_pickle import load_torch_file
 from llama_jax.config import RopeScaling
+from llama_jax.model import KVCache
 from llama_jax.testing import apply, hf_logits, save_hf_tiny
 
 TOKENS = np.random.RandomState(0).randint(0, 256, (2, 40))
@@ -44,6 +47,15 @@ def test_save_hf_checkpoint_loads_in_transformers(hf_dir, tmp_path, scan):
   config2, params2 = load_hf_checkpoint(out)  # and back through the sharded index
   np.testing.assert_allclose(np.asarray(apply(config2, params2, TOKENS)), ref, atol=1e-4)
   assert config2.replace(scan_layers=scan) == config
+
+
+def test_dtypes_are_anything_jnp_dtype_takes(hf_dir):
+  path, _ = hf_dir
+  config, params = load_hf_checkpoint(path, dtype=jnp.bfloat16, compute_dtype=np.float32)
+  assert (config.param_dtype, config.dtype) == ("bfloat16", "float32")
+  assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype("bfloat16")}
+  cache = KVCache.init(config, 1, 8, dtype=jnp.bfloat16)
+  assert cache.k.dtype == jnp.bfloat16
 
 
 def test_published_config_form_equals_rope_parameters_form(hf_dir, tmp_path):

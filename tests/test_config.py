@@ -1,6 +1,9 @@
 """LlamaConfig presets: parameter counts against the published sizes, nothing allocated."""
 
+import json
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -61,3 +64,14 @@ def test_overrides_and_errors():
     LlamaConfig.preset("tiny", dtype="fp8")
   with pytest.raises(ValueError, match="attention_impl"):
     LlamaConfig.preset("tiny", attention_impl="flash")
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, np.dtype("bfloat16"), "bfloat16"])
+def test_dtype_fields_take_what_jnp_dtype_takes(dtype):
+  c = LlamaConfig.preset("tiny", dtype=dtype, param_dtype=jnp.float32)
+  # Normalized to the name: the config stays hashable, comparable and JSON-able.
+  assert (c.dtype, c.param_dtype) == ("bfloat16", "float32")
+  assert c == LlamaConfig.preset("tiny", dtype="bfloat16") and hash(c)
+  assert LlamaConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+  with pytest.raises(ValueError, match="param_dtype=<class 'jax.numpy.int32'>"):
+    LlamaConfig.preset("tiny", param_dtype=jnp.int32)

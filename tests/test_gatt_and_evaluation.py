@@ -124,10 +124,10 @@ def test_sampled_kl_is_zero_for_the_reference_and_matches_full_logits(monkeypatc
 
   # Record the rows the estimator scores, then recompute their KL independently.
   captured = []
-  real = evaluation.rollout_rows
-  monkeypatch.setattr(evaluation, "rollout_rows", lambda *a, **k: captured.append(real(*a, **k))
+  real = evaluation.sample_rollout  # the rollout path online RL uses
+  monkeypatch.setattr(evaluation, "sample_rollout", lambda *a, **k: captured.append(real(*a, **k))
                       or captured[-1])  # fmt: skip
   est = evaluation.sampled_kl(config, params, other, tok, prompts, **kw)
-  expected = np.concatenate([_full_logits_kl(config, params, other, r) for r in captured])
+  expected = np.concatenate([_full_logits_kl(config, params, other, r.rows) for r in captured])
   assert est["kl"] == pytest.approx(float(expected.mean()), rel=1e-4, abs=1e-4)
   assert est["kl_stderr"] == pytest.approx(expected.std(ddof=1) / np.sqrt(3), rel=1e-3)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from llama_jax.objectives import lm
+from llama_jax.objectives.logprobs import scan_chunks
 
 
 def test_cross_entropy_by_hand():
@@ -110,3 +111,13 @@ def test_chunked_peak_memory_is_one_chunk():
   full_logits = b * t * v * 4
   assert temp_bytes(0) >= full_logits
   assert temp_bytes(c) < full_logits / 2
+
+
+def test_scan_chunks_joins_or_folds_the_pieces():
+  x = jnp.arange(2 * 8 * 3, dtype=jnp.float32).reshape(2, 8, 3)
+  double = lambda a: 2 * a  # per-token results come back joined along T
+  np.testing.assert_array_equal(scan_chunks(double, (x,), chunk_size=2), 2 * x)
+  total = scan_chunks(lambda a: {"s": a.sum()}, (x,), chunk_size=4, combine=jnp.add)
+  assert float(total["s"]) == float(x.sum())
+  with pytest.raises(ValueError, match="must divide the sequence length T=8"):
+    scan_chunks(double, (x,), chunk_size=3)

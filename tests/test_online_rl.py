@@ -1,20 +1,24 @@
 """Online RL pieces: rollout rows line up with the sampler's log-probs, the prompt iterator
 resumes, and on a fixed rollout one PPO policy / value step and one GRPO step lower their
-losses; the scoring function's rewards and advantages match the objectives."""
+losses; the scoring functions' rewards and advantages match the objectives; the iteration
+driver runs any algorithm object through sample → score → minibatch updates → metrics."""
+
+import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax import LlamaConfig, reward_model, rollouts, sharding
+from llama_jax import LlamaConfig, online, reward_model, rollouts, sharding
 from llama_jax import train_state as ts
 from llama_jax.generation import GenerationConfig, SamplingConfig
 from llama_jax.model import init_params
 from llama_jax.objectives import grpo as grpo_obj
 from llama_jax.objectives import ppo as ppo_obj
 from llama_jax.objectives.kl import kl_estimate
-from llama_jax.online import sample_rollout
+from llama_jax.rollouts import sample_rollout
 from llama_jax.steps import common as step_lib
 from llama_jax.steps import grpo as grpo_steps
 from llama_jax.steps import ppo as ppo_steps
@@ -153,11 +157,24 @@ def test_one_grpo_step_lowers_the_loss(setup):
   config, params, _, gen, rollout = setup
   grpo = grpo_steps.GRPOConfig(group_size=gen.num_samples, beta=0.04)
   scores = jnp.asarray([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0])
-  logps = jax.jit(grpo_steps.make_logps_fn(config))
-  old, _ = logps(params, rollout.rows)
-  ref, _ = logps(jax.tree.map(lambda x: x * 1.01, params), rollout.rows)
+  score = jax.jit(grpo_steps.make_score_fn(config, grpo, micro_batches=2))
+  ref_params = jax.tree.map(lambda x: x * 1.01, params)
+  out, metrics = score(params, ref_params, rollout.rows, scores)
+  # One scoring pass: the shared log-prob function's values and per-token group advantages.
+  logps = jax.jit(rollouts.make_logps_fn(config))
+  old, entropy = logps(params, rollout.rows)
+  ref, _ = logps(ref_params, rollout.rows)
+  mask = rollout.rows["response_mask"]
+  np.testing.assert_allclose(out["old_logp"], old, atol=1e-5)
+  np.testing.assert_allclose(out["ref_logp"], ref, atol=1e-5)
   adv = grpo_obj.group_advantages(scores, grpo.group_size)
-  batch = fixed_minibatch(setup, {"old_logp": old, "ref_logp": ref, "advantages": adv})
+  np.testing.assert_allclose(out["advantages"], adv[:, None] * mask, atol=1e-6)
+  kl = (np.asarray(old) - np.asarray(ref)) * mask
+  assert float(metrics["objective/kl"]) == pytest.approx(float(kl.sum(1).mean()), abs=1e-4)
+  assert float(metrics["policy/entropy"]) == pytest.approx(
+    float((np.asarray(entropy) * mask).sum() / mask.sum()), rel=1e-5
+  )
+  batch = fixed_minibatch(setup, out)
   mesh = sharding.make_mesh()
   opt = ts.make_optimizer(ts.OptimizerConfig(learning_rate=1e-3, warmup_steps=0, total_steps=10))
   state = ts.init_train_state(
@@ -177,3 +194,56 @@ def test_one_grpo_step_lowers_the_loss(setup):
 
   before, after = improves(step, state, batch, loss)
   assert after < before - 1e-3
+
+
+@dataclasses.dataclass
+class Recorder:
+  """A fake algorithm: records what the driver hands it."""
+
+  calls: list = dataclasses.field(default_factory=list)
+
+  def score(self, state, ref_params, rows, scores):
+    self.calls.append(("score", np.asarray(scores).tolist()))
+    n, t = rows["tokens"].shape
+    return {"advantages": np.arange(n, dtype=np.float32)[:, None] * np.ones((n, t))}, {
+      "objective/kl": 0.5
+    }
+
+  def update(self, state, minibatch):
+    self.calls.append(("update", sorted(minibatch["advantages"][:, 0].astype(int).tolist())))
+    return state, {"loss/policy": jnp.float32(len(self.calls)), "finite": jnp.bool_(True)}
+
+  def finish(self, state, metrics):
+    self.calls.append(("finish", metrics["objective/kl"]))
+    return state, metrics | {"extra": 1.0}
+
+
+def test_the_driver_samples_scores_and_updates_in_shuffled_minibatches(setup):
+  config, params, tokenizer, gen, _ = setup
+  seen = []
+
+  def reward_fn(records, prompts, responses):  # the project's scorer signature
+    seen.append((list(prompts), list(responses)))
+    return [float(r.get("reference") == "5") for r in records]
+
+  algo = Recorder()
+  sampler = online.Sampler(config, tokenizer, gen)
+  iteration = online.make_iteration(
+    algo, sampler, reward_fn, None, num_minibatches=2, no_eos_penalty=-1.0
+  )
+  state = online.PolicyState(policy=types.SimpleNamespace(params=params), step=jnp.int32(0))
+  state, metrics = iteration(state, {"records": PROMPTS})
+  assert int(state.step) == 1
+  assert seen[0][0] == [r["prompt"] for r in PROMPTS for _ in range(2)]
+  rollout = sample_rollout(config, params, tokenizer, PROMPTS, jax.random.fold_in(
+    jax.random.key(0), 0), gen)  # fmt: skip
+  assert seen[0][1] == rollout.texts  # the key is folded from seed and iteration
+  raw = np.array([1.0, 1.0] + [0.0] * 6)
+  assert algo.calls[0] == ("score", (raw - 1.0 * ~rollout.stopped).tolist())
+  halves = [c[1] for c in algo.calls[1:3]]
+  assert sorted(halves[0] + halves[1]) == list(range(8)) and len(halves[0]) == 4
+  assert algo.calls[3] == ("finish", 0.5)
+  assert metrics["reward/mean"] == pytest.approx(0.25)  # before the EOS penalty
+  assert metrics["loss"] == metrics["loss/policy"] == pytest.approx(2.5)  # mean of 2, 3
+  assert metrics["reward/groups_with_signal"] == 0.0 and metrics["extra"] == 1.0
+  assert metrics["finite"] == 1.0 and metrics["response/length"] > 0

@@ -364,3 +364,15 @@ def test_eval_pipeline_covers_every_example_once(flaky):
     seen.update(d["id"] for d in found)
   # Skipped records leave padding rows: still the same number of batches on every host.
   assert seen == collections.Counter(i for i in range(11) if not (flaky and i in (5, 8)))
+
+
+def test_workers_leave_absl_flags_unparsed():
+  """Outside an absl app a pipeline with workers does not mark the process's flags parsed."""
+  from absl import flags
+
+  if flags.FLAGS.is_parsed():
+    pytest.skip("an earlier test parsed the absl flags of this process")
+  cfg = PipelineConfig(seq_len=T, batch_size=4, seed=5, worker_count=1)
+  with make_pipeline(make_docs(8), tokenize, cfg, shard_index=0, shard_count=1) as it:
+    take(it, 1)
+  assert not flags.FLAGS.is_parsed()

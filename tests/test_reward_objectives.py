@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from llama_jax.data import records
-from llama_jax.data.tokenize import _RATING_CODES
+from llama_jax.data.records import RATING_CODES
 from llama_jax.objectives import reward as obj
 
 
@@ -22,7 +22,7 @@ RATINGS = ["significantly_better", "better", "slightly_better", "negligibly_bett
 
 
 def test_rating_codes_and_tables_follow_the_data_and_the_paper():
-  assert {name: i for i, name in enumerate(obj.RATING_NAMES)} == _RATING_CODES
+  assert {name: i for i, name in enumerate(obj.RATING_NAMES)} == RATING_CODES
   assert set(obj.RATING_NAMES) == set(records.RATINGS)
   assert obj.MARGIN_TABLES["small"] == {
     "significantly_better": 1.0,
@@ -40,7 +40,7 @@ def test_rating_codes_and_tables_follow_the_data_and_the_paper():
 
 @pytest.mark.parametrize("table", ["none", "small", "large"])
 def test_pairwise_loss_by_hand_for_each_margin_table(table):
-  codes = jnp.asarray([_RATING_CODES[r] for r in RATINGS])
+  codes = jnp.asarray([RATING_CODES[r] for r in RATINGS])
   margins = obj.margins_for_ratings(codes, table)
   m = [0.0 if table == "none" else obj.MARGIN_TABLES[table][r] for r in RATINGS]
   np.testing.assert_allclose(margins, m, rtol=1e-6)

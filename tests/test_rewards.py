@@ -52,7 +52,7 @@ def test_batch_whitening():
   assert float(w.mean()) == pytest.approx(0.0, abs=1e-6)
   assert float(w.std()) == pytest.approx(1.0, abs=1e-5)
   masked = rewards.whiten(x, mask=jnp.asarray([1, 1, 1, 0]))
-  np.testing.assert_allclose(masked[:3], [-1.2247449, 0.0, 1.2247449], atol=1e-5)
+  np.testing.assert_allclose(masked, [-1.2247449, 0.0, 1.2247449, 0.0], atol=1e-5)  # masked: 0
   kept = rewards.whiten(x, shift_mean=False)
   np.testing.assert_allclose(kept, w + x.mean(), atol=1e-6)
 

@@ -1,5 +1,7 @@
-"""KL estimators, GAE, PPO's clipped policy and value losses, the adaptive KL controller and
-GRPO's group advantages and loss, against plain-Python references and hand values."""
+"""KL estimators, GAE, PPO's clipped policy and value losses, the adaptive KL controller,
+GRPO's group advantages and loss, and the critic-free variants (Dr. GRPO's constant-length
+normalization, RLOO's leave-one-out baseline, REINFORCE++'s batch-whitened returns), against
+plain-Python references and hand values."""
 
 import math
 
@@ -7,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax.objectives import grpo, ppo
+from llama_jax.objectives import grpo, ppo, rl
 from llama_jax.objectives.kl import kl_estimate
 
 
@@ -137,3 +139,65 @@ def test_grpo_loss_by_hand_for_both_aggregations():
     logp, old, ref, adv, mask, beta=beta, clip_eps_high=0.28, aggregation="token_mean"
   )
   assert float(asym) == pytest.approx((-1.28 + beta * k3_a - 1.0 + 1.0 + beta * k3_b) / 3, rel=1e-6)
+  # Dr. GRPO: each response's token sum over a constant (4), whatever its length, and the
+  # same loss from per-token advantages.
+  dr, _ = grpo.grpo_loss(
+    logp, old, ref, adv, mask, beta=beta, aggregation="max_length", max_length=4
+  )
+  assert float(dr) == pytest.approx((sum(tok[0]) + sum(tok[1])) / (2 * 4), rel=1e-6)
+  per_token, _ = grpo.grpo_loss(
+    logp, old, ref, adv[:, None] * mask, mask, beta=beta, aggregation="max_length", max_length=4
+  )
+  assert float(per_token) == pytest.approx(float(dr), rel=1e-6)
+  with pytest.raises(ValueError, match="max_length"):
+    grpo.grpo_loss(logp, old, ref, adv, mask, aggregation="max_length")
+
+
+def test_rloo_advantages_by_hand():
+  # Group 1 (1, 0, 2): 1 − mean(0, 2) = 0; 0 − mean(1, 2) = −1.5; 2 − mean(1, 0) = 1.5.
+  # Group 2 (3, 3, 0): 3 − mean(3, 0) = 1.5 twice; 0 − mean(3, 3) = −3.
+  r = jnp.array([1.0, 0.0, 2.0, 3.0, 3.0, 0.0])
+  np.testing.assert_allclose(rl.rloo_advantages(r, 3), [0, -1.5, 1.5, 1.5, 1.5, -3])
+  # = K / (K − 1) · (r − group mean): the leave-one-out baseline is the scaled centered one.
+  np.testing.assert_allclose(
+    rl.rloo_advantages(r, 3), 1.5 * rl.group_advantages(r, 3, scale="none"), rtol=1e-6
+  )
+  # With the KL in the reward: β · Σ_t KL = 0.5 · (2, 0, 0) makes the rewards (0, 0, 2), so
+  # (0 − 1, 0 − 1, 2 − 0), broadcast over each response's tokens.
+  mask = jnp.array([[1, 1, 0], [1, 0, 0], [1, 1, 1]])
+  kl = jnp.array([[1.5, 0.5, 7.0], [0.0, 9.0, 9.0], [0.0, 0.0, 0.0]])
+  adv = rl.advantages("rloo", jnp.array([1.0, 0.0, 2.0]), kl, mask, group_size=3, kl_coef=0.5)
+  np.testing.assert_allclose(adv, [[-1, -1, 0], [-1, 0, 0], [2, 2, 2]])
+  with pytest.raises(ValueError, match="group_size ≥ 2"):
+    rl.rloo_advantages(r, 1)
+
+
+def test_reinforce_pp_advantages_by_hand():
+  # β = 1. Row 1: r = (−0.1, −0.2, −0.3 + 1) → returns-to-go (0.4, 0.5, 0.7).
+  # Row 2 (2 tokens): r = (−0.4, −0.5) → (−0.9, −0.5). The 9s are off the mask.
+  mask = jnp.array([[1, 1, 1], [1, 1, 0]])
+  kl = jnp.array([[0.1, 0.2, 0.3], [0.4, 0.5, 9.0]])
+  scores = jnp.array([1.0, 0.0])
+  returns = rl.returns_to_go(ppo.token_rewards(scores, kl, mask, beta=1.0), mask)
+  np.testing.assert_allclose(returns, [[0.4, 0.5, 0.7], [-0.9, -0.5, 0]], atol=1e-6)
+  # Whitened over all five response tokens of the batch (mean 0.04, var 0.3904), no group std.
+  g = np.array([0.4, 0.5, 0.7, -0.9, -0.5])
+  assert g.mean() == pytest.approx(0.04) and g.var() == pytest.approx(0.3904)
+  want = (g - 0.04) / math.sqrt(0.3904)
+  adv = rl.advantages("reinforce_pp", scores, kl, mask, group_size=2, kl_coef=1.0)
+  np.testing.assert_allclose(adv, [want[:3], [*want[3:], 0.0]], rtol=1e-5, atol=1e-6)
+
+
+def test_advantage_estimators_share_one_shape_and_refuse_unknown_names():
+  mask = jnp.array([[1, 1, 0], [1, 0, 0]])
+  scores, kl = jnp.array([1.0, 0.0]), jnp.zeros((2, 3))
+  for name in rl.ESTIMATORS:
+    adv = rl.advantages(name, scores, kl, mask, group_size=2)
+    assert adv.shape == (2, 3) and float(jnp.abs(adv * (1 - mask)).sum()) == 0.0
+  # GRPO's group z-score broadcast over tokens; Dr. GRPO's only centers.
+  np.testing.assert_allclose(
+    rl.advantages("group", scores, kl, mask, group_size=2, scale="none"),
+    [[0.5, 0.5, 0], [-0.5, 0, 0]],
+  )
+  with pytest.raises(ValueError, match="'ppo'"):
+    rl.advantages("ppo", scores, kl, mask, group_size=2)

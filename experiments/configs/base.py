@@ -12,7 +12,8 @@ init_from   "" (fresh init), a Hugging Face checkpoint directory, or an experime
 mesh        data × fsdp × tensor device counts; one may be -1 (the remaining devices).
 data        source ("bundled" | "tfds"), name, data_dir (tfds), kind (text | sft),
             train_split, eval_split ("" for none), seq_len, global batch_size, mode
-            (pack | pad), seed, num_threads, worker_count, prefetch_batches.
+            (pack | pad), seed, num_threads, worker_count, prefetch_batches, loss_on (sft:
+            "" = the tokenizer's default, "last_assistant" as for Ghost Attention).
 optimizer   `llama_jax.train_state.OptimizerConfig` fields; total_steps 0 = train.num_steps.
 train       num_steps, seed, grad_accum_steps, z_loss, loss_chunk_size (0: no chunking),
             log_every, eval_every (0: only at the end), checkpoint_every, keep_checkpoints,
@@ -22,7 +23,27 @@ train       num_steps, seed, grad_accum_steps, z_loss, loss_chunk_size (0: no ch
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import ml_collections
+
+from llama_jax.train_state import OptimizerConfig
+from llama_jax.trainer import LoopConfig
+
+
+def dataclass_section(cls, *, drop: tuple[str, ...] = (), **values: Any) -> dict[str, Any]:
+  """A config section holding the defaults of dataclass `cls` (the one place they live),
+  less the fields in `drop`, with `values` for fields without a default, for defaults this
+  experiment changes and for keys of the section that are not fields of `cls`."""
+  out = {}
+  for field in dataclasses.fields(cls):
+    if field.name in drop or field.name in values:
+      continue
+    if field.default is dataclasses.MISSING:
+      raise TypeError(f"{cls.__name__}.{field.name} has no default; pass it in `values`")
+    out[field.name] = field.default
+  return out | values
 
 
 def lm_config(**model_fields) -> ml_collections.ConfigDict:
@@ -47,35 +68,21 @@ def lm_config(**model_fields) -> ml_collections.ConfigDict:
         "num_threads": 0,
         "worker_count": 0,
         "prefetch_batches": 1,
+        "loss_on": "",  # sft: "" (the tokenizer's default), "last_assistant", ...
       },
-      "optimizer": {
-        "learning_rate": 3e-4,
-        "schedule": "cosine",
-        "warmup_steps": 2000,
-        "total_steps": 0,
-        "final_lr_fraction": 0.1,
-        "b1": 0.9,
-        "b2": 0.95,
-        "eps": 1e-5,
-        "weight_decay": 0.1,
-        "decay_norms": False,
-        "grad_clip": 1.0,
-      },
-      "train": {
-        "num_steps": 1000,
-        "seed": 0,
-        "grad_accum_steps": 1,
-        "z_loss": 0.0,
-        "loss_chunk_size": 0,
-        "log_every": 10,
-        "eval_every": 0,
-        "checkpoint_every": 500,
-        "keep_checkpoints": 3,
-        "async_checkpoint": True,
-        "on_nonfinite": "skip",
-        "max_skipped": 100,
-        "peak_flops": 0.0,
-      },
+      # total_steps 0: the run's length (`train.num_steps`).
+      "optimizer": dataclass_section(OptimizerConfig, total_steps=0),
+      # `LoopConfig`'s fields, checkpointing more often, and what the steps take.
+      "train": dataclass_section(
+        LoopConfig,
+        num_steps=1000,
+        checkpoint_every=500,
+        seed=0,
+        grad_accum_steps=1,
+        z_loss=0.0,
+        loss_chunk_size=0,
+        peak_flops=0.0,
+      ),
     }
   )
 

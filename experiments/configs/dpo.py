@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs.base import TINY_MODEL, lm_config, use_preference_data
+from experiments.configs.base import TINY_MODEL, dataclass_section, lm_config, use_preference_data
+from llama_jax.steps.dpo import DPOConfig
 
 
 def get_config(variant: str = "tiny"):
@@ -52,16 +53,15 @@ def get_config(variant: str = "tiny"):
 
 def dpo_config(**model_fields) -> ml_collections.ConfigDict:
   config = use_preference_data(lm_config(**model_fields))
+  # `DPOConfig`'s defaults with Llama 3's NLL term; loss_chunk_size is train's.
   config.dpo = ml_collections.ConfigDict(
-    {
-      "beta": 0.1,
-      "loss_type": "sigmoid",
-      "label_smoothing": 0.0,
-      "nll_coef": 0.2,
-      "mask_formatting": True,
-      "reference": "precomputed",
-      "reference_from": "",
-    }
+    dataclass_section(
+      DPOConfig,
+      drop=("loss_chunk_size",),
+      nll_coef=0.2,
+      reference="precomputed",
+      reference_from="",
+    )
   )
   config.optimizer.weight_decay = 0.0
   return config

@@ -1,4 +1,5 @@
-"""GRPO configs.
+"""Critic-free online RL configs: GRPO, Dr. GRPO, RLOO, REINFORCE++ (one launcher,
+`experiments.grpo`; the `grpo` section picks the algorithm).
 
     python -m experiments.grpo --config=experiments/configs/grpo.py:<variant> --workdir=DIR \
       --config.init_from=<SFT workdir or HF dir>
@@ -7,8 +8,10 @@ Sections (model, tokenizer, init_from, mesh, data, generation, chat as in
 `experiments/configs/generate.py`; optimizer as in `base.py`):
   reward      `base.reward_section`: default "check_answer", the bundled prompts' verifiable
               reward; "reward_model" / "llama2" score with reward-model workdirs instead.
-  grpo        group_size K, clip_eps, clip_eps_high (None = symmetric), beta (k3 KL), scale
-              ("std" | "none"), aggregation ("sequence_mean" | "token_mean").
+  grpo        group_size K, advantage ("group" | "rloo" | "reinforce_pp"), clip_eps,
+              clip_eps_high (None = symmetric), beta (k3 KL in the loss), kl_coef (k1 KL in
+              the reward), scale ("std" | "none"), aggregation ("sequence_mean" |
+              "token_mean" | "max_length": Σ tokens / generation.max_new_tokens).
   train       num_steps (iterations), num_minibatches (updates per iteration),
               grad_accum_steps, loss_chunk_size, seed, log/checkpoint settings.
   data.batch_size is prompts per iteration (rows: batch_size × K).
@@ -17,6 +20,12 @@ Variants
   tiny          the tiny SFT model on 32 bundled arithmetic train prompts (it answers 13% of
                 them right at temperature 1), 16 prompts × 8 samples per iteration, 2 updates
                 each, 40 iterations; CPU, about 5 minutes. Start from the tiny SFT workdir.
+  tiny_dr_grpo  tiny with Dr. GRPO's unbiased normalization: no std division, token sums
+                divided by max_new_tokens.
+  tiny_rloo     tiny with RLOO's leave-one-out baseline, the KL (β 0.02) in the reward and
+                no KL term in the loss.
+  tiny_reinforce_pp  tiny with REINFORCE++: token-level KL (β 0.02) in the reward,
+                returns-to-go whitened over the batch, no KL term in the loss.
   llama3p2_1b   GRPO on Llama 3.2 1B Instruct: 64 prompts × 16 samples, lr 1e-6, β 0.04,
                 512 new tokens, 4 updates per iteration (2 micro-batches each). Target: one
                 host of 8 × H100 (fsdp=8), bf16 compute, fp32 master weights.
@@ -31,7 +40,13 @@ from experiments.configs.base import lm_config, reward_section
 
 
 def get_config(variant: str = "tiny"):
-  variants = {"tiny": tiny, "llama3p2_1b": llama3p2_1b}
+  variants = {
+    "tiny": tiny,
+    "tiny_dr_grpo": tiny_dr_grpo,
+    "tiny_rloo": tiny_rloo,
+    "tiny_reinforce_pp": tiny_reinforce_pp,
+    "llama3p2_1b": llama3p2_1b,
+  }
   if variant not in variants:
     raise ValueError(f"unknown grpo variant {variant!r}; known: {sorted(variants)}")
   return variants[variant]()
@@ -55,13 +70,31 @@ def rl_config(base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def tiny():
   config = rl_config(generate.tiny())
   config.grpo = ml_collections.ConfigDict(
-    {"group_size": 8, "clip_eps": 0.2, "clip_eps_high": None, "beta": 0.04, "scale": "std",
-     "aggregation": "sequence_mean"}
+    {"group_size": 8, "advantage": "group", "clip_eps": 0.2, "clip_eps_high": None,
+     "beta": 0.04, "kl_coef": 0.0, "scale": "std", "aggregation": "sequence_mean"}
   )  # fmt: skip
   config.data.update(tasks="arithmetic", num_prompts=32, batch_size=16)
   config.generation.max_new_tokens = 32
   config.optimizer.learning_rate = 1e-4
   config.train.num_steps = 40
+  return config
+
+
+def tiny_dr_grpo():
+  config = tiny()
+  config.grpo.update(scale="none", aggregation="max_length")
+  return config
+
+
+def tiny_rloo():
+  config = tiny()
+  config.grpo.update(advantage="rloo", beta=0.0, kl_coef=0.02, aggregation="token_mean")
+  return config
+
+
+def tiny_reinforce_pp():
+  config = tiny()
+  config.grpo.update(advantage="reinforce_pp", beta=0.0, kl_coef=0.02, aggregation="token_mean")
   return config
 
 
@@ -78,7 +111,5 @@ def llama3p2_1b():
   config.grpo.group_size = 16
   config.generation.update(max_new_tokens=512, prompt_bucket=128)
   config.optimizer.update(learning_rate=1e-6, grad_clip=1.0)
-  config.train.update(
-    num_steps=500, num_minibatches=4, loss_chunk_size=512, grad_accum_steps=2
-  )
+  config.train.update(num_steps=500, num_minibatches=4, loss_chunk_size=512, grad_accum_steps=2)
   return config

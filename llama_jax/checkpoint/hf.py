@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import Mesh
+from jax.typing import DTypeLike
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -148,8 +149,8 @@ def _reader(file: Path, name: str):
 def load_hf_checkpoint(
   path: str | Path,
   *,
-  dtype: str = "float32",
-  compute_dtype: str | None = None,
+  dtype: DTypeLike = "float32",
+  compute_dtype: DTypeLike | None = None,
   mesh: Mesh | None = None,
   rules: shd.Rules = shd.DEFAULT_RULES,
   **config_overrides,
@@ -158,7 +159,7 @@ def load_hf_checkpoint(
 
   Args:
     path: directory with config.json and model.safetensors (or an index + shards).
-    dtype: parameter dtype (the config's `param_dtype`).
+    dtype: parameter dtype (the config's `param_dtype`): anything `jnp.dtype` takes.
     compute_dtype: activation / matmul dtype (the config's `dtype`); default: `dtype`.
     mesh: if given, every tensor goes straight into its sharding on this mesh.
     rules: logical-axis rules for the shardings.

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from jax.sharding import Mesh
+from jax.typing import DTypeLike
 
 from llama_jax import sharding as shd
 from llama_jax.checkpoint.params import CheckpointError, build_params
@@ -116,8 +117,8 @@ def _embedding_axis(pieces: list[LazyTensor], dim: int) -> int:
 def load_meta_checkpoint(
   path: str | Path,
   *,
-  dtype: str = "float32",
-  compute_dtype: str | None = None,
+  dtype: DTypeLike = "float32",
+  compute_dtype: DTypeLike | None = None,
   mesh: Mesh | None = None,
   rules: shd.Rules = shd.DEFAULT_RULES,
   rope_scaling: RopeScaling | None = None,

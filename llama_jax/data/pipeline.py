@@ -332,7 +332,7 @@ def build_dataset(
   )
   it = ds.to_iter_dataset(read)
   if config.worker_count:
-    _ensure_absl_flags_parsed()
+    _default_grain_profiling_flag()
     # Before any many-to-one stage: worker i reads elements i::n and grain interleaves them
     # round-robin, so the element order (and every batch) is the same as without workers.
     it = it.mp_prefetch(
@@ -369,12 +369,14 @@ def build_dataset(
   return it, accounted, schema
 
 
-def _ensure_absl_flags_parsed() -> None:
-  # grain's worker processes read absl flags (profiling switches); outside an absl app (pytest,
-  # notebooks) nothing parsed them and `mp_prefetch` fails with UnparsedFlagAccessError.
-  # Launchers parse flags before building pipelines, so this only applies defaults elsewhere.
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
+def _default_grain_profiling_flag() -> None:
+  # grain's `mp_prefetch` reads one absl flag, --grain_enable_multiprocess_worker_profiling,
+  # with `.value` (its other flags fall back to their defaults when unparsed), which raises
+  # UnparsedFlagAccessError outside an absl app (pytest, notebooks). Give that one flag its
+  # default, rather than marking every flag of the process parsed behind its owner's back.
+  name = "grain_enable_multiprocess_worker_profiling"
+  if name in flags.FLAGS and not flags.FLAGS.is_parsed() and not flags.FLAGS[name].present:
+    flags.FLAGS[name].parse(flags.FLAGS[name].default)
 
 
 def _resolve_shards(

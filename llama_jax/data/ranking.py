@@ -40,10 +40,17 @@ import numpy as np
 
 from llama_jax.data import pipeline as pipeline_lib
 from llama_jax.data import records
-from llama_jax.data.tokenize import _RATING_CODES  # one code table for every preference field
 from llama_jax.tokenizer import Tokenizer, render_prompt_response
 
 MAX_RESPONSES = 3  # edited, chosen, rejected
+
+
+def chosen_rejected(rewards: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Scores `[N, MAX_RESPONSES]` of ranking rows -> each row's chosen and rejected scores:
+  its last two present responses (`pack_ranking_row` puts the edited one first)."""
+  num = present.sum(axis=1)
+  rows = np.arange(len(rewards))
+  return rewards[rows, num - 2], rewards[rows, num - 1]
 
 
 def ranked_responses(record: Mapping[str, Any], *, use_edited: bool = True) -> list[str]:
@@ -75,7 +82,7 @@ def tokenize_ranking(
   row = pack_ranking_row(prompt_tokens, responses)
   scalar = lambda v: np.asarray(v, np.int32)
   return row | {
-    "rating": scalar(_RATING_CODES.get(record.get("rating"), -1)),
+    "rating": scalar(records.RATING_CODES.get(record.get("rating"), -1)),
     "concern": scalar(records.CONCERNS.index(record["concern"])),
     "num_responses": scalar(len(responses)),
   }

@@ -64,6 +64,9 @@ logger = logging.getLogger(__name__)
 KINDS = ("text", "sft", "preference", "rl_prompt")
 ROLES = ("system", "user", "assistant")
 RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_better")
+# The one rating table of the token arrays (`rating` fields; -1: no rating): 3 for
+# significantly_better down to 0 for negligibly_better, so a larger code is a clearer pair.
+RATING_CODES = {name: len(RATINGS) - 1 - i for i, name in enumerate(RATINGS)}
 CONCERNS = ("helpfulness", "safety")
 
 # Reasons a record is rejected; the keys of ValidationReport.skipped.

@@ -51,7 +51,6 @@ from llama_jax.tokenizer import Tokenizer, render_chat, render_prompt_response
 
 Example = dict[str, np.ndarray]
 PAIR_SIDES = ("chosen", "rejected", "edited")
-_RATING_CODES = {name: len(records.RATINGS) - 1 - i for i, name in enumerate(records.RATINGS)}
 
 
 def _scalar(value: int) -> np.ndarray:
@@ -87,7 +86,7 @@ def tokenize_preference(
     "tokens": rendered.tokens,
     "loss_mask": rendered.response_mask,
     "format_mask": rendered.format_mask,
-    "rating": _scalar(_RATING_CODES.get(record.get("rating"), -1)),
+    "rating": _scalar(records.RATING_CODES.get(record.get("rating"), -1)),
     "concern": _scalar(records.CONCERNS.index(record["concern"])),
     "has_edited": _scalar(edited is not None),
   }

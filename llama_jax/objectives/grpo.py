@@ -8,8 +8,13 @@ T response tokens, `mask` [N, T].
     per token: −min(ρ A, clip(ρ, 1 − ε_low, 1 + ε_high) A) + β · k3(π_θ, π_ref)
 
 Aggregation: "sequence_mean" averages each response's tokens, then the responses (the paper);
-"token_mean" averages all tokens of the batch (DAPO), so long responses weigh more. Both are
-kept as sums and a count for exact accumulation (`grpo_mean`).
+"token_mean" averages all tokens of the batch (DAPO), so long responses weigh more;
+"max_length" sums each response's tokens and divides by a constant, the generation budget
+(Dr. GRPO: a per-response length divisor biases toward long wrong and short right answers).
+All are kept as sums and a count for exact accumulation (`grpo_mean`).
+
+The advantages may be per response [N] or per token [N, T] (`objectives.rl.advantages`), so
+the same loss serves GRPO, Dr. GRPO, RLOO and REINFORCE++.
 """
 
 from __future__ import annotations
@@ -18,51 +23,35 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.objectives.kl import kl_estimate
+from llama_jax.objectives.rl import SCALES, group_advantages
 
-SCALES = ("std", "none")
-AGGREGATIONS = ("sequence_mean", "token_mean")
+__all__ = ["AGGREGATIONS", "SCALES", "group_advantages", "grpo_loss", "grpo_mean", "grpo_sums"]
 
-
-def group_advantages(
-  rewards: jax.Array,  # [N]
-  group_size: int,
-  *,
-  scale: str = "std",
-  eps: float = 1e-4,
-) -> jax.Array:
-  """Per-response advantages [N]: the reward minus its group's mean, divided by the group's
-  standard deviation (population) plus `eps` if `scale` is "std"."""
-  if scale not in SCALES:
-    raise ValueError(f"group advantage scale={scale!r}; expected one of {SCALES}")
-  r = jnp.asarray(rewards, jnp.float32)
-  if r.shape[0] % group_size:
-    raise ValueError(f"{r.shape[0]} rewards do not split into groups of {group_size}")
-  groups = r.reshape(-1, group_size)
-  centered = groups - groups.mean(axis=1, keepdims=True)
-  if scale == "std":
-    centered = centered / (groups.std(axis=1, keepdims=True) + eps)
-  return centered.reshape(-1)
+AGGREGATIONS = ("sequence_mean", "token_mean", "max_length")
 
 
 def grpo_sums(
   logp: jax.Array,  # [N, T] log π_θ of the sampled tokens
   old_logp: jax.Array,  # [N, T] log π at sampling time
   ref_logp: jax.Array,  # [N, T] log π_ref
-  advantages: jax.Array,  # [N]
+  advantages: jax.Array,  # [N] or [N, T]
   mask: jax.Array,  # [N, T]
   *,
   clip_eps: float = 0.2,
   clip_eps_high: float | None = None,
   beta: float = 0.04,
   aggregation: str = "sequence_mean",
+  max_length: int = 0,
 ) -> dict[str, jax.Array]:
-  """Sums of the loss and its metric terms, and the count `aggregation` divides by."""
+  """Sums of the loss and its metric terms, and the count `aggregation` divides by
+  (`max_length`: the constant of "max_length", e.g. the generation's max_new_tokens)."""
   if aggregation not in AGGREGATIONS:
     raise ValueError(f"grpo aggregation={aggregation!r}; expected one of {AGGREGATIONS}")
   mask = jnp.asarray(mask, jnp.float32)
   logp = jnp.asarray(logp, jnp.float32)
   ratio = jnp.exp(logp - jnp.asarray(old_logp, jnp.float32))
-  adv = jnp.asarray(advantages, jnp.float32)[:, None]
+  adv = jnp.asarray(advantages, jnp.float32)
+  adv = adv[:, None] if adv.ndim == 1 else adv
   high = clip_eps if clip_eps_high is None else clip_eps_high
   clipped_ratio = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + high)
   surrogate = jnp.minimum(ratio * adv, clipped_ratio * adv)
@@ -77,6 +66,11 @@ def grpo_sums(
   if aggregation == "sequence_mean":
     weights = mask / jnp.maximum(lengths, 1.0)[:, None]
     count = jnp.sum(lengths > 0).astype(jnp.float32)
+  elif aggregation == "max_length":
+    if max_length < 1:
+      raise ValueError(f"grpo aggregation 'max_length' needs max_length ≥ 1, got {max_length}")
+    # Every row counts, even an empty one: the divisor must not depend on the samples.
+    weights, count = mask / max_length, jnp.float32(mask.shape[0])
   else:
     weights, count = mask, jnp.sum(mask)
   sums = {f"{k}_sum": jnp.sum(v * weights) for k, v in per_token.items()}
@@ -84,12 +78,13 @@ def grpo_sums(
 
 
 def grpo_mean(sums: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """`(loss, metrics)` from accumulated `grpo_sums`."""
+  """`(loss, metrics)` from accumulated `grpo_sums`: loss/policy (the loss, KL term
+  included), loss/kl (the k3 term before β), policy/clipfrac, policy/approxkl."""
   count = jnp.maximum(sums["count"], 1.0)
   loss = sums["loss_sum"] / count
   return loss, {
-    "loss": loss,
-    "kl": sums["kl_sum"] / count,
+    "loss/policy": loss,
+    "loss/kl": sums["kl_sum"] / count,
     "policy/clipfrac": sums["clipped_sum"] / count,
     "policy/approxkl": sums["approx_kl_sum"] / count,
   }

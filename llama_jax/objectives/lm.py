@@ -16,6 +16,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from llama_jax.objectives.logprobs import scan_chunks
+
 # Sums returned per batch (or chunk); all float32 scalars except `tokens`.
 SUM_KEYS = ("loss_sum", "nll_sum", "z_loss_sum", "correct", "tokens")
 
@@ -59,31 +61,15 @@ def chunked_cross_entropy_sums(
 ) -> dict[str, jax.Array]:
   """`cross_entropy_sums` of `logits_fn(hidden)` without the whole float32 [B, T, V] at once.
 
-  The sequence is cut into T / chunk_size pieces that a `lax.scan` turns into logits one at a
-  time; the chunk is rematerialized in the backward pass, so peak memory holds one
-  [B, chunk_size, V] block instead of T / chunk_size of them (a 128k vocabulary at
-  B·T = 32k tokens is 16 GiB of float32 logits otherwise).
+  `scan_chunks` turns T / chunk_size pieces into logits one at a time and adds up their sums,
+  so peak memory holds one [B, chunk_size, V] block instead of T / chunk_size of them (a 128k
+  vocabulary at B·T = 32k tokens is 16 GiB of float32 logits otherwise).
   """
-  _, t, _ = hidden.shape
-  if chunk_size <= 0 or chunk_size >= t:
-    return cross_entropy_sums(logits_fn(hidden), targets, mask, z_loss=z_loss)
-  if t % chunk_size:
-    raise ValueError(f"loss chunk_size={chunk_size} must divide the sequence length T={t}")
 
-  def split(x):  # [B, T, ...] -> [T / C, B, C, ...]
-    x = x.reshape(x.shape[0], t // chunk_size, chunk_size, *x.shape[2:])
-    return jnp.swapaxes(x, 0, 1)
-
-  @jax.checkpoint
   def chunk_sums(h, y, m):
     return cross_entropy_sums(logits_fn(h), y, m, z_loss=z_loss)
 
-  def body(total, chunk):
-    return jax.tree.map(jnp.add, total, chunk_sums(*chunk)), None
-
-  zeros = {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
-  total, _ = jax.lax.scan(body, zeros, (split(hidden), split(targets), split(mask)))
-  return total
+  return scan_chunks(chunk_sums, (hidden, targets, mask), chunk_size=chunk_size, combine=jnp.add)
 
 
 def token_mean(sums: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -8,9 +8,43 @@ float32 whatever the logits' dtype.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+
+def scan_chunks(
+  fn: Callable[..., Any],
+  arrays: tuple[jax.Array, ...],  # each [B, T, ...]
+  *,
+  chunk_size: int,
+  combine: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+) -> Any:
+  """`fn(*arrays)` computed over T / chunk_size pieces [B, C, ...] in a `lax.scan`, each
+  piece rematerialized in the backward pass: peak memory holds what `fn` makes of one piece
+  (a [B, C, V] logit block) instead of all of them. The pieces' results are folded with
+  `combine` (e.g. `jnp.add` for sums), or else joined back along T (per-token [B, C, ...]
+  results). `chunk_size` 0 (or ≥ T) calls `fn` on everything at once.
+  """
+  b, t = arrays[0].shape[:2]
+  if chunk_size <= 0 or chunk_size >= t:
+    return fn(*arrays)
+  if t % chunk_size:
+    raise ValueError(f"loss chunk_size={chunk_size} must divide the sequence length T={t}")
+
+  def split(x):  # [B, T, ...] -> [T / C, B, C, ...]
+    return jnp.swapaxes(x.reshape(b, t // chunk_size, chunk_size, *x.shape[2:]), 0, 1)
+
+  pieces = tuple(split(x) for x in arrays)
+  piece_fn = jax.checkpoint(fn)
+  if combine is not None:
+    shapes = jax.eval_shape(fn, *(p[0] for p in pieces))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    body = lambda total, xs: (jax.tree.map(combine, total, piece_fn(*xs)), None)
+    return jax.lax.scan(body, zeros, pieces)[0]
+  _, out = jax.lax.scan(lambda _, xs: (None, piece_fn(*xs)), None, pieces)  # [T / C, B, C, ...]
+  return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(b, t, *x.shape[3:]), out)
 
 
 def token_logprobs(
@@ -40,8 +74,7 @@ def chunked_token_logprobs(
   """`token_logprobs(logits_fn(hidden), targets)` [B, T], one [B, C, V] logit block at a time;
   with `with_entropy`, `(logprobs, entropy)` (entropy of the whole distribution per token).
 
-  As `objectives.lm.chunked_cross_entropy_sums`: a `lax.scan` over T / chunk_size pieces,
-  each rematerialized in the backward pass. `chunk_size` 0 (or ≥ T) computes all at once.
+  One [B, C, V] block at a time: `scan_chunks`. `chunk_size` 0 (or ≥ T) computes all at once.
   """
 
   def stats(h, y):
@@ -49,21 +82,7 @@ def chunked_token_logprobs(
     logp = token_logprobs(logits, y)
     return (logp, token_entropy(logits)) if with_entropy else logp
 
-  b, t, _ = hidden.shape
-  if chunk_size <= 0 or chunk_size >= t:
-    return stats(hidden, targets)
-  if t % chunk_size:
-    raise ValueError(f"loss chunk_size={chunk_size} must divide the sequence length T={t}")
-
-  def split(x):  # [B, T, ...] -> [T / C, B, C, ...]
-    return jnp.swapaxes(x.reshape(b, t // chunk_size, chunk_size, *x.shape[2:]), 0, 1)
-
-  @jax.checkpoint
-  def chunk(_, hy):
-    return None, stats(*hy)
-
-  _, pieces = jax.lax.scan(chunk, None, (split(hidden), split(targets)))  # [T / C, B, C]
-  return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(b, t), pieces)
+  return scan_chunks(stats, (hidden, targets), chunk_size=chunk_size)
 
 
 def sequence_logprobs(

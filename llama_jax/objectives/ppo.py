@@ -3,8 +3,8 @@
 Shapes: B responses, T response tokens; `mask` [B, T] is 1 on generated tokens (the stop
 token included) and 0 after. Token t's value is V(s_t), the state before token t is emitted.
 
-- `token_rewards`: the per-token reward −β · KL_t with the sequence's score added at its
-  last token (Llama 2: R = R̃_c − β KL(π_θ ‖ π_0)).
+- `token_rewards` (from `objectives.rl`, shared with REINFORCE++): the per-token reward
+  −β · KL_t with the sequence's score added at its last token (Llama 2: R = R̃_c − β KL).
 - `gae`: δ_t = r_t + γ V_{t+1} − V_t, A_t = δ_t + γλ A_{t+1}, returns A + V.
 - `policy_sums` / `value_sums`: the clipped surrogate and the clipped value loss as masked
   sums and a token count, so token means stay exact under accumulation (`token_mean`).
@@ -16,47 +16,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+# Shared with the critic-free algorithms; re-exported here where PPO's users look for them.
+from llama_jax.objectives.rl import last_index, masked_mean, masked_whiten, token_rewards
+
+__all__ = [
+  "adaptive_kl_beta", "explained_variance", "gae", "last_index", "masked_mean", "masked_whiten",
+  "policy_loss", "policy_sums", "token_mean", "token_rewards", "value_loss", "value_sums",
+]  # fmt: skip
+
 
 def _f32(x) -> jax.Array:
   return jnp.asarray(x, jnp.float32)
-
-
-def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
-  mask = _f32(mask)
-  return jnp.sum(_f32(x) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
-def masked_whiten(x: jax.Array, mask: jax.Array, *, shift_mean: bool = True, eps: float = 1e-8):
-  """(x − mean) / std over the masked entries (the mean added back if not `shift_mean`);
-  0 where `mask` is 0."""
-  mean = masked_mean(x, mask)
-  var = masked_mean(jnp.square(_f32(x) - mean), mask)
-  out = (_f32(x) - mean) * jax.lax.rsqrt(var + eps)
-  if not shift_mean:
-    out = out + mean
-  return out * _f32(mask)
-
-
-def last_index(mask: jax.Array) -> jax.Array:
-  """[B] index of each row's last masked token (−1 for an empty row)."""
-  t = mask.shape[-1]
-  positions = jnp.where(mask != 0, jnp.arange(t), -1)
-  return jnp.max(positions, axis=-1)
-
-
-def token_rewards(
-  scores: jax.Array,  # [B] the reward model's score of each response
-  kl: jax.Array,  # [B, T] per-token KL estimate against the reference
-  mask: jax.Array,  # [B, T]
-  *,
-  beta: float | jax.Array,
-) -> jax.Array:
-  """r_t = −β · kl_t on response tokens, plus the score at the last one [B, T]."""
-  mask = _f32(mask)
-  rewards = -beta * _f32(kl) * mask
-  last = last_index(mask)
-  at_last = (jnp.arange(mask.shape[-1]) == last[:, None]) & (last[:, None] >= 0)
-  return rewards + jnp.where(at_last, _f32(scores)[:, None], 0.0)
 
 
 def gae(

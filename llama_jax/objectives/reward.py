@@ -19,8 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Rating names by integer code, as `llama_jax.data.tokenize` encodes them (-1: no rating).
-RATING_NAMES = ("negligibly_better", "slightly_better", "better", "significantly_better")
+from llama_jax.data.records import RATING_CODES
+
+# Rating names by integer code (`llama_jax.data.records.RATING_CODES`; -1: no rating).
+RATING_NAMES = tuple(sorted(RATING_CODES, key=RATING_CODES.get))
 
 # Llama 2's margins m(rating) (Touvron et al. 2023, Table 27).
 MARGIN_TABLES: dict[str, dict[str, float]] = {

@@ -1,79 +1,111 @@
-"""GRPO's jitted pieces on rollout rows (`llama_jax.rollouts.rollout_rows`, the K responses of
-a prompt adjacent): the old and reference log-probs of a rollout, and the update step.
+"""Critic-free policy gradient's jitted pieces on rollout rows (`llama_jax.rollouts`, the K
+responses of a prompt adjacent): GRPO and its variants Dr. GRPO, RLOO and REINFORCE++, which
+differ only in their advantage estimator and loss aggregation (`GRPOConfig`).
 
-    logps = jit(make_logps_fn(config))            # (params, rows) -> ([B, T], [B, T])
-    step = make_train_step(config, optimizer, GRPOConfig(group_size=8))
-    state, metrics = step(state, minibatch)       # rows + old_logp, ref_logp, advantages
+    score = jit(make_score_fn(config, grpo))      # (policy, ref params, rows, scores [N])
+    out, metrics = score(params, ref_params, rows, scores)   # old_logp, ref_logp, advantages
+    step = make_train_step(config, optimizer, grpo)
+    state, metrics = step(state, minibatch)       # rows + out
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
 from llama_jax import sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.objectives import grpo as grpo_obj
-from llama_jax.rollouts import ROW_FIELDS
-from llama_jax.steps.common import Batch, map_microbatches, sums_train_step, token_logprobs
+from llama_jax.objectives import rl
+from llama_jax.objectives.kl import kl_estimate
+from llama_jax.rollouts import ROW_FIELDS, make_logps_fn
+from llama_jax.steps.common import Batch, sums_train_step, token_logprobs
 
 FIELDS = (*ROW_FIELDS, "old_logp", "ref_logp", "advantages")
 
 
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig:
-  """GRPO settings (DeepSeekMath: K = 64, β 0.04, ε 0.2).
+  """Critic-free settings (DeepSeekMath's GRPO: K = 64, β 0.04, ε 0.2).
 
   Attributes:
     group_size: K responses per prompt.
+    advantage: "group" (GRPO), "rloo" or "reinforce_pp" (`objectives.rl`).
     clip_eps: ε of the ratio's lower clip (and the upper one unless `clip_eps_high`).
     clip_eps_high: the upper clip (DAPO's "clip higher", e.g. 0.28); None = clip_eps.
-    beta: coefficient of the k3 KL to the reference in the loss (0 = no reference pass).
+    beta: coefficient of the k3 KL to the reference in the loss.
+    kl_coef: coefficient of the k1 KL to the reference in the reward (RLOO, REINFORCE++).
     scale: "std" divides group-centered rewards by the group's std; "none" does not.
-    aggregation: "sequence_mean" or "token_mean" (`objectives.grpo`).
+    aggregation: "sequence_mean", "token_mean" or "max_length" (`objectives.grpo`).
+    max_length: the divisor of "max_length" (the launchers set generation.max_new_tokens).
     loss_chunk_size: compute log-probs over sequence chunks of this size (0 = at once).
+
+  Dr. GRPO is advantage "group" with scale "none" and aggregation "max_length".
   """
 
   group_size: int = 8
+  advantage: str = "group"
   clip_eps: float = 0.2
   clip_eps_high: float | None = None
   beta: float = 0.04
+  kl_coef: float = 0.0
   scale: str = "std"
   aggregation: str = "sequence_mean"
+  max_length: int = 0
   loss_chunk_size: int = 0
 
   def __post_init__(self):
+    if self.advantage not in rl.ESTIMATORS:
+      raise ValueError(f"grpo advantage={self.advantage!r}; expected one of {rl.ESTIMATORS}")
     if self.scale not in grpo_obj.SCALES:
       raise ValueError(f"grpo scale={self.scale!r}; expected one of {grpo_obj.SCALES}")
     if self.aggregation not in grpo_obj.AGGREGATIONS:
       raise ValueError(
         f"grpo aggregation={self.aggregation!r}; expected one of {grpo_obj.AGGREGATIONS}"
       )
+    if self.aggregation == "max_length" and self.max_length < 1:
+      raise ValueError(f"grpo aggregation 'max_length' needs max_length ≥ 1: {self.max_length}")
     if self.group_size < 2:
       raise ValueError(f"grpo group_size={self.group_size}: a group needs two responses")
 
+  @property
+  def uses_reference(self) -> bool:
+    """Whether anything reads the reference's log-probs (else its pass is skipped)."""
+    return self.beta > 0 or self.kl_coef > 0
 
-def make_logps_fn(
+
+def make_score_fn(
   config: LlamaConfig,
-  chunk_size: int = 0,
+  grpo: GRPOConfig,
   *,
   mesh: Mesh | None = None,
   rules: sharding.Rules = sharding.DEFAULT_RULES,
   micro_batches: int = 1,
 ):
-  """`logps(params, rows) -> (logp, entropy)`, each [B, T]: log-probs of the rows' targets
-  and the entropy of the model's distribution at each position (policy or reference),
-  `micro_batches` row-blocks at a time."""
+  """`score(policy_params, ref_params, rows, scores [N]) -> (out, metrics)`: the rollout's
+  old and reference log-probs and per-token advantages (`out`, each [N, T]) and the shared
+  scoring metrics (`objectives.rl.score_metrics`), the log-prob passes `micro_batches`
+  row-blocks at a time. Not jitted."""
+  logps = make_logps_fn(
+    config, grpo.loss_chunk_size, mesh=mesh, rules=rules, micro_batches=micro_batches
+  )
 
-  def logps(params, rows: Batch):
-    rows = {k: rows[k] for k in ("tokens", "positions", "segment_ids", "targets")}
-    fn = lambda b: token_logprobs(config, params, b, chunk_size, with_entropy=True)
-    with sharding.activation_sharding(mesh, rules):
-      return map_microbatches(fn, rows, micro_batches)
+  def score(policy_params, ref_params, rows: Batch, scores):
+    mask = rows["response_mask"].astype(jnp.float32)
+    logp, entropy = logps(policy_params, rows)
+    ref_logp = logps(ref_params, rows)[0] if grpo.uses_reference else logp
+    kl = kl_estimate(logp, ref_logp, "k1") * mask
+    advantages = rl.advantages(
+      grpo.advantage, scores, kl, mask,
+      group_size=grpo.group_size, kl_coef=grpo.kl_coef, scale=grpo.scale,
+    )  # fmt: skip
+    out = {"old_logp": logp, "ref_logp": ref_logp, "advantages": advantages}
+    return out, rl.score_metrics(scores, kl, entropy, mask)
 
-  return logps
+  return score
 
 
 def make_train_step(
@@ -85,8 +117,8 @@ def make_train_step(
   rules: sharding.Rules = sharding.DEFAULT_RULES,
   grad_accum_steps: int = 1,
 ):
-  """`train_step(state, minibatch) -> (state, metrics)`: one GRPO update (loss, kl,
-  policy/clipfrac, grad_norm, ...)."""
+  """`train_step(state, minibatch) -> (state, metrics)`: one clipped-ratio update (loss/policy,
+  loss/kl, policy/clipfrac, policy/approxkl, grad_norm, ...)."""
 
   def sums_fn(params, batch):
     logp = token_logprobs(config, params, batch, grpo.loss_chunk_size)
@@ -100,6 +132,7 @@ def make_train_step(
       clip_eps_high=grpo.clip_eps_high,
       beta=grpo.beta,
       aggregation=grpo.aggregation,
+      max_length=grpo.max_length,
     )
 
   return sums_train_step(

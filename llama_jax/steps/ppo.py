@@ -1,6 +1,6 @@
 """PPO's jitted pieces on rollout rows (`llama_jax.rollouts.rollout_rows`): scoring and
 advantages, the policy update and the value update, each its own function so it can be
-tested, profiled and sharded on its own (`llama_jax.online.ppo_iteration` strings them).
+tested, profiled and sharded on its own (`llama_jax.online.PPO` plugs them into the driver).
 
     score = jit(make_score_fn(policy_cfg, value_cfg, ppo))
     out, metrics = score(policy_params, ref_params, value_params, rows, scores, kl_coef)
@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 from llama_jax import sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.objectives import ppo as ppo_obj
+from llama_jax.objectives import rl
 from llama_jax.objectives.kl import KINDS, kl_estimate
 from llama_jax.reward_model import RewardModel
 from llama_jax.rollouts import ROW_FIELDS
@@ -80,7 +81,8 @@ def make_score_fn(
 ):
   """`score(policy_params, ref_params, value_params, rows, scores [B], kl_coef) -> (out,
   metrics)`: the rollout's old log-probs, values, per-token rewards, advantages and returns
-  (`out`, each [B, T]), plus objective/* metrics. Not jitted."""
+  (`out`, each [B, T]), plus the shared scoring metrics (`objectives.rl.score_metrics`) and
+  value/*. Not jitted."""
 
   def score(policy_params, ref_params, value_params, rows: Batch, scores, kl_coef):
     mask = rows["response_mask"].astype(jnp.float32)
@@ -95,14 +97,10 @@ def make_score_fn(
     advantages, returns = ppo_obj.gae(rewards, values, mask, gamma=ppo.gamma, lam=ppo.lam)
     if ppo.whiten_advantages:
       advantages = ppo_obj.masked_whiten(advantages, mask)
-    sequence_kl = jnp.sum(kl, axis=1)
     out = {"old_logp": logp, "old_values": values, "advantages": advantages, "returns": returns}
-    metrics = {
-      "objective/kl": jnp.mean(sequence_kl),
-      "objective/kl_per_token": ppo_obj.masked_mean(kl, mask),
-      "objective/entropy": ppo_obj.masked_mean(entropy, mask),
-      "objective/scores": jnp.mean(scores),
-      "objective/non_score_reward": -kl_coef * jnp.mean(sequence_kl),
+    metrics = rl.score_metrics(scores, kl, entropy, mask)
+    metrics |= {
+      "objective/non_score_reward": -kl_coef * metrics["objective/kl"],
       "value/explained_variance": ppo_obj.explained_variance(values, returns, mask),
       "value/mean": ppo_obj.masked_mean(values, mask),
     }

@@ -14,14 +14,13 @@ whole batch, so the update equals one step on all B rows.
 
 Evaluation: `make_eval_step` returns each row's rewards, `evaluate` gathers a full pass on
 the host, `eval_metrics` reports accuracy overall and per rating bucket (the shape of the
-Llama 2 tables), reward mean / std / quantiles, and `plot_score_distribution` draws the
-score histograms.
+Llama 2 tables) and reward mean / std / quantiles;
+`llama_jax.metrics.plot_score_distribution` draws the score histograms.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -30,6 +29,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from llama_jax import metrics as metrics_lib
 from llama_jax import reward_model, sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.data import ranking
@@ -140,13 +140,6 @@ def evaluate(eval_step, params: Any, batches: Iterable[Batch]) -> dict[str, np.n
   return {k: v[keep] for k, v in rows.items()}
 
 
-def _chosen_rejected(rewards: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Rewards of each row's chosen and rejected responses: its last two present ones."""
-  num = present.sum(axis=1)
-  rows = np.arange(len(rewards))
-  return rewards[rows, num - 2], rewards[rows, num - 1]
-
-
 def eval_metrics(
   rows: Mapping[str, np.ndarray], *, margins: str = "none", centering: float = 0.0
 ) -> dict[str, float]:
@@ -163,7 +156,7 @@ def eval_metrics(
     jnp.asarray(rewards), jnp.asarray(present), row_margins, centering=centering
   )
   out = {k: float(v) for k, v in pair_metrics.items() if k != "centering" or centering}
-  chosen, rejected = _chosen_rejected(rewards, present)
+  chosen, rejected = ranking.chosen_rejected(rewards, present)
   correct = chosen > rejected
   out["accuracy/chosen_rejected"] = float(correct.mean())
   for code, name in enumerate(reward_obj.RATING_NAMES):
@@ -181,36 +174,8 @@ def eval_metrics(
   return out
 
 
-def plot_score_distribution(path: str | Path, rows: Mapping[str, np.ndarray]) -> Path:
-  """PNG of the reward distribution: chosen vs rejected (and edited) scores, and the
-  chosen − rejected margin per rating bucket."""
-  # Agg canvas without pyplot, as `llama_jax.metrics.plot_metrics` (no global backend).
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-
-  rewards, present = rows["rewards"], rows["present"].astype(bool)
-  chosen, rejected = _chosen_rejected(rewards, present)
-  edited = rewards[present.sum(axis=1) == 3, 0]
-  fig = Figure(figsize=(10, 3.5), layout="constrained")
-  FigureCanvasAgg(fig)
-  left, right = fig.subplots(1, 2)
-  bins = np.linspace(rewards[present].min(), rewards[present].max() + 1e-6, 40)
-  for values, label in ((chosen, "chosen"), (rejected, "rejected"), (edited, "edited")):
-    if len(values):
-      left.hist(values, bins=bins, alpha=0.5, label=f"{label} ({len(values)})")
-  left.set_title("reward per response")
-  left.legend()
-  margins = chosen - rejected
-  bins = np.linspace(margins.min(), margins.max() + 1e-6, 30)
-  for code, name in reversed(list(enumerate(reward_obj.RATING_NAMES))):
-    bucket = rows["rating"] == code
-    if bucket.any():
-      right.hist(margins[bucket], bins=bins, alpha=0.5, label=f"{name} ({bucket.sum()})")
-  right.axvline(0.0, color="black", lw=0.8)
-  right.set_title("chosen − rejected per rating")
-  right.legend(fontsize="small")
-  fig.savefig(path, dpi=100)
-  return Path(path)
+# Re-exported: the plot moved to `llama_jax.metrics` (plotting is no step's business).
+plot_score_distribution = metrics_lib.plot_score_distribution
 
 
 def bucket_table(metrics: Mapping[str, float]) -> str:

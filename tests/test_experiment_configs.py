@@ -1,0 +1,111 @@
+"""Experiment configs: sections derived from the library's dataclasses, and strict keys."""
+
+import dataclasses
+import importlib
+
+import ml_collections
+import pytest
+
+from experiments import common
+from experiments.configs import base
+from llama_jax.steps.dpo import DPOConfig
+from llama_jax.train_state import OptimizerConfig
+from llama_jax.trainer import LoopConfig
+
+STAGES = ("pretrain", "sft", "reward_model", "dpo", "rejection_sampling", "generate",
+          "llama3_recipe", "llama2_recipe", "ppo", "grpo")  # fmt: skip
+
+
+def _defaults(cls, drop=()):
+  return {f.name: f.default for f in dataclasses.fields(cls)
+          if f.name not in drop and f.default is not dataclasses.MISSING}  # fmt: skip
+
+
+def test_sections_are_derived_from_the_dataclass_defaults():
+  cfg = base.lm_config()
+  assert cfg.optimizer.to_dict() == _defaults(OptimizerConfig) | {"total_steps": 0}
+  loop = _defaults(LoopConfig)
+  assert {k: cfg.train[k] for k in loop} == loop | {"checkpoint_every": 500}
+  dpo = importlib.import_module("experiments.configs.dpo").dpo_config().dpo.to_dict()
+  assert {k: dpo[k] for k in _defaults(DPOConfig, drop=("loss_chunk_size",))} == (
+    _defaults(DPOConfig, drop=("loss_chunk_size",)) | {"nll_coef": 0.2}
+  )
+  # Each section builds its dataclass as is.
+  common.optimizer_config(cfg.optimizer, 10_000)
+  common.loop_config(cfg.train)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_variant_has_the_reference_keys(stage):
+  """Variants change values, never keys: the default variant is a valid reference."""
+  module = importlib.import_module(f"experiments.configs.{stage}")
+  with pytest.raises(ValueError, match="known: ") as e:
+    module.get_config("no such variant")
+  variants = [v.strip(" '[]") for v in str(e.value).split("known: ")[1].split(",")]
+  for variant in variants:
+    common.check_config(module.get_config(variant), common.reference_config(stage))
+
+
+def _sft(**updates):
+  cfg = common.reference_config("sft").to_dict()
+  for path, value in updates.items():
+    section, key = path.split(".")
+    cfg[section][key] = value
+  return ml_collections.ConfigDict(cfg)
+
+
+def test_unknown_key_names_section_key_and_closest():
+  cfg = _sft(**{"optimizer.learning_rte": 1e-4})
+  with pytest.raises(common.ConfigError, match=r"config.optimizer has no key 'learning_rte'; "
+                     r"did you mean 'learning_rate'\?"):  # fmt: skip
+    common.check_config(cfg, common.reference_config("sft"))
+  with pytest.raises(common.ConfigError, match="config.model has no key 'num_layer'"):
+    common.check_config(_sft(**{"model.num_layer": 2}), common.reference_config("sft"))
+
+
+@pytest.mark.parametrize(
+  "path, value, ok",
+  [("optimizer.learning_rate", "1e-4", False), ("optimizer.learning_rate", 1, True),
+   ("train.num_steps", 2.5, False), ("train.async_checkpoint", 1, False),
+   ("data.eval_split", None, True), ("model.eos_token_id", [1, 2], True)],
+)  # fmt: skip
+def test_value_types_follow_the_reference(path, value, ok):
+  cfg = _sft(**{path: value})
+  if ok:
+    common.check_config(cfg, common.reference_config("sft"))
+  else:
+    with pytest.raises(common.ConfigError, match=f"config.{path}="):
+      common.check_config(cfg, common.reference_config("sft"))
+
+
+@pytest.mark.parametrize("module", ["lm", "dpo", "reward_model", "rejection_sampling", "generate"])
+def test_run_and_programs_refuse_a_misspelled_key_before_compiling(module, tmp_path):
+  stage = {"lm": "sft"}.get(module, module)
+  cfg = common.reference_config(stage)
+  cfg.train = cfg.get("train") or ml_collections.ConfigDict()
+  cfg.mesh.fsdq = 2
+  experiment = importlib.import_module(f"experiments.{module}")
+  with pytest.raises(
+    common.ConfigError, match="config.mesh has no key 'fsdq'; did you mean 'fsdp'"
+  ):
+    experiment.run(cfg, str(tmp_path))
+  with pytest.raises(common.ConfigError, match="'fsdq'"):
+    experiment.programs(cfg, None, None)
+
+
+@pytest.mark.parametrize("recipe", ["llama3_recipe", "llama2_recipe"])
+def test_recipes_refuse_a_misspelled_stage_key(recipe, tmp_path):
+  cfg = common.reference_config(recipe)
+  cfg.sft.optimizer.warmup_step = 3
+  with pytest.raises(common.ConfigError, match="config.sft.optimizer has no key 'warmup_step'"):
+    importlib.import_module(f"experiments.{recipe}").run(cfg, str(tmp_path))
+
+
+@pytest.mark.parametrize("recipe", ["llama3_recipe", "llama2_recipe"])
+def test_recipe_sections_have_their_stage_keys(recipe):
+  """Each stage a recipe runs gets its section, which its stage's `run` checks."""
+  from experiments import compile_check
+
+  for section, kind, stage in compile_check.recipe_stages(common.reference_config(recipe)):
+    if kind != "evaluation":  # the recipe's own `eval` section, checked with the recipe
+      common.check_config(stage, common.reference_config(kind), f"config.{section}")
