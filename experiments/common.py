@@ -29,6 +29,7 @@ from llama_jax.data import (
   make_eval_pipeline,
   make_pipeline,
   make_tokenize_fn,
+  ranking,
 )
 from llama_jax.tokenizer import Tokenizer, load_tokenizer, tiny_tokenizer
 from llama_jax.train_state import OptimizerConfig
@@ -175,6 +176,22 @@ def load_records(cfg: ml_collections.ConfigDict, split: str):
   raise ValueError(f"data.source={cfg.source!r}; expected 'bundled' or 'tfds'")
 
 
+def _names(csv: str) -> tuple[str, ...]:
+  return tuple(s.strip() for s in csv.split(",") if s.strip())
+
+
+def load_preference_records(cfg: ml_collections.ConfigDict, split: str, ratings: str) -> list:
+  """The split's preference records of the configured concerns and the given ratings (the
+  first `max_records` of them, if set): the data of reward-model training and DPO."""
+  records = load_records(cfg, split)
+  kept = ranking.filter_records(records, concerns=_names(cfg.concerns), ratings=_names(ratings))
+  kept = kept[: cfg.max_records] if cfg.get("max_records") else kept
+  if not kept:
+    raise ValueError(f"no {split} records with concerns={cfg.concerns!r} and ratings={ratings!r}")
+  log.info("%s: %d of %d preference records", split, len(kept), len(records))
+  return kept
+
+
 def from_section(cls, section: ml_collections.ConfigDict, **extra):
   """The dataclass `cls` from the config section's fields of the same names (a section may
   hold other keys, read elsewhere: `check_config` is what refuses unknown ones)."""
@@ -212,6 +229,15 @@ def make_eval_batches(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, mesh
 def optimizer_config(cfg: ml_collections.ConfigDict, num_steps: int) -> OptimizerConfig:
   """`optimizer` section; its total_steps 0 means the run length."""
   return OptimizerConfig(**(cfg.to_dict() | {"total_steps": cfg.total_steps or num_steps}))
+
+
+def train_optimizer_config(cfg: ml_collections.ConfigDict, num_steps: int) -> OptimizerConfig:
+  """`optimizer_config` of a whole experiment config; with `train.warmup_fraction` the warmup
+  is that share of the run (reward-model training, DPO)."""
+  opt = optimizer_config(cfg.optimizer, num_steps)
+  if cfg.train.warmup_fraction:
+    opt = dataclasses.replace(opt, warmup_steps=round(cfg.train.warmup_fraction * num_steps))
+  return opt
 
 
 def loop_config(cfg: ml_collections.ConfigDict) -> LoopConfig:

@@ -29,7 +29,6 @@ from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec
 
 from experiments import common
-from experiments.reward_model import load_records, optimizer_config
 from llama_jax import aot, sharding, workdirs
 from llama_jax import train_state as ts
 from llama_jax.data import Indexed, make_pair_pipeline
@@ -120,7 +119,7 @@ def build_steps(cfg, model_cfg, mesh, num_steps: int, reference: str | None = No
   config's) on `mesh`: what `run` trains with and `programs` compiles ahead of time."""
   dpo = dpo_config(cfg)
   reference = reference or cfg.dpo.reference
-  opt_cfg = optimizer_config(cfg, num_steps)
+  opt_cfg = common.train_optimizer_config(cfg, num_steps)
   optimizer = ts.make_optimizer(opt_cfg)
   shardings = ts.state_shardings(model_cfg, optimizer, mesh)
   if reference == "precomputed":
@@ -202,9 +201,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   else:
     ref_params = jax.tree.map(lambda x: x.copy(), params)
 
-  splits = {"train": load_records(cfg.data, cfg.data.train_split, cfg.data.train_ratings)}
+  splits = {
+    "train": common.load_preference_records(cfg.data, cfg.data.train_split, cfg.data.train_ratings)
+  }
   if cfg.data.eval_split:
-    splits["eval"] = load_records(cfg.data, cfg.data.eval_split, cfg.data.eval_ratings)
+    splits["eval"] = common.load_preference_records(
+      cfg.data, cfg.data.eval_split, cfg.data.eval_ratings
+    )
   pipeline_cfg = common.pipeline_config(cfg.data)
   pipeline = lambda records, **kw: make_pair_pipeline(
     Indexed(records), tokenizer, pipeline_cfg, mesh=mesh, **kw

@@ -22,25 +22,20 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
-from llama_jax import aot, sharding
-from llama_jax.data.scoring import check_answer
+from llama_jax import aot, scorers, sharding
 from llama_jax.generation import (
   Generation,
   GenerationConfig,
   SamplingConfig,
   generate,
-  score_candidates,
+  select_best,
 )
 from llama_jax.generation.decode import abstract_decode_args, make_decode_fn
 
 log = logging.getLogger(__name__)
 
 SAMPLES_FILE = "samples.jsonl"
-SCORERS = {
-  "check_answer": lambda records, responses: [
-    check_answer(r, y) for r, y in zip(records, responses, strict=True)
-  ],
-}
+SCORERS: dict[str, scorers.Scorer] = {"check_answer": scorers.check_answer}
 
 
 def prompt_records(cfg: ml_collections.ConfigDict) -> list[dict[str, Any]]:
@@ -152,7 +147,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     start = len(rows)
     seconds += batch_seconds
     num_tokens += int(out.mask.sum())
-    batch_scores = score_candidates(SCORERS[cfg.scorer], batch, out.texts) if cfg.scorer else None
+    selection = select_best(SCORERS[cfg.scorer], batch, out.texts) if cfg.scorer else None
     for i, record in enumerate(batch):
       row = {
         "id": record.get("id", start + i),
@@ -161,9 +156,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         "num_tokens": out.mask[i].sum(-1).tolist(),
         "logprob": (out.model_logprobs[i] * out.mask[i]).sum(-1).tolist(),
       }
-      if batch_scores is not None:
-        row |= {"scores": batch_scores[i].tolist(), "best": int(batch_scores[i].argmax())}
-        scores.append(batch_scores[i])
+      if selection is not None:
+        row |= {"scores": selection.scores[i].tolist(), "best": int(selection.best_index[i])}
+        scores.append(selection.scores[i])
       rows.append(row)
 
   summary = {

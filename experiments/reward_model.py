@@ -38,30 +38,6 @@ log = logging.getLogger(__name__)
 SCORES_PLOT = "reward_scores.png"
 
 
-def _names(csv: str) -> tuple[str, ...]:
-  return tuple(s.strip() for s in csv.split(",") if s.strip())
-
-
-def load_records(cfg: ml_collections.ConfigDict, split: str, ratings: str) -> list:
-  """The split's preference records of the configured concerns and the given ratings (the
-  first `max_records` of them, if set)."""
-  records = common.load_records(cfg, split)
-  kept = ranking.filter_records(records, concerns=_names(cfg.concerns), ratings=_names(ratings))
-  kept = kept[: cfg.max_records] if cfg.get("max_records") else kept
-  if not kept:
-    raise ValueError(f"no {split} records with concerns={cfg.concerns!r} and ratings={ratings!r}")
-  log.info("%s: %d of %d preference records", split, len(kept), len(records))
-  return kept
-
-
-def optimizer_config(cfg: ml_collections.ConfigDict, num_steps: int) -> ts.OptimizerConfig:
-  """`optimizer` section; with `train.warmup_fraction` the warmup is that share of the run."""
-  opt = common.optimizer_config(cfg.optimizer, num_steps)
-  if cfg.train.warmup_fraction:
-    opt = dataclasses.replace(opt, warmup_steps=round(cfg.train.warmup_fraction * num_steps))
-  return opt
-
-
 def make_eval_fn(batches_fn, eval_step, cfg: ml_collections.ConfigDict, workdir: str):
   """`state -> metrics` over one pass of the evaluation split; also draws the histograms."""
 
@@ -92,7 +68,7 @@ class RMSteps:
 def build_steps(cfg: ml_collections.ConfigDict, model_cfg, mesh, num_steps: int) -> RMSteps:
   """The optimizer and jitted steps of `cfg` on `mesh`: what `run` trains with and
   `programs` compiles ahead of time."""
-  opt_cfg = optimizer_config(cfg, num_steps)
+  opt_cfg = common.train_optimizer_config(cfg, num_steps)
   optimizer = ts.make_optimizer(opt_cfg)
   shardings = reward_model.state_shardings(model_cfg, optimizer, mesh)
   max_responses = ranking.MAX_RESPONSES if cfg.data.use_edited else 2
@@ -149,7 +125,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   common.check_fits(model_cfg, cfg, tokenizer, mesh)
   common.write_run_files(workdir, cfg, model_cfg)
 
-  train_records = load_records(cfg.data, cfg.data.train_split, cfg.data.train_ratings)
+  train_records = common.load_preference_records(
+    cfg.data, cfg.data.train_split, cfg.data.train_ratings
+  )
   num_steps = cfg.train.num_steps or cfg.train.epochs * math.ceil(
     len(train_records) / cfg.data.batch_size
   )
@@ -160,7 +138,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   )
   eval_fn = None
   if cfg.data.eval_split:
-    eval_records = load_records(cfg.data, cfg.data.eval_split, cfg.data.eval_ratings)
+    eval_records = common.load_preference_records(
+      cfg.data, cfg.data.eval_split, cfg.data.eval_ratings
+    )
     eval_fn = make_eval_fn(
       lambda: pipeline(eval_records, evaluation=True), steps.eval_step, cfg, workdir
     )

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from llama_jax import sharding
+from llama_jax import scorers, sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.data import scoring
 from llama_jax.generation import GenerationConfig, SamplingConfig, generate
@@ -60,8 +60,9 @@ def check_metrics(records: Sequence[dict[str, Any]], answers: Sequence[str]) -> 
   """`scoring.evaluate`'s rates plus `accuracy/<task>` for each task label."""
   metrics = scoring.evaluate(records, answers)
   by_task: dict[str, list[float]] = collections.defaultdict(list)
-  for record, answer in zip(records, answers, strict=True):
-    by_task[record.get("task") or "other"].append(scoring.check_answer(record, answer))
+  correct = scorers.score(scorers.check_answer, records, answers)
+  for record, c in zip(records, correct, strict=True):
+    by_task[record.get("task") or "other"].append(float(c))
   return metrics | {f"accuracy/{t}": float(np.mean(s)) for t, s in sorted(by_task.items())}
 
 
@@ -152,8 +153,9 @@ def evaluate_policy(
       config, params, ref_params, tokenizer, prompts,
       max_new_tokens=max_new_tokens, batch_size=batch_size, mesh=mesh, seed=seed,
     )  # fmt: skip
+  correct = scorers.check_answer(records, prompts, answers)
   samples = [
-    {"prompt": r["prompt"], "response": a, "correct": scoring.check_answer(r, a)}
-    for r, a in zip(records, answers, strict=True)
+    {"prompt": r["prompt"], "response": a, "correct": c}
+    for r, a, c in zip(records, answers, correct, strict=True)
   ]
   return metrics, samples

@@ -8,7 +8,8 @@ Every iteration is the same five steps, whatever the algorithm:
 
     sample     `gen.num_samples` responses per prompt (`rollouts.sample_rollout`), key folded
                from the seed and the iteration, so a resumed run samples what it would have
-    score      the reward function `(records, prompts, responses) -> scores [N]`, plus
+    score      the reward function, a `llama_jax.scorers.Scorer` `(records, prompts,
+               responses) -> scores [N]` (checked by `scorers.score`), plus
                `no_eos_penalty` for responses cut off without a stop token
     advantages `algorithm.score(state, ref_params, rows, scores) -> (arrays, metrics)`, one
                jitted pass: old (and reference) log-probs, advantages, value targets
@@ -40,10 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from llama_jax import scorers
 from llama_jax.config import LlamaConfig
 from llama_jax.generation import GenerationConfig
 from llama_jax.objectives import ppo as ppo_obj
-from llama_jax.rollouts import RewardFn, Rollout, sample_rollout
+from llama_jax.rollouts import Rollout, sample_rollout
+from llama_jax.scorers import Scorer
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.train_state import TrainState
 from llama_jax.trainer import fit
@@ -212,7 +215,7 @@ def mean_metrics(per_step: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 def make_iteration(
   algorithm: Algorithm,
   sampler: Sampler,
-  reward_fn: RewardFn,
+  reward_fn: Scorer,
   ref_params: Any,
   *,
   num_minibatches: int,
@@ -228,9 +231,7 @@ def make_iteration(
     rollout = sampler(state.policy.params, batch["records"], jax.random.fold_in(
       jax.random.key(seed), step))  # fmt: skip
     t0 = time.perf_counter()
-    records = rollout.records
-    raw = reward_fn(records, [r["prompt"] for r in records], rollout.texts)
-    raw = np.asarray(raw, np.float32)
+    raw = scorers.score(reward_fn, rollout.records, rollout.texts).astype(np.float32)
     scores = raw + np.float32(no_eos_penalty) * (~rollout.stopped)
     arrays, score_metrics = algorithm.score(state, ref_params, rollout.rows, scores)
     arrays = rollout.rows | jax.device_get(dict(arrays))

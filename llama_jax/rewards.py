@@ -6,6 +6,9 @@ whitening, and the scorer objects that PPO (or rejection sampling) calls.
     scorer = Llama2Scorer(helpful, safety, whitening="running")
     rewards = scorer(prompts, responses, is_safety=flags)  # np.float32 [N]
 
+`llama_jax.scorers` adapts them to the project's scorer signature `(records, prompts,
+responses) -> scores` (`scorers.build_scorer("llama2", tokenizer, helpful=..., safety=...)`).
+
 Llama 2 (Touvron et al. 2023, section 3.2.3), with R_h, R_s the two models' σ-scores in (0, 1):
 
     R_c = R_s  if is_safety(p) or R_s < 0.15  else R_h

@@ -3,7 +3,7 @@
     prompts = PromptIterator(records, batch_size=64, seed=0)     # resumable, endless
     rollout = sample_rollout(config, params, tokenizer, records, key, gen)   # rows [B·R, T]
     logp, entropy = jit(make_logps_fn(config))(params, rollout.rows)        # [B·R, T] each
-    scores = reward_fn(rollout.records, prompts, rollout.texts)             # [B·R]
+    scores = scorers.score(scorer, rollout.records, rollout.texts)        # [B·R]
 
 `sample_rollout` + `make_logps_fn` are the one path from prompts to per-token log-probs:
 online RL scores its rollouts with them and `llama_jax.evaluation.sampled_kl` its KL.
@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -30,15 +30,11 @@ from jax.sharding import Mesh
 
 from llama_jax import sharding
 from llama_jax.config import LlamaConfig
-from llama_jax.data import scoring
 from llama_jax.generation import GenerationConfig, encode_prompt, generate_tokens, response_text
 from llama_jax.steps.common import Batch, map_microbatches, token_logprobs
 from llama_jax.tokenizer import Tokenizer
 
 ROW_FIELDS = ("tokens", "positions", "segment_ids", "targets", "response_mask")
-# The project's scorer signature: `(records, prompts, responses) -> scores [N]`, flat aligned
-# lists (prompts[i] is records[i]["prompt"]).
-RewardFn = Callable[[Sequence[dict[str, Any]], Sequence[Any], Sequence[str]], Sequence[float]]
 
 
 class PromptIterator:
@@ -113,17 +109,6 @@ def ended_with_stop(tokens: np.ndarray, mask: np.ndarray, stop_ids: Sequence[int
   lengths = mask.sum(-1)
   last = np.take_along_axis(tokens, np.maximum(lengths - 1, 0)[..., None], -1)[..., 0]
   return (lengths > 0) & np.isin(last, np.asarray(stop_ids))
-
-
-def check_answer_reward(
-  records: Sequence[dict[str, Any]], prompts: Sequence[Any], responses: Sequence[str]
-) -> list[float]:
-  """1 for a right answer, 0 otherwise (`llama_jax.data.scoring.check_answer`)."""
-  del prompts  # the records hold the references
-  return [scoring.check_answer(r, y) for r, y in zip(records, responses, strict=True)]
-
-
-REWARD_FUNCTIONS: dict[str, RewardFn] = {"check_answer": check_answer_reward}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -112,15 +112,13 @@ def test_abstract_batches_match_the_pipelines():
   with common.make_train_pipeline(cfg.data, tokenizer, mesh) as it:
     _assert_spec_matches(spec, next(iter(it)))
 
-  from experiments.reward_model import load_records
-
   cfg, mesh, spec = _batch_arg("dpo", "tiny")
-  records = Indexed(load_records(cfg.data, "train", ""))
+  records = Indexed(common.load_preference_records(cfg.data, "train", ""))
   with make_pair_pipeline(records, tokenizer, common.pipeline_config(cfg.data), mesh=mesh) as it:
     _assert_spec_matches(spec, next(iter(it)))
 
   cfg, mesh, spec = _batch_arg("reward_model", "tiny_llama3")
-  records = load_records(cfg.data, "train", "")
+  records = common.load_preference_records(cfg.data, "train", "")
   with ranking.make_ranking_pipeline(records, tokenizer, common.pipeline_config(cfg.data),
                                      use_edited=cfg.data.use_edited, mesh=mesh) as it:  # fmt: skip
     _assert_spec_matches(spec, next(iter(it)))

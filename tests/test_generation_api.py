@@ -15,7 +15,13 @@ from experiments.configs import generate as generate_configs
 from llama_jax import LlamaConfig
 from llama_jax.checkpoint import orbax as ckpt_lib
 from llama_jax.checkpoint import save_hf_checkpoint
-from llama_jax.generation import best_of_k, generate, response_text, score_candidates
+from llama_jax.generation import (
+  best_of_k,
+  generate,
+  response_text,
+  score_candidates,
+  select_best,
+)
 from llama_jax.model import init_params
 from llama_jax.tokenizer import render_chat, tiny_tokenizer
 
@@ -86,8 +92,8 @@ def test_best_of_k_keeps_the_highest_score(tiny, chat_generation):
   config, params, tokenizer = tiny
   calls = []
 
-  def longest(prompts, responses):  # a real programmatic scorer: prefer longer answers
-    calls.append((list(prompts), list(responses)))
+  def longest(records, prompts, responses):  # a real programmatic scorer: prefer longer answers
+    calls.append((list(records), list(prompts), list(responses)))
     return [float(len(r)) for r in responses]
 
   result = best_of_k(
@@ -95,7 +101,8 @@ def test_best_of_k_keeps_the_highest_score(tiny, chat_generation):
   )  # fmt: skip
   # Same key and options as `chat_generation`: the same compiled function, the same samples.
   assert result.candidates == chat_generation.texts
-  assert calls[0][0] == [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3
+  assert calls[0][1] == [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3
+  assert calls[0][0] == [{"prompt": p} for p in calls[0][1]]  # records default to the prompt
   assert result.scores.shape == (2, 3)
   for b in range(2):
     lengths = [len(t) for t in result.candidates[b]]
@@ -105,11 +112,28 @@ def test_best_of_k_keeps_the_highest_score(tiny, chat_generation):
 
 
 def test_scorer_mistakes_fail_loudly():
-  prompts, candidates = ["a", "b"], [["x", "yy"], ["z", "w"]]
+  records, candidates = [{"prompt": "a"}, {"prompt": "b"}], [["x", "yy"], ["z", "w"]]
   with pytest.raises(ValueError, match="shape \\(3,\\) for 4"):
-    score_candidates(lambda p, r: [1.0, 2.0, 3.0], prompts, candidates)
+    score_candidates(lambda x, p, r: [1.0, 2.0, 3.0], records, candidates)
   with pytest.raises(ValueError, match="returned nan for pair 1"):
-    score_candidates(lambda p, r: [1.0, float("nan"), 0.0, 0.0], prompts, candidates)
+    score_candidates(lambda x, p, r: [1.0, float("nan"), 0.0, 0.0], records, candidates)
+  with pytest.raises(ValueError, match="same number of candidates"):
+    score_candidates(lambda x, p, r: [0.0] * 3, records, [["x", "y"], ["z"]])
+
+
+def test_select_best_takes_the_first_of_tied_maxima():
+  records = [{"prompt": "a", "answer": "yy"}, {"prompt": "b", "answer": "z"}]
+  seen = []
+
+  def by_record(recs, prompts, responses):  # the scorer sees each candidate's record
+    seen.extend(zip([r["answer"] for r in recs], prompts, responses, strict=True))
+    return [float(r["answer"] == y) for r, y in zip(recs, responses, strict=True)]
+
+  out = select_best(by_record, records, [["x", "yy", "yy"], ["q", "w", "e"]])
+  assert seen[:3] == [("yy", "a", "x"), ("yy", "a", "yy"), ("yy", "a", "yy")]
+  assert out.scores.tolist() == [[0.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
+  assert out.best_index.tolist() == [1, 0] and out.best == ["yy", "q"]
+  assert out.generation is None
 
 
 # --------------------------------------------------------------------------- experiment

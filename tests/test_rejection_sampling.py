@@ -12,9 +12,11 @@ from experiments import rejection_sampling as rs
 from experiments.configs import rejection_sampling as configs
 from experiments.configs.base import TINY_MODEL
 from llama_jax import LlamaConfig, reward_model, rewards, sharding
+from llama_jax import rejection_sampling as rs_lib
 from llama_jax import train_state as ts
 from llama_jax.data import load_source
 from llama_jax.data.records import prompt_messages
+from llama_jax.generation import select_best
 from llama_jax.testing import save_workdir
 from llama_jax.tokenizer import tiny_tokenizer
 
@@ -23,7 +25,7 @@ SMALL = dict(num_layers=2, d_model=64, head_dim=16, mlp_dim=128)
 
 def test_expected_best_of_n_equals_the_mean_over_all_subsets():
   scores = np.random.default_rng(0).normal(size=(3, 5))
-  curve = rs.expected_best_of_n(scores)
+  curve = rs_lib.expected_best_of_n(scores)
   for n in range(1, 6):
     brute = np.mean(
       [np.mean([max(row[list(c)]) for c in itertools.combinations(range(5), n)]) for row in scores]
@@ -40,13 +42,101 @@ def test_pool_keeps_the_higher_score_per_prompt_and_every_prompt():
 
   earlier = {"a": entry("old a", 2.0, 1), "b": entry("old b", 0.5, 1), "c": entry("old c", 0.0, 1)}
   current = {"a": entry("new a", 1.0, 2), "b": entry("new b", 0.5, 2), "d": entry("new d", -1.0, 2)}
-  pooled = rs.pool_answers(current, earlier)
+  pooled = rs_lib.pool_answers(current, earlier)
   assert {k: v["response"] for k, v in pooled.items()} == {
     "a": "old a",  # the earlier answer scores higher
     "b": "new b",  # a tie goes to this round
     "c": "old c",  # prompts of earlier rounds only are kept
     "d": "new d",
   }
+
+
+def entry(response, score, round_, prompt="p"):
+  return {"record": {"prompt": prompt}, "response": response, "score": score, "round": round_}
+
+
+def test_round_stats_by_hand():
+  scores = np.array([[1.0, 3.0, 2.0], [0.0, 0.0, 6.0]])
+  stats = rs_lib.round_stats(scores, 3)
+  assert stats["round"] == 3 and stats["prompts"] == 2 and stats["samples_per_prompt"] == 3
+  assert stats["reward/best"] == pytest.approx((3 + 6) / 2)
+  assert stats["reward/median"] == pytest.approx((2 + 0) / 2)
+  assert stats["reward/mean"] == pytest.approx(12 / 6)
+  assert stats["reward/best_minus_median"] == pytest.approx((1 + 6) / 2)
+  # Best of 2 of {1, 2, 3}: pairs' maxima 2, 3, 3 → 8/3; of {0, 0, 6}: 0, 6, 6 → 4.
+  assert stats["best_of_n"] == pytest.approx([2.0, (8 / 3 + 4) / 2, 4.5])
+
+
+def test_round_entries_keep_the_argmax_per_record():
+  records = [{"id": "a", "prompt": "pa"}, {"prompt": "pb"}]
+  selection = select_best(
+    lambda recs, prompts, ys: [float(len(y)) for y in ys], records, [["x", "xyz"], ["yy", "y"]]
+  )
+  samples, entries = rs_lib.round_entries(records, selection, 2)
+  key_b = rs_lib.prompt_key(records[1])
+  assert key_b == json.dumps(prompt_messages("pb"))  # no id: the messages identify it
+  assert [s["key"] for s in samples] == ["a", key_b]
+  assert [s["best"] for s in samples] == [1, 0]
+  assert samples[0]["scores"] == [1.0, 3.0] and samples[1]["responses"] == ["yy", "y"]
+  assert entries == {
+    "a": {"record": records[0], "response": "xyz", "score": 3.0, "round": 2},
+    key_b: {"record": records[1], "response": "yy", "score": 2.0, "round": 2},
+  }
+
+
+def test_merge_pools_keeps_the_best_earlier_entry_and_pool_entry_checks_rows():
+  first = [("a", entry("a1", 1.0, 1)), ("b", entry("b1", 5.0, 1))]
+  second = [("a", entry("a2", 2.0, 2)), ("b", entry("b2", 5.0, 2)), ("c", entry("c2", 0.0, 2))]
+  merged = rs_lib.merge_pools([first, second])
+  assert {k: e["response"] for k, e in merged.items()} == {"a": "a2", "b": "b1", "c": "c2"}
+  row = {"key": "a", **entry("x", 1.0, 1), "extra": 0}
+  assert rs_lib.pool_entry(row) == ("a", entry("x", 1.0, 1))
+  with pytest.raises(ValueError, match="not a pool entry.*score"):
+    rs_lib.pool_entry({"key": "a", "record": {"prompt": "p"}, "response": "x", "round": 1})
+  with pytest.raises(ValueError, match="not a pool entry.*prompt"):
+    rs_lib.pool_entry({"key": "a", **entry("x", 1.0, 1), "record": {}})
+
+
+def test_rescore_uses_the_scorer_once_over_every_entry():
+  calls = []
+
+  def scorer(records, prompts, responses):
+    calls.append(list(responses))
+    return [10.0 * len(y) for y in responses]
+
+  old = {"a": entry("xx", 1.0, 1, "pa"), "b": entry("y", 9.0, 1, "pb")}
+  new = rs_lib.rescore(scorer, old)
+  assert calls == [["xx", "y"]]
+  assert {k: e["score"] for k, e in new.items()} == {"a": 20.0, "b": 10.0}
+  assert new["a"]["response"] == "xx" and new["a"]["round"] == 1 and old["a"]["score"] == 1.0
+  assert rs_lib.rescore(scorer, {}) == {} and len(calls) == 1
+
+
+def test_pool_stats_and_sft_records():
+  current = {"a": entry("new a", 1.0, 2), "b": entry("", 3.0, 2)}
+  earlier = {"a": entry("old a", 2.0, 1), "c": entry("old c", 0.0, 1)}
+  pool = rs_lib.pool_answers(current, earlier)
+  assert rs_lib.pool_stats(pool, current, 2) == {
+    "pool/size": 2,  # old a, old c; b's answer is empty
+    "pool/from_this_round": 0,
+    "pool/earlier_answer_kept": 1,  # a
+    "pool/dropped_empty": 1,
+  }
+  kept = {"record": {"id": "q1", "prompt": "Hi?"}, "response": "Hello.", "score": 1, "round": 1}
+  assert rs_lib.sft_record(kept) == {
+    "id": "q1",
+    "messages": [*prompt_messages("Hi?"), {"role": "assistant", "content": "Hello."}],
+  }
+
+
+def test_check_stats_cover_checkable_records_only():
+  samples = [
+    {"record": {"prompt": "2+2?", "reference": "4"}, "responses": ["4", "5"], "best": 0},
+    {"record": {"prompt": "2+3?", "reference": "5"}, "responses": ["5", "6"], "best": 1},
+    {"record": {"prompt": "chat"}, "responses": ["hi", "yo"], "best": 0},
+  ]
+  assert rs_lib.check_stats(samples) == {"check/best": 0.5, "check/all_samples": 0.5}
+  assert rs_lib.check_stats(samples[2:]) == {}
 
 
 def make_rm_workdir(path, seed):
@@ -149,7 +239,7 @@ def test_the_next_round_pools_every_earlier_answer_rescored(rounds):
     ]
     earlier_kept += key in new and entry["round"] == 1
   assert second["pool/earlier_answer_kept"] == earlier_kept
-  print(rs.stats_table([first, second]), f"earlier answers kept: {earlier_kept}")
+  print(rs_lib.stats_table([first, second]), f"earlier answers kept: {earlier_kept}")
   assert second["round"] == 2
   history = json.loads((root / "round2" / rs.STATS_FILE).read_text())["rounds"]
   assert [h["round"] for h in history] == [1, 2]
@@ -163,6 +253,9 @@ def test_bad_pool_and_scorer_settings_name_the_field(tmp_path):
     rs.read_pool([str(tmp_path)])
   (tmp_path / rs.POOL_FILE).write_text('{"key": "a", "response": "x"}\n')
   (tmp_path / rs.STATS_FILE).write_text('{"round": 1, "rounds": []}')
+  with pytest.raises(ValueError, match=r"pool.jsonl:1: not a pool entry"):
+    rs.read_pool([str(tmp_path)])
+  (tmp_path / rs.POOL_FILE).write_text("{not json\n")
   with pytest.raises(ValueError, match=r"pool.jsonl:1: not a pool entry"):
     rs.read_pool([str(tmp_path)])
   cfg = configs.get_config("tiny")

@@ -122,8 +122,9 @@ def use_preference_data(config: ml_collections.ConfigDict) -> ml_collections.Con
 
 
 def reward_section(kind: str = "reward_model") -> ml_collections.ConfigDict:
-  """How responses are scored (`experiments.rejection_sampling.build_scorer`): kind
-  "reward_model" (the RM workdir in reward_model), "llama2" (Llama 2's combined score of the
+  """How responses are scored (`llama_jax.scorers.build_scorer`, through
+  `experiments.rejection_sampling.build_scorer`): kind "reward_model" (the RM workdir in
+  reward_model), "llama2" (Llama 2's combined score of the
   helpful and safety RM workdirs, safety threshold `threshold`) or "check_answer" (a right
   answer to a bundled rl_prompt scores 1; no reward model). batch_size: rows per RM forward
   pass (a multiple of the mesh's batch axes); whitening: "none", "batch" or "running" (the

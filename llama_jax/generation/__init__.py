@@ -8,11 +8,18 @@ Layers, from arrays to text:
 - `decode`: `GenerationConfig`, `generate_tokens(config, params, prompt_ids, key, gen,
   mesh=None)`: one compiled prefill + `while_loop` decode per prompt-length bucket.
 - `api`: `generate(config, params, tokenizer, prompts, ...)` for texts and chats.
-- `best_of_k`: `best_of_k(config, params, tokenizer, prompts, k, scorer, ...)`.
+- `best_of_k`: `best_of_k(config, params, tokenizer, prompts, k, scorer, ...)` and
+  `select_best(scorer, records, candidates)`, with a `llama_jax.scorers.Scorer`.
 """
 
 from llama_jax.generation.api import Generation, Prompt, encode_prompt, generate, response_text
-from llama_jax.generation.best_of_k import BestOfK, Scorer, best_of_k, score_candidates
+from llama_jax.generation.best_of_k import (
+  BestOfK,
+  Scorer,
+  best_of_k,
+  score_candidates,
+  select_best,
+)
 from llama_jax.generation.decode import (
   GenerationConfig,
   GenerationOutput,
@@ -44,4 +51,5 @@ __all__ = [
   "sample_keys",
   "sampling_logits",
   "score_candidates",
+  "select_best",
 ]

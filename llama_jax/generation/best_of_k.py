@@ -5,24 +5,26 @@
     result.best[i], result.scores[i], result.candidates[i]
 
 The K samples of a prompt share its prefilled KV cache (see `llama_jax.generation.decode`),
-the throughput trick of Llama 3's rejection sampling. A scorer is any function
-`(prompts, responses) -> scores` over flat, aligned lists (each prompt repeated once per
-response): a reward model, or a programmatic check such as
-`llama_jax.data.scoring.check_answer`.
+the throughput trick of Llama 3's rejection sampling. The scorer is a `llama_jax.scorers.Scorer`,
+`(records, prompts, responses) -> scores` over flat, aligned lists (each record repeated once
+per response): a reward model, or a programmatic check such as `llama_jax.scorers.check_answer`.
+`select_best` is the scoring half alone, for samples generated elsewhere (rejection sampling,
+`experiments.generate`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
+from llama_jax import scorers
 from llama_jax.config import LlamaConfig
 from llama_jax.generation.api import Generation, Prompt, generate
+from llama_jax.scorers import Scorer
 from llama_jax.tokenizer import Tokenizer
-
-Scorer = Callable[[Sequence[Prompt], Sequence[str]], Sequence[float]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,33 +36,50 @@ class BestOfK:
     best_index: int [B], which of the K candidates it is.
     candidates: [B][K] every response.
     scores: float [B, K] the scorer's values.
-    generation: the underlying `Generation` (token ids, masks, log-probs [B, K, N]).
+    generation: the underlying `Generation` (token ids, masks, log-probs [B, K, N]), if any.
   """
 
   best: list[str]
   best_index: np.ndarray
   candidates: list[list[str]]
   scores: np.ndarray
-  generation: Generation
+  generation: Generation | None = None
 
 
 def score_candidates(
-  scorer: Scorer, prompts: Sequence[Prompt], candidates: Sequence[Sequence[str]]
+  scorer: Scorer, records: Sequence[dict[str, Any]], candidates: Sequence[Sequence[str]]
 ) -> np.ndarray:
-  """Scores [B, K] of candidates [B][K] with one scorer call over the flattened pairs."""
+  """Scores [B, K] of candidates [B][K] to `records` [B] (each with a "prompt"), with one
+  scorer call over the flattened pairs (`llama_jax.scorers.score`'s checks)."""
   k = len(candidates[0])
-  flat_prompts = [p for p in prompts for _ in range(k)]
+  if any(len(row) != k for row in candidates):
+    raise ValueError(f"best_of_k: every prompt needs the same number of candidates ({k})")
+  flat_records = [r for r in records for _ in range(k)]
   flat_responses = [c for row in candidates for c in row]
-  scores = np.asarray(scorer(flat_prompts, flat_responses), dtype=np.float64)
-  if scores.shape != (len(flat_responses),):
-    raise ValueError(
-      f"best_of_k: the scorer returned shape {scores.shape} for {len(flat_responses)} "
-      "(prompt, response) pairs; expected one score per pair"
-    )
-  if not np.isfinite(scores).all():
-    bad = int(np.flatnonzero(~np.isfinite(scores))[0])
-    raise ValueError(f"best_of_k: the scorer returned {scores[bad]} for pair {bad}")
-  return scores.reshape(len(prompts), k)
+  try:
+    scores = scorers.score(scorer, flat_records, flat_responses)
+  except ValueError as e:
+    raise ValueError(f"best_of_k: {e}") from None
+  return scores.reshape(len(records), k)
+
+
+def select_best(
+  scorer: Scorer,
+  records: Sequence[dict[str, Any]],
+  candidates: Sequence[Sequence[str]],
+  generation: Generation | None = None,
+) -> BestOfK:
+  """Scores candidates [B][K] to `records` [B] and keeps the best per record (the first of
+  tied maxima)."""
+  scores = score_candidates(scorer, records, candidates)
+  best_index = np.argmax(scores, axis=1)
+  return BestOfK(
+    best=[row[i] for row, i in zip(candidates, best_index, strict=True)],
+    best_index=best_index,
+    candidates=[list(row) for row in candidates],
+    scores=scores,
+    generation=generation,
+  )
 
 
 def best_of_k(
@@ -70,6 +89,8 @@ def best_of_k(
   prompts: Sequence[Prompt],
   k: int,
   scorer: Scorer,
+  *,
+  records: Sequence[dict[str, Any]] | None = None,
   **generate_kwargs,
 ) -> BestOfK:
   """Generates `k` responses per prompt, scores them and keeps the best per prompt.
@@ -77,16 +98,14 @@ def best_of_k(
   Args:
     config, params, tokenizer, prompts: as in `generate`.
     k: samples per prompt.
-    scorer: `(prompts, responses) -> scores`, flat aligned lists of B·k pairs.
+    scorer: `(records, prompts, responses) -> scores`, flat aligned lists of B·k pairs.
+    records: [B] what the scorer sees of each prompt (references, labels); default
+      `{"prompt": prompt}`.
     **generate_kwargs: passed to `generate` (temperature, max_new_tokens, key, chat, mesh...).
   """
+  if records is None:
+    records = [{"prompt": p} for p in prompts]
+  elif len(records) != len(prompts):
+    raise ValueError(f"best_of_k: {len(records)} records for {len(prompts)} prompts")
   generation = generate(config, params, tokenizer, prompts, num_samples=k, **generate_kwargs)
-  scores = score_candidates(scorer, prompts, generation.texts)
-  best_index = np.argmax(scores, axis=1)
-  return BestOfK(
-    best=[row[i] for row, i in zip(generation.texts, best_index, strict=True)],
-    best_index=best_index,
-    candidates=generation.texts,
-    scores=scores,
-    generation=generation,
-  )
+  return select_best(scorer, records, generation.texts, generation)
