@@ -21,7 +21,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from llama_jax import LlamaConfig, sharding, workdirs
+from llama_jax import LlamaConfig, lora, sharding, workdirs
 from llama_jax.data import (
   PipelineConfig,
   bundled,
@@ -31,6 +31,7 @@ from llama_jax.data import (
   make_tokenize_fn,
   ranking,
 )
+from llama_jax.model import Llama
 from llama_jax.tokenizer import Tokenizer, load_tokenizer, tiny_tokenizer
 from llama_jax.train_state import OptimizerConfig
 from llama_jax.trainer import LoopConfig
@@ -158,13 +159,45 @@ def model_config(cfg: ml_collections.ConfigDict) -> LlamaConfig:
   return LlamaConfig.preset(cfg.model.preset, **_model_overrides(cfg.model))
 
 
+def lora_config(cfg: ml_collections.ConfigDict) -> lora.LoraConfig | None:
+  """The run's `LoraConfig` (its `lora` section), or None: `lora.rank` 0 trains every
+  weight."""
+  section = cfg.get("lora")
+  return None if section is None or section.rank == 0 else lora.LoraConfig(**section.to_dict())
+
+
+def build_model(cfg: ml_collections.ConfigDict, model_cfg: LlamaConfig) -> Llama:
+  """The trained LM: `Llama(model_cfg)`, with the config's LoRA adapters if it has any."""
+  return Llama(model_cfg, lora=lora_config(cfg))
+
+
+def trainable(cfg: ml_collections.ConfigDict):
+  """The optimizer's `trainable` mask function (`train_state.make_optimizer`): only the
+  adapters (and heads) under LoRA, else None (everything)."""
+  return None if lora_config(cfg) is None else lora.trainable_mask
+
+
+def add_adapters(cfg: ml_collections.ConfigDict, model, params, mesh):
+  """`params` (loaded or fresh weights of the plain model) with fresh LoRA adapters of
+  `model` beside them, if the config trains adapters; else `params` unchanged."""
+  if lora_config(cfg) is None:
+    return params
+  rng = jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 7)  # not the step key's stream
+  return sharding.init_missing(model, params, rng, mesh)
+
+
 def write_run_files(workdir: str, cfg: ml_collections.ConfigDict, model_cfg: LlamaConfig) -> None:
-  """Writes `experiment_config.json` and `model_config.json` (what later stages load)."""
+  """Writes `experiment_config.json` and `model_config.json` (what later stages load), and
+  `lora_config.json` for a run that trains LoRA adapters (`workdirs.load_model` merges them)."""
   if jax.process_index() != 0:
     return
   os.makedirs(workdir, exist_ok=True)
   Path(workdir, "experiment_config.json").write_text(cfg.to_json_best_effort(indent=2))
   Path(workdir, MODEL_CONFIG_FILE).write_text(json.dumps(model_cfg.to_dict(), indent=2))
+  adapters = lora_config(cfg)
+  if adapters is not None:
+    text = json.dumps(dataclasses.asdict(adapters), indent=2)
+    Path(workdir, workdirs.LORA_CONFIG_FILE).write_text(text)
 
 
 def load_records(cfg: ml_collections.ConfigDict, split: str):

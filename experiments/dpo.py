@@ -107,6 +107,7 @@ def reference_step(cfg, model_cfg, dpo: dpo_steps.DPOConfig, mesh):
 class DPOSteps:
   """The compiled functions of a DPO run (`build_steps`)."""
 
+  model: Any  # the policy module (LoRA adapters if configured)
   optimizer: optax.GradientTransformation
   abstract_state: ts.TrainState
   train_step: Any  # jitted (state, batch, table or reference params) -> (state, metrics)
@@ -120,24 +121,26 @@ def build_steps(cfg, model_cfg, mesh, num_steps: int, reference: str | None = No
   dpo = dpo_config(cfg)
   reference = reference or cfg.dpo.reference
   opt_cfg = common.train_optimizer_config(cfg, num_steps)
-  optimizer = ts.make_optimizer(opt_cfg)
-  shardings = ts.state_shardings(model_cfg, optimizer, mesh)
+  optimizer = ts.make_optimizer(opt_cfg, trainable=common.trainable(cfg))
+  model = common.build_model(cfg, model_cfg)  # the policy; the reference is plain `model_cfg`
+  shardings = ts.state_shardings(model, optimizer, mesh)
   if reference == "precomputed":
     frozen_sharding = NamedSharding(mesh, PartitionSpec())
   else:
     frozen_sharding = sharding.param_shardings(model_cfg, mesh)
   accum = cfg.train.grad_accum_steps
   train_step = dpo_steps.make_train_step(
-    model_cfg, optimizer, dpo, reference=reference, mesh=mesh, grad_accum_steps=accum,
+    model, optimizer, dpo, reference=reference, mesh=mesh, grad_accum_steps=accum,
     learning_rate_fn=ts.learning_rate_schedule(opt_cfg),
   )  # fmt: skip
   eval_step = dpo_steps.make_eval_step(
-    model_cfg, dpo, reference=reference, mesh=mesh, micro_batches=accum
+    model, dpo, reference=reference, mesh=mesh, micro_batches=accum
   )
   frozen = (frozen_sharding,)
   return DPOSteps(
+    model=model,
     optimizer=optimizer,
-    abstract_state=ts.abstract_train_state(model_cfg, optimizer, mesh),
+    abstract_state=ts.abstract_train_state(model, optimizer, mesh),
     train_step=step_lib.jit_train_step(train_step, shardings, mesh, frozen_shardings=frozen),
     eval_step=step_lib.jit_eval_step(eval_step, shardings.params, mesh, frozen_shardings=frozen),
     frozen_sharding=frozen_sharding,
@@ -240,7 +243,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   def init_state():
     state = ts.init_train_state(
-      model_cfg, steps.optimizer, mesh, jax.random.PRNGKey(cfg.train.seed), params=params
+      steps.model, steps.optimizer, mesh, jax.random.PRNGKey(cfg.train.seed),
+      params=common.add_adapters(cfg, steps.model, params, mesh),
     )
     if eval_fn is not None:  # the starting point, for the report (the policy is the reference)
       results["initial"] = eval_fn(state)

@@ -4,6 +4,8 @@
       --workdir=DIR [--config.init_from=WORKDIR_OR_HF_DIR] [--config.generation.top_p=0.9]
 
 Writes DIR/samples.jsonl and DIR/generate_config.json; see experiments/configs/generate.py.
+With `reward.kind` set (check_answer, reward_model, llama2) every sample is scored by
+`llama_jax.scorers.build_scorer`, as rejection sampling, GRPO and PPO score theirs.
 """
 
 from __future__ import annotations
@@ -35,7 +37,26 @@ from llama_jax.generation.decode import abstract_decode_args, make_decode_fn
 log = logging.getLogger(__name__)
 
 SAMPLES_FILE = "samples.jsonl"
-SCORERS: dict[str, scorers.Scorer] = {"check_answer": scorers.check_answer}
+REWARD_FIELDS = ("reward_model", "helpful", "safety", "threshold", "whitening", "batch_size")
+
+
+def build_scorer(cfg: ml_collections.ConfigDict, tokenizer, mesh) -> scorers.Scorer:
+  """The `reward` section (`configs.base.reward_section`) as a `llama_jax.scorers.Scorer`
+  (`scorers.build_scorer`; the section's fields are its keyword arguments). Every
+  generate-then-score stage (rejection sampling, GRPO, PPO) builds its scorer here."""
+  options = {k: cfg[k] for k in REWARD_FIELDS if k in cfg}
+  return scorers.build_scorer(cfg.kind, tokenizer, mesh=mesh, **options)
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+  """`common.check_config` against the generate reference; a config of before the `reward`
+  section (a top-level `scorer`) is told what replaced it."""
+  if "scorer" in cfg:
+    raise common.ConfigError(
+      f"config.scorer={cfg.scorer!r} is now config.reward.kind (with the reward section's "
+      "reward-model fields; '' = no scores)"
+    )
+  common.check_config(cfg, common.reference_config("generate"))
 
 
 def prompt_records(cfg: ml_collections.ConfigDict) -> list[dict[str, Any]]:
@@ -106,7 +127,7 @@ def check_generation_config(cfg: ml_collections.ConfigDict, model_cfg, num_sampl
 
 def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list[aot.Program]:
   """The sampler of one batch of `data.batch_size` prompts (`experiments.compile_check`)."""
-  common.check_config(cfg, common.reference_config("generate"))
+  check_config(cfg)
   model_cfg = common.model_config(cfg)
   sharding.check_fits_mesh(model_cfg, mesh)
   gen = check_generation_config(cfg, model_cfg)
@@ -133,13 +154,15 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Samples responses to the configured prompts into `workdir/samples.jsonl`.
 
   Returns summary metrics: prompts, responses, mean response tokens, generated tokens/s
-  and, with a scorer, the mean score and the mean best-of-K score.
+  and, with `reward.kind` set, the mean score and the mean best-of-K score.
   """
-  common.check_config(cfg, common.reference_config("generate"))
+  check_config(cfg)
   sharding.initialize_distributed()
-  if cfg.scorer and cfg.scorer not in SCORERS:
-    raise ValueError(f"scorer={cfg.scorer!r}; expected '' or one of {sorted(SCORERS)}")
+  kind = cfg.reward.kind
+  if kind and kind not in scorers.SCORER_KINDS:  # before the model loads
+    raise ValueError(f"reward.kind={kind!r}; expected '' or one of {scorers.SCORER_KINDS}")
   tokenizer, mesh, model_cfg, params = load_policy(cfg)
+  scorer = build_scorer(cfg.reward, tokenizer, mesh) if kind else None
   g = cfg.generation
   records = prompt_records(cfg.data)
   rows, scores, num_tokens, seconds = [], [], 0, 0.0
@@ -147,7 +170,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     start = len(rows)
     seconds += batch_seconds
     num_tokens += int(out.mask.sum())
-    selection = select_best(SCORERS[cfg.scorer], batch, out.texts) if cfg.scorer else None
+    selection = select_best(scorer, batch, out.texts) if scorer is not None else None
     for i, record in enumerate(batch):
       row = {
         "id": record.get("id", start + i),

@@ -46,6 +46,7 @@ def make_eval_fn(eval_batches, eval_step):
 class LMSteps:
   """The compiled functions of an LM run and what they need (`build_steps`)."""
 
+  model: Any  # the trained module: `Llama(config)`, with LoRA adapters if configured
   optimizer: optax.GradientTransformation
   abstract_state: ts.TrainState  # ShapeDtypeStructs with shardings: restore target, AOT args
   train_step: Any  # jitted (state, batch) -> (state, metrics), state donated
@@ -56,10 +57,11 @@ def build_steps(cfg: ml_collections.ConfigDict, model_cfg, mesh) -> LMSteps:
   """The optimizer and the jitted train / eval steps of `cfg` on `mesh`: what `run` trains
   with and `programs` compiles ahead of time."""
   opt_cfg = common.optimizer_config(cfg.optimizer, cfg.train.num_steps)
-  optimizer = ts.make_optimizer(opt_cfg)
-  shardings = ts.state_shardings(model_cfg, optimizer, mesh)
+  optimizer = ts.make_optimizer(opt_cfg, trainable=common.trainable(cfg))
+  model = common.build_model(cfg, model_cfg)
+  shardings = ts.state_shardings(model, optimizer, mesh)
   train_step = lm_steps.make_train_step(
-    model_cfg,
+    model,
     optimizer,
     mesh=mesh,
     z_loss=cfg.train.z_loss,
@@ -68,14 +70,15 @@ def build_steps(cfg: ml_collections.ConfigDict, model_cfg, mesh) -> LMSteps:
     learning_rate_fn=ts.learning_rate_schedule(opt_cfg),
   )
   eval_step = lm_steps.make_eval_step(
-    model_cfg,
+    model,
     mesh=mesh,
     loss_chunk_size=cfg.train.loss_chunk_size,
     micro_batches=cfg.train.grad_accum_steps,
   )
   return LMSteps(
+    model=model,
     optimizer=optimizer,
-    abstract_state=ts.abstract_train_state(model_cfg, optimizer, mesh),
+    abstract_state=ts.abstract_train_state(model, optimizer, mesh),
     train_step=step_lib.jit_train_step(train_step, shardings, mesh),
     eval_step=step_lib.jit_eval_step(eval_step, shardings.params, mesh),
   )
@@ -120,7 +123,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   with common.make_train_pipeline(cfg.data, tokenizer, mesh) as train_iter:
     state = fit(
       init_state=lambda: ts.init_train_state(
-        model_cfg, steps.optimizer, mesh, jax.random.PRNGKey(cfg.train.seed), params=params
+        steps.model, steps.optimizer, mesh, jax.random.PRNGKey(cfg.train.seed),
+        params=None if params is None else common.add_adapters(cfg, steps.model, params, mesh),
       ),
       abstract_state=steps.abstract_state,
       train_step=steps.train_step,

@@ -44,7 +44,7 @@ from jax.experimental import multihost_utils
 
 from experiments import common
 from experiments import generate as generate_experiment
-from llama_jax import aot, reward_model, rewards, rollouts, scorers, sharding
+from llama_jax import aot, reward_model, rewards, rollouts, sharding
 from llama_jax import rejection_sampling as rs_lib
 from llama_jax.data import builders
 from llama_jax.generation import select_best
@@ -62,12 +62,8 @@ TFDS_DIR = "tfds"
 # --------------------------------------------------------------------------- scoring
 
 
-def build_scorer(cfg: ml_collections.ConfigDict, tokenizer, mesh) -> scorers.Scorer:
-  """The `reward` section as a `llama_jax.scorers.Scorer` (`scorers.build_scorer`; the
-  section's fields are its keyword arguments)."""
-  fields = ("reward_model", "helpful", "safety", "threshold", "whitening", "batch_size")
-  options = {k: cfg[k] for k in fields if k in cfg}
-  return scorers.build_scorer(cfg.kind, tokenizer, mesh=mesh, **options)
+# The `reward` section as a scorer: one helper for every generate-then-score stage.
+build_scorer = generate_experiment.build_scorer
 
 
 def reward_model_params(cfg: ml_collections.ConfigDict, model_cfg, mesh) -> dict[str, Any]:

@@ -59,6 +59,7 @@ def make_eval_fn(batches_fn, eval_step, cfg: ml_collections.ConfigDict, workdir:
 class RMSteps:
   """The compiled functions of a reward-model run (`build_steps`)."""
 
+  model: Any  # `RewardModel(config)`, with LoRA adapters on the trunk if configured
   optimizer: optax.GradientTransformation
   abstract_state: ts.TrainState
   train_step: Any  # jitted (state, batch) -> (state, metrics)
@@ -69,21 +70,23 @@ def build_steps(cfg: ml_collections.ConfigDict, model_cfg, mesh, num_steps: int)
   """The optimizer and jitted steps of `cfg` on `mesh`: what `run` trains with and
   `programs` compiles ahead of time."""
   opt_cfg = common.train_optimizer_config(cfg, num_steps)
-  optimizer = ts.make_optimizer(opt_cfg)
-  shardings = reward_model.state_shardings(model_cfg, optimizer, mesh)
+  optimizer = ts.make_optimizer(opt_cfg, trainable=common.trainable(cfg))
+  model = reward_model.RewardModel(model_cfg, lora=common.lora_config(cfg))
+  shardings = ts.state_shardings(model, optimizer, mesh)
   max_responses = ranking.MAX_RESPONSES if cfg.data.use_edited else 2
   train_step = reward_steps.make_train_step(
-    model_cfg, optimizer, mesh=mesh, margins=cfg.reward.margins,
+    model, optimizer, mesh=mesh, margins=cfg.reward.margins,
     centering=cfg.reward.centering, grad_accum_steps=cfg.train.grad_accum_steps,
     learning_rate_fn=ts.learning_rate_schedule(opt_cfg), max_responses=max_responses,
   )  # fmt: skip
   eval_step = reward_steps.make_eval_step(
-    model_cfg, mesh=mesh, max_responses=max_responses,
+    model, mesh=mesh, max_responses=max_responses,
     micro_batches=cfg.train.grad_accum_steps,
   )  # fmt: skip
   return RMSteps(
+    model=model,
     optimizer=optimizer,
-    abstract_state=reward_model.abstract_train_state(model_cfg, optimizer, mesh),
+    abstract_state=ts.abstract_train_state(model, optimizer, mesh),
     train_step=step_lib.jit_train_step(train_step, shardings, mesh),
     eval_step=step_lib.jit_eval_step(eval_step, shardings.params, mesh),
   )
@@ -155,6 +158,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   params = None
   if lm_params is not None:
     params = reward_model.from_lm_params(model_cfg, lm_params, head_rng, mesh)
+    params = common.add_adapters(cfg, steps.model, params, mesh)
     del lm_params  # the LM head is no longer referenced
   train = cfg.train.to_dict() | {"num_steps": num_steps}
   results: dict[str, Any] = {}
@@ -165,8 +169,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   with pipeline(train_records) as train_iter:
     state = fit(
-      init_state=lambda: reward_model.init_train_state(
-        model_cfg, steps.optimizer, mesh, state_rng, params=params
+      init_state=lambda: ts.init_train_state(
+        steps.model, steps.optimizer, mesh, state_rng, params=params
       ),
       abstract_state=steps.abstract_state,
       train_step=steps.train_step,

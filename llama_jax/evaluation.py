@@ -23,7 +23,6 @@ import numpy as np
 from jax.sharding import Mesh
 
 from llama_jax import scorers, sharding
-from llama_jax.config import LlamaConfig
 from llama_jax.data import scoring
 from llama_jax.generation import GenerationConfig, SamplingConfig, generate
 from llama_jax.rollouts import make_logps_fn, sample_rollout
@@ -32,7 +31,7 @@ from llama_jax.tokenizer import Tokenizer
 
 
 def answer_prompts(
-  config: LlamaConfig,
+  model: sharding.Model,
   params: Any,
   tokenizer: Tokenizer,
   prompts: Sequence[Any],
@@ -48,7 +47,7 @@ def answer_prompts(
   answers: list[str] = []
   for start in range(0, len(prompts), batch_size):
     out = generate(
-      config, params, tokenizer, list(prompts[start : start + batch_size]),
+      model, params, tokenizer, list(prompts[start : start + batch_size]),
       max_new_tokens=max_new_tokens, temperature=temperature, chat=True, mesh=mesh,
       key=jax.random.fold_in(jax.random.key(seed), start),
     )  # fmt: skip
@@ -73,16 +72,16 @@ def _pad_rows(rows: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarra
 
 
 @functools.lru_cache(maxsize=16)
-def logps_fn(config: LlamaConfig, mesh: Mesh):
+def logps_fn(model: sharding.Model, mesh: Mesh):
   """The jitted log-prob pass, one per model and mesh: evaluating many checkpoints of one
   model (a recipe's stages) compiles it once."""
   return step_lib.jit_eval_step(
-    make_logps_fn(config, mesh=mesh), sharding.param_shardings(config, mesh), mesh
+    make_logps_fn(model, mesh=mesh), sharding.param_shardings(model, mesh), mesh
   )
 
 
 def sampled_kl(
-  config: LlamaConfig,
+  model: sharding.Model,
   params: Any,
   ref_params: Any,
   tokenizer: Tokenizer,
@@ -101,13 +100,13 @@ def sampled_kl(
     max_new_tokens=max_new_tokens, num_samples=1, sampling=SamplingConfig(temperature=1.0),
     stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
   )  # fmt: skip
-  logps = logps_fn(config, mesh)
+  logps = logps_fn(model, mesh)
   shards = sharding.batch_shards(mesh)
   kls, lengths = [], []
   for start in range(0, len(prompts), batch_size):
     records = [{"prompt": p} for p in prompts[start : start + batch_size]]
     key = jax.random.fold_in(jax.random.key(seed), start)
-    rows = sample_rollout(config, params, tokenizer, records, key, gen, chat=True, mesh=mesh).rows
+    rows = sample_rollout(model, params, tokenizer, records, key, gen, chat=True, mesh=mesh).rows
     padded = _pad_rows(rows, shards)
     batch = {k: v for k, v in padded.items() if k != "response_mask"}
     (policy, _), (ref, _) = logps(params, batch), logps(ref_params, batch)
@@ -123,7 +122,7 @@ def sampled_kl(
 
 
 def evaluate_policy(
-  config: LlamaConfig,
+  model: sharding.Model,
   params: Any,
   tokenizer: Tokenizer,
   records: Sequence[dict[str, Any]],
@@ -143,14 +142,14 @@ def evaluate_policy(
   mesh = mesh or sharding.make_mesh()
   prompts = [r["prompt"] for r in records]
   answers = answer_prompts(
-    config, params, tokenizer, prompts,
+    model, params, tokenizer, prompts,
     max_new_tokens=max_new_tokens, batch_size=batch_size, mesh=mesh,
   )  # fmt: skip
   metrics = check_metrics(records, answers)
   metrics["response_length"] = float(np.mean([len(a) for a in answers]))
   if ref_params is not None:
     metrics |= sampled_kl(
-      config, params, ref_params, tokenizer, prompts,
+      model, params, ref_params, tokenizer, prompts,
       max_new_tokens=max_new_tokens, batch_size=batch_size, mesh=mesh, seed=seed,
     )  # fmt: skip
   correct = scorers.check_answer(records, prompts, answers)

@@ -35,6 +35,7 @@ from llama_jax.attention import (  # noqa: F401  (re-exported: decode code and t
   segment_mask,
 )
 from llama_jax.config import LlamaConfig, RopeScaling
+from llama_jax.lora import LoraConfig, project
 
 # --------------------------------------------------------------------------- RoPE
 
@@ -167,10 +168,13 @@ class AttentionMasks:
 # --------------------------------------------------------------------------- layers
 
 
-def _dense_param(module: nn.Module, name: str, shape, axes, cfg: LlamaConfig) -> jax.Array:
+def _projection(module: nn.Module, name: str, x: jax.Array, spec: str, shape, axes) -> jax.Array:
+  """`einsum(spec, x, W)` of the projection parameter `name` (with its LoRA adapter if the
+  module's `lora` targets it, see `llama_jax.lora`)."""
+  cfg = module.config
   init = nn.initializers.normal(cfg.initializer_range)
   w = module.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.param_dtype)
-  return w.astype(cfg.dtype)
+  return project(module, name, x, w.astype(cfg.dtype), spec, axes, module.lora, cfg.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -182,8 +186,10 @@ class RMSNorm(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
     scale = self.param(
-      "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-      (x.shape[-1],), cfg.param_dtype,
+      "scale",
+      nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+      (x.shape[-1],),
+      cfg.param_dtype,
     )
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
@@ -215,22 +221,19 @@ class Attention(nn.Module):
   """
 
   config: LlamaConfig
+  lora: LoraConfig | None = None
 
   @nn.compact
-  def __call__(self, x, rope, masks: AttentionMasks, prefix_kv=(),
-               cache: LayerCache | None = None):
+  def __call__(self, x, rope, masks: AttentionMasks, prefix_kv=(), cache: LayerCache | None = None):
     """`rope`: the `(sin, cos)` tables of the tokens' positions (`rope_tables`)."""
     cfg = self.config
     d, n, kh, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    wq = _dense_param(self, "q", (d, n, h), ("embed", "q_heads", "head_dim"), cfg)
-    wk = _dense_param(self, "k", (d, kh, h), ("embed", "kv_heads", "head_dim"), cfg)
-    wv = _dense_param(self, "v", (d, kh, h), ("embed", "kv_heads", "head_dim"), cfg)
-    wo = _dense_param(self, "o", (n, h, d), ("q_heads", "head_dim", "embed"), cfg)
-
+    proj = functools.partial(_projection, self)
     heads = ("act_batch", "act_seq", "act_heads", None)
-    q = nn.with_logical_constraint(jnp.einsum("BTD,DNH->BTNH", x, wq), heads)
-    k = nn.with_logical_constraint(jnp.einsum("BTD,DKH->BTKH", x, wk), heads)
-    v = nn.with_logical_constraint(jnp.einsum("BTD,DKH->BTKH", x, wv), heads)
+    q = proj("q", x, "BTD,DNH->BTNH", (d, n, h), ("embed", "q_heads", "head_dim"))
+    k = proj("k", x, "BTD,DKH->BTKH", (d, kh, h), ("embed", "kv_heads", "head_dim"))
+    v = proj("v", x, "BTD,DKH->BTKH", (d, kh, h), ("embed", "kv_heads", "head_dim"))
+    q, k, v = (nn.with_logical_constraint(a, heads) for a in (q, k, v))
     q, k = rotate(q, rope), rotate(k, rope)
 
     if cache is not None:  # write first, then read (see the class docstring)
@@ -242,13 +245,15 @@ class Attention(nn.Module):
       )
     if cache is not None and not cache.prefill:
       own = lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False).astype(q.dtype)
-      parts = [(pk.astype(q.dtype), pv.astype(q.dtype), m)
-               for (pk, pv), m in zip(prefix_kv, masks.part_masks[:-1], strict=True)]
+      parts = [
+        (pk.astype(q.dtype), pv.astype(q.dtype), m)
+        for (pk, pv), m in zip(prefix_kv, masks.part_masks[:-1], strict=True)
+      ]
       out = attend_xla(q, [*parts, (own(cache.k), own(cache.v), masks.part_masks[-1])])
     else:
       out = attention.attend(cfg.attention_impl, q, k, v, masks.segment_ids, masks.extra_mask)
     out = nn.with_logical_constraint(out, heads)
-    y = jnp.einsum("BTNH,NHD->BTD", out, wo)
+    y = proj("o", out, "BTNH,NHD->BTD", (n, h, d), ("q_heads", "head_dim", "embed"))
     return y, cache
 
 
@@ -256,18 +261,18 @@ class MLP(nn.Module):
   """SwiGLU: down(silu(gate(x)) * up(x))."""
 
   config: LlamaConfig
+  lora: LoraConfig | None = None
 
   @nn.compact
   def __call__(self, x):
     cfg = self.config
     d, f = cfg.d_model, cfg.mlp_dim
-    w_gate = _dense_param(self, "gate", (d, f), ("embed", "mlp"), cfg)
-    w_up = _dense_param(self, "up", (d, f), ("embed", "mlp"), cfg)
-    w_down = _dense_param(self, "down", (f, d), ("mlp", "embed"), cfg)
+    proj = functools.partial(_projection, self)
     hidden = ("act_batch", "act_seq", "act_mlp")
-    gate = nn.with_logical_constraint(jnp.einsum("BTD,DF->BTF", x, w_gate), hidden)
-    up = nn.with_logical_constraint(jnp.einsum("BTD,DF->BTF", x, w_up), hidden)
-    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, w_down)
+    gate = proj("gate", x, "BTD,DF->BTF", (d, f), ("embed", "mlp"))
+    up = proj("up", x, "BTD,DF->BTF", (d, f), ("embed", "mlp"))
+    gate, up = (nn.with_logical_constraint(a, hidden) for a in (gate, up))
+    return proj("down", jax.nn.silu(gate) * up, "BTF,FD->BTD", (f, d), ("mlp", "embed"))
 
 
 class Block(nn.Module):
@@ -278,17 +283,18 @@ class Block(nn.Module):
   """
 
   config: LlamaConfig
+  lora: LoraConfig | None = None
 
   @nn.compact
   def __call__(self, carry, rope, masks, prefix_kv=()):
     cfg = self.config
     x, cache = carry
     residual = ("act_batch", "act_seq", "act_embed")
-    attn_out, cache = Attention(cfg, name="attn")(
+    attn_out, cache = Attention(cfg, self.lora, name="attn")(
       RMSNorm(cfg, name="attn_norm")(x), rope, masks, prefix_kv, cache
     )
     x = nn.with_logical_constraint(x + attn_out, residual)
-    x = x + MLP(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x))
+    x = x + MLP(cfg, self.lora, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x))
     return (nn.with_logical_constraint(x, residual), cache), None
 
 
@@ -330,16 +336,25 @@ class Llama(nn.Module):
       each query may see, ANDed with the causal segment mask (e.g. responses packed after
       one shared prompt, see `llama_jax.data.ranking`). Needs a kernel that takes one
       (`AttentionKernel.extra_mask`: "xla"); the others raise.
+
+  Fields: `config`; `head=False` builds a trunk without the untied LM head (a reward or value
+  model puts its own head on `hidden_states`); `lora` adds low-rank adapters to the
+  projections (`llama_jax.lora`).
   """
 
   config: LlamaConfig
+  head: bool = True
+  lora: LoraConfig | None = None
 
   def setup(self):
     cfg = self.config
     self.embedding = self.param(
-      "embed", nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
-                                            ("vocab", "embed")),
-      (cfg.vocab_size, cfg.d_model), cfg.param_dtype,
+      "embed",
+      nn.with_logical_partitioning(
+        nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")
+      ),
+      (cfg.vocab_size, cfg.d_model),
+      cfg.param_dtype,
     )
     block = _block_class(cfg)
     if cfg.scan_layers:
@@ -350,29 +365,41 @@ class Llama(nn.Module):
         in_axes=(nn.broadcast, nn.broadcast, 0),
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
-      )(cfg, name="layers")
+      )(cfg, self.lora, name="layers")
     else:
-      self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+      self.layers = [block(cfg, self.lora, name=f"layers_{i}") for i in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg, name="final_norm")
-    if not cfg.tie_embeddings:
+    if self.head and not cfg.tie_embeddings:
       self.lm_head = self.param(
-        "lm_head", nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
-                                                ("embed", "vocab")),
-        (cfg.d_model, cfg.vocab_size), cfg.param_dtype,
+        "lm_head",
+        nn.with_logical_partitioning(
+          nn.initializers.normal(cfg.initializer_range), ("embed", "vocab")
+        ),
+        (cfg.d_model, cfg.vocab_size),
+        cfg.param_dtype,
       )
 
-  def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
-               *, prefix: KVCache | None = None):
+  def __call__(
+    self,
+    tokens,
+    positions=None,
+    segment_ids=None,
+    cache: KVCache | None = None,
+    *,
+    prefix: KVCache | None = None,
+  ):
     hidden, cache = self.hidden_states(tokens, positions, segment_ids, cache, prefix=prefix)
     logits = self.logits(hidden)
     return logits if cache is None else (logits, cache)
 
-  def hidden_states(self, tokens, positions=None, segment_ids=None, cache=None, *, prefix=None,
-                    attention_mask=None):
+  def hidden_states(
+    self, tokens, positions=None, segment_ids=None, cache=None, *, prefix=None, attention_mask=None
+  ):
     """Final-normed hidden states [B, T, D] (and the updated cache, or None)."""
     cfg = self.config
-    attention.check_kernel(cfg.attention_impl, extra_mask=attention_mask is not None,
-                           caller="Llama")
+    attention.check_kernel(
+      cfg.attention_impl, extra_mask=attention_mask is not None, caller="Llama"
+    )
     if attention_mask is not None and cache is not None:
       raise ValueError("Llama: attention_mask is for calls without a cache (got a cache)")
     if prefix is not None and cache is None:
@@ -387,9 +414,11 @@ class Llama(nn.Module):
     caches = [c for c in (prefix, cache) if c is not None]
     if positions is None:
       positions = (
-        positions_from_segments(segment_ids) if cache is None
+        positions_from_segments(segment_ids)
+        if cache is None
         else sum(_per_row(c.lengths(), tokens.shape[0]) for c in caches)[:, None]
-        + jnp.cumsum(segment_ids != 0, axis=1) - 1
+        + jnp.cumsum(segment_ids != 0, axis=1)
+        - 1
       )
     x = jnp.take(self.embedding, tokens, axis=0).astype(cfg.dtype)
     x = nn.with_logical_constraint(x, ("act_batch", "act_seq", "act_embed"))
@@ -413,8 +442,9 @@ class Llama(nn.Module):
     if prefix is not None:
       shared = segment_mask(segment_ids, _per_row(prefix.segment_ids, rows), causal=False)
       part_masks, prefix_kv = (shared, *part_masks), ((prefix.k, prefix.v),)
-    masks = (AttentionMasks(segment_ids=segment_ids) if prefill
-             else AttentionMasks(part_masks=part_masks))
+    masks = (
+      AttentionMasks(segment_ids=segment_ids) if prefill else AttentionMasks(part_masks=part_masks)
+    )
     layer_cache = LayerCache(cache.k, cache.v, jnp.zeros((), jnp.int32), cache.index, prefill)
     x, layer_cache = self._run_layers(x, positions, masks, prefix_kv, layer_cache)
     cache = KVCache(k=layer_cache.k, v=layer_cache.v, segment_ids=written, index=cache.index + t)
@@ -435,12 +465,16 @@ class Llama(nn.Module):
   def logits(self, hidden: jax.Array) -> jax.Array:
     """LM-head logits [B, T, V] in float32 from hidden states [B, T, D]."""
     cfg = self.config
+    if not self.head:
+      raise ValueError("Llama(head=False) is a trunk: it has hidden states, no logits")
     if cfg.tie_embeddings:  # Llama 3.2 1B/3B: the embedding is the head, no extra scaling
-      out = jnp.einsum("BTD,VD->BTV", hidden, self.embedding.astype(cfg.dtype),
-                       preferred_element_type=jnp.float32)
+      out = jnp.einsum(
+        "BTD,VD->BTV", hidden, self.embedding.astype(cfg.dtype), preferred_element_type=jnp.float32
+      )
     else:
-      out = jnp.einsum("BTD,DV->BTV", hidden, self.lm_head.astype(cfg.dtype),
-                       preferred_element_type=jnp.float32)
+      out = jnp.einsum(
+        "BTD,DV->BTV", hidden, self.lm_head.astype(cfg.dtype), preferred_element_type=jnp.float32
+      )
     return nn.with_logical_constraint(out, ("act_batch", "act_seq", "act_vocab"))
 
 
@@ -449,11 +483,29 @@ def _per_row(x: jax.Array, rows: int) -> jax.Array:
   return jnp.repeat(x, rows // x.shape[0], axis=0) if x.shape[0] != rows else x
 
 
+# --------------------------------------------------------------------------- the model seam
+#
+# Library functions that run, shard, initialize or checkpoint a model take the module itself
+# (`Llama(config, lora=...)`, `reward_model.RewardModel(config)`, or any linen module with a
+# `config` field whose `init(rng, tokens [1, 1])` gives its parameters); a bare `LlamaConfig`
+# stands for `Llama(config)`.
+
+
+def as_model(model: nn.Module | LlamaConfig) -> nn.Module:
+  """`model`, or `Llama(model)` if given a `LlamaConfig`."""
+  return Llama(model) if isinstance(model, LlamaConfig) else model
+
+
+def init_boxed(model: nn.Module | LlamaConfig, rng: jax.Array):
+  """The model's parameters as `nn.Partitioned` boxes (logical axis names attached)."""
+  return as_model(model).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
 @functools.partial(jax.jit, static_argnums=0)
-def _init(config: LlamaConfig, rng: jax.Array):
-  return Llama(config).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+def _init(model: nn.Module, rng: jax.Array):
+  return init_boxed(model, rng)
 
 
-def init_params(config: LlamaConfig, rng: jax.Array):
+def init_params(model: nn.Module | LlamaConfig, rng: jax.Array):
   """Unsharded, unboxed parameters (for tests and small models; see `sharding.init_params`)."""
-  return nn.meta.unbox(_init(config, rng))
+  return nn.meta.unbox(_init(as_model(model), rng))

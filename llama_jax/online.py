@@ -1,8 +1,9 @@
 """Online RL: one iteration driver, algorithms as plug-ins (PPO; GRPO and its critic-free kin).
 
-    algorithm = GRPO(score_fn, train_step)             # or PPO(score_fn, policy_step, ...)
+    algorithm = GRPO(config=..., optimizer=..., mesh=..., score_fn=..., train_step=...)
     iteration = make_iteration(algorithm, sampler, reward_fn, ref_params, num_minibatches=2)
-    summary = train_online(iteration, init_state=..., abstract_state=..., prompts=..., ...)
+    summary = train_online(iteration, init_state=lambda: algorithm.init_state(params, key),
+                           abstract_state=algorithm.abstract_state(), prompts=..., ...)
 
 Every iteration is the same five steps, whatever the algorithm:
 
@@ -19,7 +20,9 @@ Every iteration is the same five steps, whatever the algorithm:
                `algorithm.finish(state, metrics)` (PPO's adaptive KL) and the step count + 1
 
 An algorithm is any object with those three methods over a state that has `policy` (a
-`TrainState`) and `step` (the iteration count the trainer checkpoints and resumes by).
+`TrainState`) and `step` (the iteration count the trainer checkpoints and resumes by), and
+two that build that state: `init_state(params, key)` (fresh, from the policy's parameters)
+and `abstract_state()` (the checkpoint's restore target, nothing allocated).
 Metric names are shared across algorithms: objective/kl (nats per response),
 objective/kl_per_token, objective/scores, policy/entropy, policy/clipfrac, policy/approxkl,
 loss/policy, reward/*, response/*, time/*.
@@ -39,11 +42,14 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llama_jax import scorers
+from llama_jax import reward_model, scorers, sharding
+from llama_jax import train_state as ts
 from llama_jax.config import LlamaConfig
 from llama_jax.generation import GenerationConfig
+from llama_jax.model import as_model
 from llama_jax.objectives import ppo as ppo_obj
 from llama_jax.rollouts import Rollout, sample_rollout
 from llama_jax.scorers import Scorer
@@ -95,7 +101,11 @@ class PPOState:
 
 
 class Algorithm(Protocol):
-  """What the driver needs of an algorithm (see the module docstring)."""
+  """What the driver and the launchers need of an algorithm (see the module docstring)."""
+
+  def init_state(self, params, key: jax.Array) -> Any: ...
+
+  def abstract_state(self) -> Any: ...
 
   def score(self, state, ref_params, rows, scores) -> tuple[Mapping[str, Any], Metrics]: ...
 
@@ -104,13 +114,41 @@ class Algorithm(Protocol):
   def finish(self, state, metrics: Metrics) -> tuple[Any, Metrics]: ...
 
 
-@dataclasses.dataclass(frozen=True)
+def _init_policy(model, optimizer, mesh: Mesh, key: jax.Array, params) -> ts.TrainState:
+  """The policy's train state around `params`, completed with fresh LoRA adapters if `model`
+  has adapters that `params` (a plain checkpoint) lack."""
+  params = sharding.init_missing(model, params, jax.random.fold_in(key, 2), mesh)
+  return ts.init_train_state(model, optimizer, mesh, key, params=params)
+
+
+def _scalar(dtype, mesh: Mesh) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct((), dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class GRPO:
   """Critic-free policy gradient over `PolicyState`: the jitted `steps.grpo` score function
-  (its `GRPOConfig` picks GRPO, Dr. GRPO, RLOO or REINFORCE++) and train step."""
+  (its `GRPOConfig` picks GRPO, Dr. GRPO, RLOO or REINFORCE++) and train step, and the
+  policy's architecture, optimizer and mesh (what its state is built from)."""
 
+  model: sharding.Model  # the policy (`Llama(config)`, with LoRA adapters if it trains them)
+  optimizer: optax.GradientTransformation
+  mesh: Mesh
   score_fn: Callable  # (policy params, ref params, rows, scores) -> (out, metrics)
   train_step: Callable  # (policy state, minibatch) -> (state, metrics), donates the state
+
+  def init_state(self, params, key: jax.Array) -> PolicyState:
+    """Iteration 0: a fresh optimizer state over `params` (placed on the mesh; LoRA adapters
+    the model has and `params` lack start fresh)."""
+    policy = _init_policy(self.model, self.optimizer, self.mesh, key, params)
+    return PolicyState(policy=policy, step=jnp.int32(0))
+
+  def abstract_state(self) -> PolicyState:
+    """The restore target of a checkpoint on the mesh (shapes and shardings only)."""
+    return PolicyState(
+      policy=ts.abstract_train_state(self.model, self.optimizer, self.mesh),
+      step=_scalar(jnp.int32, self.mesh),
+    )
 
   def score(self, state: PolicyState, ref_params, rows, scores):
     return self.score_fn(state.policy.params, ref_params, rows, scores)
@@ -123,16 +161,51 @@ class GRPO:
     return state, metrics
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class PPO:
-  """PPO with a value model over `PPOState`: the jitted `steps.ppo` functions, and the
-  adaptive KL controller (on when `kl_target` > 0)."""
+  """PPO with a value model over `PPOState`: the jitted `steps.ppo` functions, the initial KL
+  coefficient and the adaptive KL controller (on when `kl_target` > 0), and both models'
+  architectures and optimizers and the mesh (what its state is built from)."""
 
+  model: sharding.Model  # the policy (`Llama(config)`, with LoRA adapters if it trains them)
+  value_config: LlamaConfig  # the value model is `RewardModel(value_config)`
+  policy_opt: optax.GradientTransformation
+  value_opt: optax.GradientTransformation
+  mesh: Mesh
   score_fn: Callable  # (policy, ref, value params, rows, scores, β) -> (out, metrics)
   policy_step: Callable  # (policy state, minibatch) -> (state, metrics)
   value_step: Callable  # (value state, minibatch) -> (state, metrics)
+  kl_coef: float = 0.01
   kl_target: float = 0.0
   kl_horizon: int = 10000
+
+  def init_state(self, params, key: jax.Array, value_params=None) -> PPOState:
+    """Iteration 0 at β = `kl_coef`: fresh optimizer states over the policy's `params` and
+    `value_params` (e.g. a reward model's, Llama 2) or, if None, the policy's trunk with a
+    fresh head (then `value_config` must be the policy's)."""
+    if value_params is None:
+      if self.value_config != as_model(self.model).config:
+        raise ValueError("a value model from the policy's trunk needs the policy's config")
+      trunk = jax.tree.map(lambda x: x.copy(), params)  # own buffers: updates donate them
+      head_key = jax.random.fold_in(key, 1)
+      value_params = reward_model.from_lm_params(self.value_config, trunk, head_key, self.mesh)
+    return PPOState(
+      policy=_init_policy(self.model, self.policy_opt, self.mesh, key, params),
+      value=reward_model.init_train_state(
+        self.value_config, self.value_opt, self.mesh, key, params=value_params
+      ),
+      kl_coef=jnp.float32(self.kl_coef),
+      step=jnp.int32(0),
+    )
+
+  def abstract_state(self) -> PPOState:
+    """The restore target of a checkpoint on the mesh (shapes and shardings only)."""
+    return PPOState(
+      policy=ts.abstract_train_state(self.model, self.policy_opt, self.mesh),
+      value=reward_model.abstract_train_state(self.value_config, self.value_opt, self.mesh),
+      kl_coef=_scalar(jnp.float32, self.mesh),
+      step=_scalar(jnp.int32, self.mesh),
+    )
 
   def score(self, state: PPOState, ref_params, rows, scores):
     params = (state.policy.params, ref_params, state.value.params)
@@ -161,10 +234,10 @@ class PPO:
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-  """How rollouts are drawn: the policy's architecture, tokenizer, generation settings
+  """How rollouts are drawn: the policy model, tokenizer, generation settings
   (`gen.num_samples` responses per prompt), chat template and mesh."""
 
-  config: LlamaConfig
+  model: sharding.Model
   tokenizer: Tokenizer
   gen: GenerationConfig
   chat: bool = True
@@ -172,7 +245,7 @@ class Sampler:
 
   def __call__(self, params, records, key) -> Rollout:
     return sample_rollout(
-      self.config, params, self.tokenizer, records, key, self.gen, chat=self.chat, mesh=self.mesh
+      self.model, params, self.tokenizer, records, key, self.gen, chat=self.chat, mesh=self.mesh
     )
 
 

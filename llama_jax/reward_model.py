@@ -12,9 +12,14 @@ Parameter tree (`TrainState.params` of a reward-model run, and what its checkpoi
 
 The LM head is dropped rather than carried along: it plays no part in a reward, and for
 Llama 3 8B it would be 0.5B parameters plus their optimizer moments. `config` is the LM's own
-`LlamaConfig` (what `model_config.json` of a reward-model workdir holds); the trunk is that
-config with `tie_embeddings=True`, which only removes the untied head parameter
-(`Llama.hidden_states` never reads either).
+`LlamaConfig` (what `model_config.json` of a reward-model workdir holds); the trunk is
+`Llama(config, head=False)`. `RewardModel(config, lora=...)` puts LoRA adapters on the trunk
+(the head trains in full, see `llama_jax.lora.trainable_mask`). PPO's value model is the same
+module.
+
+Sharding, initialization and train states are the LM's: `sharding.param_shardings(
+RewardModel(config), mesh)`, `train_state.init_train_state(RewardModel(config), ...)`, …; the
+functions below with a `config` argument are shorthands for them.
 
 The head's kernel starts as N(0, initializer_range²) like the score layer of Hugging Face's
 `LlamaForSequenceClassification`, its bias at 0. Pairwise losses see only differences of
@@ -24,7 +29,6 @@ only, and is where a user can calibrate the level (Llama 2 thresholds σ(R_s) at
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +40,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax import sharding
 from llama_jax import train_state as ts
-from llama_jax.checkpoint import orbax as ckpt_lib
 from llama_jax.config import MODEL_CONFIG_FILE, LlamaConfig
 from llama_jax.data import ranking
+from llama_jax.lora import LoraConfig
 from llama_jax.model import Llama
+from llama_jax.model import init_params as _init_params
 from llama_jax.train_state import TrainState
-
-
-def trunk_config(config: LlamaConfig) -> LlamaConfig:
-  """The LM config without an untied LM head (see the module docstring)."""
-  return config.replace(tie_embeddings=True)
 
 
 class RewardHead(nn.Module):
@@ -77,14 +77,20 @@ class RewardModel(nn.Module):
   `Llama.hidden_states`."""
 
   config: LlamaConfig
+  lora: LoraConfig | None = None
 
   def setup(self):
-    self.lm = Llama(trunk_config(self.config))
+    self.lm = Llama(self.config, head=False, lora=self.lora)
     self.head = RewardHead(self.config)
 
   def __call__(self, tokens, positions=None, segment_ids=None, attention_mask=None):
     hidden, _ = self.lm.hidden_states(tokens, positions, segment_ids, attention_mask=attention_mask)
     return self.head(hidden)
+
+
+def as_reward_model(model: RewardModel | LlamaConfig) -> RewardModel:
+  """`model`, or `RewardModel(model)` if given a `LlamaConfig`."""
+  return RewardModel(model) if isinstance(model, LlamaConfig) else model
 
 
 # --------------------------------------------------------------------------- reading rewards
@@ -97,7 +103,7 @@ def gather_last(scores: jax.Array, last_index: jax.Array) -> jax.Array:
 
 
 def ranking_rewards(
-  config: LlamaConfig,
+  model: RewardModel | LlamaConfig,
   params: Any,
   tokens: jax.Array,  # [B, T]
   segment_ids: jax.Array,  # [B, T]
@@ -107,15 +113,15 @@ def ranking_rewards(
   """`(rewards [B, K], present [B, K])` of packed ranking rows (`llama_jax.data.ranking`):
   one forward pass per row scores every response of its prompt."""
   positions, mask, last = ranking.ranking_inputs(segment_ids, response_ids, max_responses)
-  scores = RewardModel(config).apply({"params": params}, tokens, positions, segment_ids, mask)
+  scores = as_reward_model(model).apply({"params": params}, tokens, positions, segment_ids, mask)
   return gather_last(scores, last), last >= 0
 
 
 def sequence_rewards(
-  config: LlamaConfig, params: Any, tokens: jax.Array, segment_ids: jax.Array
+  model: RewardModel | LlamaConfig, params: Any, tokens: jax.Array, segment_ids: jax.Array
 ) -> jax.Array:
   """Rewards [B] of rows holding one prompt + response each, left-aligned, 0 = padding."""
-  scores = RewardModel(config).apply({"params": params}, tokens, None, segment_ids)
+  scores = as_reward_model(model).apply({"params": params}, tokens, None, segment_ids)
   last = jnp.sum(segment_ids != 0, axis=1, keepdims=True) - 1
   return gather_last(scores, last)[:, 0]
 
@@ -123,21 +129,9 @@ def sequence_rewards(
 # --------------------------------------------------------------------------- parameters
 
 
-def _init_boxed(config: LlamaConfig, rng: jax.Array):
-  return RewardModel(config).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
-
-
-def abstract_params(config: LlamaConfig):
-  """Unboxed parameter `ShapeDtypeStruct`s (nothing allocated)."""
-  return nn.meta.unbox(jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0))))
-
-
-_init_jitted = jax.jit(_init_boxed, static_argnums=0)
-
-
 def init_params(config: LlamaConfig, rng: jax.Array):
   """Fresh unsharded parameters (tests, small models); the head as in `from_lm_params`."""
-  return nn.meta.unbox(_init_jitted(config, rng))
+  return _init_params(RewardModel(config), rng)
 
 
 def init_head(config: LlamaConfig, rng: jax.Array) -> dict[str, jax.Array]:
@@ -161,45 +155,16 @@ def from_lm_params(
   return {"lm": lm, "head": head}
 
 
-def param_partition_specs(config: LlamaConfig, rules: sharding.Rules = sharding.DEFAULT_RULES):
-  """Tree of mesh `PartitionSpec`s: the trunk's as for the LM, the head replicated."""
-  boxed = jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0)))
-
-  def spec(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if not isinstance(leaf, nn.Partitioned):
-      raise ValueError(f"parameter {name} has no logical axis names; annotate it in the model")
-    return sharding.logical_to_mesh_spec(leaf.names, rules, what=f"parameter {name}")
-
-  return jax.tree_util.tree_map_with_path(
-    spec, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)
-  )
+def abstract_params(config: LlamaConfig):
+  """Unboxed parameter `ShapeDtypeStruct`s (nothing allocated)."""
+  return nn.meta.unbox(sharding.abstract_params(RewardModel(config)))
 
 
 def param_shardings(
   config: LlamaConfig, mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES
 ):
-  """Tree of `NamedSharding`s, after checking that the trunk fits the mesh."""
-  sharding.check_fits_mesh(trunk_config(config), mesh, rules)
-  return jax.tree.map(
-    lambda spec: NamedSharding(mesh, spec),
-    param_partition_specs(config, rules),
-    is_leaf=lambda x: isinstance(x, PartitionSpec),
-  )
-
-
-def init_sharded_params(
-  config: LlamaConfig, rng: jax.Array, mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES
-):
-  """Fresh parameters initialized straight into their shardings (a from-scratch run)."""
-  shardings = param_shardings(config, mesh, rules)
-  with sharding.activation_sharding(mesh, rules):
-    return jax.jit(lambda key: nn.meta.unbox(_init_boxed(config, key)), out_shardings=shardings)(
-      rng
-    )
-
-
-# --------------------------------------------------------------------------- train state
+  """`sharding.param_shardings(RewardModel(config), mesh, rules)`."""
+  return sharding.param_shardings(RewardModel(config), mesh, rules)
 
 
 def state_shardings(
@@ -208,10 +173,8 @@ def state_shardings(
   mesh: Mesh,
   rules: sharding.Rules = sharding.DEFAULT_RULES,
 ) -> TrainState:
-  """`NamedSharding`s of a reward-model `TrainState` (as `train_state.state_shardings`)."""
-  return ts.state_shardings_for(
-    param_shardings(config, mesh, rules), abstract_params(config), optimizer, mesh
-  )
+  """`train_state.state_shardings(RewardModel(config), ...)`."""
+  return ts.state_shardings(RewardModel(config), optimizer, mesh, rules)
 
 
 def abstract_train_state(
@@ -220,10 +183,8 @@ def abstract_train_state(
   mesh: Mesh,
   rules: sharding.Rules = sharding.DEFAULT_RULES,
 ) -> TrainState:
-  """`ShapeDtypeStruct`s with shardings: the restore target of a checkpoint on `mesh`."""
-  return ts.abstract_train_state_for(
-    param_shardings(config, mesh, rules), abstract_params(config), optimizer, mesh
-  )
+  """`train_state.abstract_train_state(RewardModel(config), ...)`."""
+  return ts.abstract_train_state(RewardModel(config), optimizer, mesh, rules)
 
 
 def init_train_state(
@@ -234,49 +195,36 @@ def init_train_state(
   params: Any = None,
   rules: sharding.Rules = sharding.DEFAULT_RULES,
 ) -> TrainState:
-  """A fresh state on `mesh`: `params` (e.g. `from_lm_params`; resharded if needed) or new
-  ones from `rng`; the step key comes from `rng` too, independently of the init."""
-  init_rng, step_rng = jax.random.split(rng)
-  if params is None:
-    params = init_sharded_params(config, init_rng, mesh, rules)
-  shardings = state_shardings(config, optimizer, mesh, rules)
-  return ts.new_train_state(params, shardings, optimizer, step_rng)
+  """`train_state.init_train_state(RewardModel(config), ...)`: `params` (e.g.
+  `from_lm_params`) or fresh ones from `rng`."""
+  return ts.init_train_state(RewardModel(config), optimizer, mesh, rng, params, rules)
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def load_params(
-  workdir: str, config: LlamaConfig, mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES
-):
-  """The parameters of a reward-model run's newest checkpoint, restored onto `mesh`."""
-  abstract = jax.tree.map(
-    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-    abstract_params(config),
-    param_shardings(config, mesh, rules),
-  )
-  return ckpt_lib.load_params(ckpt_lib.checkpoint_dir(workdir), abstract)
-
-
 def load_reward_model(
   workdir: str, mesh: Mesh | None = None, **overrides: Any
 ) -> tuple[LlamaConfig, Any]:
-  """`(config, params)` of a reward-model workdir (`experiments.reward_model`).
+  """`(config, params)` of a reward-model workdir (`experiments.reward_model`); LoRA adapters
+  come merged (`workdirs.load_model`).
 
   `overrides` replace config fields (compute ones such as dtype); `mesh` defaults to all
   devices along fsdp.
   """
+  from llama_jax import workdirs  # noqa: PLC0415  (workdirs loads reward models too)
+
   config_file = Path(workdir) / MODEL_CONFIG_FILE
   if not config_file.exists():
     raise FileNotFoundError(f"{workdir}: no {MODEL_CONFIG_FILE}; not a reward-model workdir")
-  config = LlamaConfig.from_dict(json.loads(config_file.read_text())).replace(**overrides)
-  mesh = mesh or sharding.make_mesh()
-  return config, load_params(workdir, config, mesh)
+  return workdirs.load_model(workdir, mesh or sharding.make_mesh(), kind="reward_model",
+                             **overrides)  # fmt: skip
 
 
 def num_params(config: LlamaConfig) -> int:
-  """Parameters of the reward model: the trunk's and the head's D + 1."""
-  return trunk_config(config).num_params() + config.d_model + 1
+  """Parameters of the reward model: the trunk's (no untied LM head) and the head's D + 1."""
+  untied_head = 0 if config.tie_embeddings else config.vocab_size * config.d_model
+  return config.num_params() - untied_head + config.d_model + 1
 
 
 def flops_per_token(config: LlamaConfig, seq_len: int) -> float:

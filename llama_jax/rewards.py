@@ -160,7 +160,7 @@ def make_score_fn(config: LlamaConfig, mesh: Mesh | None = None):
   rows = sharding.named_sharding(mesh, ("act_batch", "act_seq"))
   return jax.jit(
     sharded,
-    in_shardings=(reward_model.param_shardings(config, mesh), rows, rows),
+    in_shardings=(sharding.param_shardings(reward_model.as_reward_model(config), mesh), rows, rows),
     out_shardings=NamedSharding(mesh, PartitionSpec()),
   )
 

@@ -1,8 +1,8 @@
 """Rollouts: prompt batches, sampled responses as training rows, their log-probs, rewards.
 
     prompts = PromptIterator(records, batch_size=64, seed=0)     # resumable, endless
-    rollout = sample_rollout(config, params, tokenizer, records, key, gen)   # rows [B·R, T]
-    logp, entropy = jit(make_logps_fn(config))(params, rollout.rows)        # [B·R, T] each
+    rollout = sample_rollout(model, params, tokenizer, records, key, gen)   # rows [B·R, T]
+    logp, entropy = jit(make_logps_fn(model))(params, rollout.rows)        # [B·R, T] each
     scores = scorers.score(scorer, rollout.records, rollout.texts)        # [B·R]
 
 `sample_rollout` + `make_logps_fn` are the one path from prompts to per-token log-probs:
@@ -29,7 +29,6 @@ import numpy as np
 from jax.sharding import Mesh
 
 from llama_jax import sharding
-from llama_jax.config import LlamaConfig
 from llama_jax.generation import GenerationConfig, encode_prompt, generate_tokens, response_text
 from llama_jax.steps.common import Batch, map_microbatches, token_logprobs
 from llama_jax.tokenizer import Tokenizer
@@ -125,7 +124,7 @@ class Rollout:
 
 
 def sample_rollout(
-  config: LlamaConfig,
+  model: sharding.Model,
   params: Any,
   tokenizer: Tokenizer,
   records: Sequence[dict[str, Any]],
@@ -139,7 +138,7 @@ def sample_rollout(
   """`gen.num_samples` responses to each record's prompt, as training rows."""
   t0 = time.perf_counter()
   prompt_ids = [encode_prompt(tokenizer, r["prompt"], chat=chat) for r in records]
-  out = jax.device_get(generate_tokens(config, params, prompt_ids, key, gen, mesh=mesh))
+  out = jax.device_get(generate_tokens(model, params, prompt_ids, key, gen, mesh=mesh))
   tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
   r = gen.num_samples
   texts = [
@@ -159,7 +158,7 @@ def sample_rollout(
 
 
 def make_logps_fn(
-  config: LlamaConfig,
+  model: sharding.Model,
   chunk_size: int = 0,
   *,
   mesh: Mesh | None = None,
@@ -172,7 +171,7 @@ def make_logps_fn(
 
   def logps(params, rows: Batch):
     rows = {k: rows[k] for k in ("tokens", "positions", "segment_ids", "targets")}
-    fn = lambda b: token_logprobs(config, params, b, chunk_size, with_entropy=True)
+    fn = lambda b: token_logprobs(model, params, b, chunk_size, with_entropy=True)
     with sharding.activation_sharding(mesh, rules):
       return map_microbatches(fn, rows, micro_batches)
 

@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.config import LlamaConfig
-from llama_jax.model import Llama
+from llama_jax.model import as_model, init_boxed
+
+# A model: a linen module (`Llama(config, lora=...)`, `RewardModel(config)`, ...) or a
+# `LlamaConfig`, which stands for `Llama(config)` (see `llama_jax.model.as_model`).
+Model = nn.Module | LlamaConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -38,6 +43,7 @@ DEFAULT_RULES: Rules = (
   ("mlp", "tensor"),
   ("norm", None),
   ("layers", None),
+  ("lora_rank", None),  # LoRA's r: small, replicated; A and B follow their weight's other axes
   # Activations: batch over data × fsdp, heads / MLP / vocab over tensor.
   ("act_batch", BATCH_AXES),
   ("act_seq", None),
@@ -73,8 +79,9 @@ class MeshConfig:
     return tuple(shape)
 
 
-def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None,
-              **axes: int) -> Mesh:
+def make_mesh(
+  config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None, **axes: int
+) -> Mesh:
   """A ('data', 'fsdp', 'tensor') mesh, e.g. `make_mesh(fsdp=4, tensor=2)`.
 
   Devices are laid out by `mesh_utils` so that the innermost axis (tensor) gets the
@@ -90,10 +97,12 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | 
   return Mesh(grid, MESH_AXES)
 
 
-def initialize_distributed(coordinator_address: str | None = None,
-                           num_processes: int | None = None,
-                           process_id: int | None = None,
-                           local_device_ids: Sequence[int] | None = None) -> None:
+def initialize_distributed(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  local_device_ids: Sequence[int] | None = None,
+) -> None:
   """Joins a multi-process JAX job (no-op for a single process that passed nothing).
 
   On TPU VMs and SLURM / Open MPI GPU clusters all arguments can be left out: JAX finds
@@ -105,23 +114,33 @@ def initialize_distributed(coordinator_address: str | None = None,
   if not explicit and not _on_managed_cluster():
     return
   jax.distributed.initialize(
-    coordinator_address=coordinator_address, num_processes=num_processes,
-    process_id=process_id, local_device_ids=local_device_ids,
+    coordinator_address=coordinator_address,
+    num_processes=num_processes,
+    process_id=process_id,
+    local_device_ids=local_device_ids,
   )
 
 
 def _on_managed_cluster() -> bool:
   import os
 
-  return any(k in os.environ for k in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID",
-                                       "OMPI_COMM_WORLD_SIZE", "JAX_COORDINATOR_ADDRESS"))
+  return any(
+    k in os.environ
+    for k in (
+      "TPU_WORKER_HOSTNAMES",
+      "SLURM_JOB_ID",
+      "OMPI_COMM_WORLD_SIZE",
+      "JAX_COORDINATOR_ADDRESS",
+    )
+  )
 
 
 # --------------------------------------------------------------------------- logical axes
 
 
-def logical_to_mesh_spec(logical: Sequence[str | None], rules: Rules = DEFAULT_RULES,
-                         what: str = "array") -> PartitionSpec:
+def logical_to_mesh_spec(
+  logical: Sequence[str | None], rules: Rules = DEFAULT_RULES, what: str = "array"
+) -> PartitionSpec:
   """PartitionSpec for logical axis names; an axis name with no rule raises."""
   table = dict(rules)
   missing = [name for name in logical if name is not None and name not in table]
@@ -143,16 +162,19 @@ def _path_name(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def abstract_params(config: LlamaConfig):
-  """Boxed (`nn.Partitioned`) parameter shapes, nothing allocated."""
-  return jax.eval_shape(
-    lambda: Llama(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-  )
+@functools.lru_cache(maxsize=32)
+def _abstract_boxed(model: nn.Module):
+  return jax.eval_shape(lambda: init_boxed(model, jax.random.key(0)))
 
 
-def param_partition_specs(config: LlamaConfig, rules: Rules = DEFAULT_RULES):
-  """Tree of mesh PartitionSpecs for the parameters of `config`."""
-  boxed = abstract_params(config)
+def abstract_params(model: Model):
+  """Boxed (`nn.Partitioned`) parameter shapes, nothing allocated (traced once per model)."""
+  return _abstract_boxed(as_model(model))
+
+
+def param_partition_specs(model: Model, rules: Rules = DEFAULT_RULES):
+  """Tree of mesh PartitionSpecs for the parameters of `model`."""
+  boxed = abstract_params(model)
 
   def spec(path, leaf):
     name = _path_name(path)
@@ -165,12 +187,15 @@ def param_partition_specs(config: LlamaConfig, rules: Rules = DEFAULT_RULES):
   )
 
 
-def check_fits_mesh(config: LlamaConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> None:
+def check_fits_mesh(model: Model, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> None:
   """Raises if a parameter dimension is not divisible by the mesh axes it is sharded over."""
-  shapes = nn.meta.unbox(abstract_params(config))
-  specs = param_partition_specs(config, rules)
-  for (path, leaf), spec in zip(jax.tree_util.tree_leaves_with_path(shapes),
-                                jax.tree_util.tree_leaves(specs, is_leaf=_is_spec), strict=True):
+  shapes = nn.meta.unbox(abstract_params(model))
+  specs = param_partition_specs(model, rules)
+  for (path, leaf), spec in zip(
+    jax.tree_util.tree_leaves_with_path(shapes),
+    jax.tree_util.tree_leaves(specs, is_leaf=_is_spec),
+    strict=True,
+  ):
     for dim, (size, axes) in enumerate(zip(leaf.shape, spec, strict=False)):
       n = _mesh_axis_size(mesh, axes)
       if size % n:
@@ -184,25 +209,27 @@ def _is_spec(x) -> bool:
   return isinstance(x, PartitionSpec)
 
 
-def param_shardings(config: LlamaConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+def param_shardings(model: Model, mesh: Mesh, rules: Rules = DEFAULT_RULES):
   """Tree of `NamedSharding`s for the parameters, after checking they fit the mesh."""
-  check_fits_mesh(config, mesh, rules)
+  check_fits_mesh(model, mesh, rules)
   return jax.tree_util.tree_map(
-    lambda spec: NamedSharding(mesh, spec), param_partition_specs(config, rules), is_leaf=_is_spec
+    lambda spec: NamedSharding(mesh, spec), param_partition_specs(model, rules), is_leaf=_is_spec
   )
 
 
-def abstract_sharded_params(config: LlamaConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES):
-  """Parameter `ShapeDtypeStruct`s placed as `param_shardings` (ahead-of-time arguments)."""
+def abstract_sharded_params(model: Model, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+  """Parameter `ShapeDtypeStruct`s placed as `param_shardings` (ahead-of-time arguments, and
+  the restore target of a checkpoint)."""
   return jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-    nn.meta.unbox(abstract_params(config)),
-    param_shardings(config, mesh, rules),
+    nn.meta.unbox(abstract_params(model)),
+    param_shardings(model, mesh, rules),
   )
 
 
-def named_sharding(mesh: Mesh, logical: Sequence[str | None],
-                   rules: Rules = DEFAULT_RULES) -> NamedSharding:
+def named_sharding(
+  mesh: Mesh, logical: Sequence[str | None], rules: Rules = DEFAULT_RULES
+) -> NamedSharding:
   """NamedSharding of an activation / batch array from its logical axis names."""
   return NamedSharding(mesh, logical_to_mesh_spec(logical, rules))
 
@@ -232,30 +259,56 @@ def check_batch_fits_mesh(batch_size: int, mesh: Mesh, what: str = "batch_size")
     )
 
 
-def init_params(config: LlamaConfig, rng: jax.Array, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+def init_params(model: Model, rng: jax.Array, mesh: Mesh, rules: Rules = DEFAULT_RULES):
   """Parameters initialized directly into their shardings.
 
   The initializer is jit-compiled with `out_shardings`, so every device computes only its
   own shards: a model larger than one device never exists on one device.
   """
-  shardings = param_shardings(config, mesh, rules)
-
-  def init(rng):
-    variables = Llama(config).init(rng, jnp.zeros((1, 1), jnp.int32))
-    return nn.meta.unbox(variables["params"])
-
+  model = as_model(model)
+  shardings = param_shardings(model, mesh, rules)
   with activation_sharding(mesh, rules):
-    return jax.jit(init, out_shardings=shardings)(rng)
+    return jax.jit(lambda key: nn.meta.unbox(init_boxed(model, key)), out_shardings=shardings)(rng)
 
 
-def make_forward(config: LlamaConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+def init_missing(model: Model, params: Any, rng: jax.Array, mesh: Mesh,
+                 rules: Rules = DEFAULT_RULES) -> Any:
+  """`params` completed to the full tree of `model`: its parameters that `params` lacks
+  (e.g. fresh LoRA adapters beside loaded weights) initialized straight into their shardings,
+  the given ones kept as they are (no copy). A given parameter the model does not have, or
+  of another shape, raises."""
+  model = as_model(model)
+  shapes = nn.meta.unbox(abstract_params(model))
+  given = dict(jax.tree_util.tree_leaves_with_path(params))
+  expected = dict(jax.tree_util.tree_leaves_with_path(shapes))
+  for path, leaf in given.items():
+    if path not in expected or tuple(leaf.shape) != tuple(expected[path].shape):
+      want = expected[path].shape if path in expected else "no such parameter"
+      raise ValueError(
+        f"init_missing: parameter {_path_name(path)} of shape {tuple(leaf.shape)} does not "
+        f"fit the model ({want})"
+      )
+  missing = jax.tree_util.tree_map_with_path(lambda p, _: p not in given, shapes)
+  if not any(jax.tree.leaves(missing)):
+    return params
+  keep = lambda tree: jax.tree.map(lambda x, m: x if m else None, tree, missing)
+  shardings = keep(param_shardings(model, mesh, rules))
+  with activation_sharding(mesh, rules):
+    fresh = jax.jit(lambda key: keep(nn.meta.unbox(init_boxed(model, key))),
+                    out_shardings=shardings)(rng)  # fmt: skip
+  return jax.tree_util.tree_map_with_path(
+    lambda p, f: given[p] if f is None else f, fresh, is_leaf=lambda x: x is None
+  )
+
+
+def make_forward(model: Model, mesh: Mesh, rules: Rules = DEFAULT_RULES):
   """`forward(params, tokens, positions=None, segment_ids=None) -> logits`, jitted with
   explicit in/out shardings: batch over data × fsdp, vocab logits over tensor.
 
   Host (numpy) inputs are the *global* batch, identical on every process; each device
   receives only its rows.
   """
-  model = Llama(config)
+  model = as_model(model)
   batch = named_sharding(mesh, ("act_batch", "act_seq"), rules)
 
   def forward(params, tokens, positions, segment_ids):
@@ -264,7 +317,7 @@ def make_forward(config: LlamaConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES):
 
   jitted = jax.jit(
     forward,
-    in_shardings=(param_shardings(config, mesh, rules), batch, batch, batch),
+    in_shardings=(param_shardings(model, mesh, rules), batch, batch, batch),
     out_shardings=named_sharding(mesh, ("act_batch", "act_seq", "act_vocab"), rules),
   )
 

@@ -12,6 +12,7 @@ function gets the optimizer and model config from its closure.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -22,7 +23,6 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax import sharding
-from llama_jax.config import LlamaConfig
 
 
 @flax.struct.dataclass
@@ -111,8 +111,15 @@ def weight_decay_mask(params: Any) -> Any:
   )
 
 
-def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
-  """Global-norm clipping followed by AdamW on the schedule of `cfg`."""
+def make_optimizer(
+  cfg: OptimizerConfig, trainable: Callable[[Any], Any] | None = None
+) -> optax.GradientTransformation:
+  """Global-norm clipping followed by AdamW on the schedule of `cfg`.
+
+  `trainable(params) -> bool tree` (e.g. `llama_jax.lora.trainable_mask`) restricts the
+  optimizer to a subset through `optax.masked`: clipping, moments and weight decay see only
+  those parameters, and the others hold no optimizer state.
+  """
   adamw = optax.adamw(
     learning_rate_schedule(cfg),
     b1=cfg.b1,
@@ -121,13 +128,8 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     weight_decay=cfg.weight_decay,
     mask=None if cfg.decay_norms else weight_decay_mask,
   )
-  if cfg.grad_clip <= 0:
-    return adamw
-  return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
-
-
-def _abstract_params(config: LlamaConfig):
-  return nn.meta.unbox(sharding.abstract_params(config))
+  tx = adamw if cfg.grad_clip <= 0 else optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
+  return tx if trainable is None else optax.masked(tx, trainable)
 
 
 def _replicated(mesh: Mesh) -> NamedSharding:
@@ -144,7 +146,7 @@ def _new_state(params, optimizer, rng) -> TrainState:
   )
 
 
-# Any parameter tree: the LM's (below) or another model's (`llama_jax.reward_model`).
+# Any parameter tree, placed as `param_shardings`.
 
 
 def state_shardings_for(
@@ -153,12 +155,14 @@ def state_shardings_for(
   """A `TrainState` of `NamedSharding`s for parameters placed as `param_shardings`
   (`abstract_params`: their unboxed shapes): optimizer moments follow their parameters,
   counters and the key are replicated."""
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # a frozen parameter: no state at all
   opt = optax.tree_utils.tree_map_params(
     optimizer,
-    lambda _, s: s,
+    lambda x, s: x if masked(x) else s,
     jax.eval_shape(optimizer.init, abstract_params),
     param_shardings,
     transform_non_params=lambda _: _replicated(mesh),
+    is_leaf=masked,
   )
   rep = _replicated(mesh)
   return TrainState(step=rep, params=param_shardings, opt_state=opt, rng=rep, skipped=rep)
@@ -191,11 +195,11 @@ def new_train_state(
   return make(params, rng)
 
 
-# The LM.
+# Any model (`llama_jax.sharding.Model`: a linen module, or a `LlamaConfig` for `Llama(config)`).
 
 
 def state_shardings(
-  config: LlamaConfig,
+  model: sharding.Model,
   optimizer: optax.GradientTransformation,
   mesh: Mesh,
   rules: sharding.Rules = sharding.DEFAULT_RULES,
@@ -203,24 +207,24 @@ def state_shardings(
   """A `TrainState` of `NamedSharding`s: optimizer moments follow their parameters (fsdp /
   tensor sharded), counters and the key are replicated."""
   return state_shardings_for(
-    sharding.param_shardings(config, mesh, rules), _abstract_params(config), optimizer, mesh
+    sharding.param_shardings(model, mesh, rules), _abstract_params(model), optimizer, mesh
   )
 
 
 def abstract_train_state(
-  config: LlamaConfig,
+  model: sharding.Model,
   optimizer: optax.GradientTransformation,
   mesh: Mesh,
   rules: sharding.Rules = sharding.DEFAULT_RULES,
 ) -> TrainState:
   """`jax.ShapeDtypeStruct`s with shardings: the restore target of a checkpoint on `mesh`."""
   return abstract_train_state_for(
-    sharding.param_shardings(config, mesh, rules), _abstract_params(config), optimizer, mesh
+    sharding.param_shardings(model, mesh, rules), _abstract_params(model), optimizer, mesh
   )
 
 
 def init_train_state(
-  config: LlamaConfig,
+  model: sharding.Model,
   optimizer: optax.GradientTransformation,
   mesh: Mesh,
   rng: jax.Array,
@@ -232,7 +236,11 @@ def init_train_state(
   from `rng` too, independently of the parameter init."""
   init_rng, step_rng = jax.random.split(rng)
   if params is None:
-    params = sharding.init_params(config, init_rng, mesh, rules)
+    params = sharding.init_params(model, init_rng, mesh, rules)
   return new_train_state(
-    params, state_shardings(config, optimizer, mesh, rules), optimizer, step_rng
+    params, state_shardings(model, optimizer, mesh, rules), optimizer, step_rng
   )
+
+
+def _abstract_params(model: sharding.Model):
+  return nn.meta.unbox(sharding.abstract_params(model))

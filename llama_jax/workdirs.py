@@ -5,6 +5,10 @@ directory (`config.json` + safetensors).
     config, params = load_model("runs/sft", mesh)              # LM params
     config, params = load_model("runs/rm_helpful", mesh)       # {"lm", "head"} params
     kind = model_kind("runs/rm_helpful")                       # "reward_model"
+
+A run with LoRA adapters also writes `lora_config.json`; its checkpoints hold the adapters
+beside the frozen weights, and `load_model` returns them merged (`llama_jax.lora.merge`), so
+the next stage, an export or a notebook sees a plain model.
 """
 
 from __future__ import annotations
@@ -13,16 +17,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
-import jax
 from jax.sharding import Mesh
 
-from llama_jax import reward_model, sharding
+from llama_jax import lora, sharding
 from llama_jax.checkpoint import orbax as ckpt_lib
 from llama_jax.checkpoint.hf import load_hf_checkpoint
 from llama_jax.config import MODEL_CONFIG_FILE, LlamaConfig
+from llama_jax.model import Llama
+from llama_jax.reward_model import RewardModel
 
 KINDS = ("lm", "reward_model")
+LORA_CONFIG_FILE = "lora_config.json"
 
 
 def is_hf_checkpoint(path: str | Path) -> bool:
@@ -38,6 +43,12 @@ def read_model_config(workdir: str | Path, **overrides: Any) -> LlamaConfig:
       f"workdir (no {MODEL_CONFIG_FILE})"
     )
   return LlamaConfig.from_dict(json.loads(config_file.read_text())).replace(**overrides)
+
+
+def read_lora_config(workdir: str | Path) -> lora.LoraConfig | None:
+  """The `LoraConfig` of a run that trained adapters (its `lora_config.json`), else None."""
+  path = Path(workdir) / LORA_CONFIG_FILE
+  return lora.LoraConfig(**json.loads(path.read_text())) if path.exists() else None
 
 
 # What a workdir's newest saved state holds, told by where its parameters sit: (a path prefix
@@ -70,15 +81,6 @@ def model_kind(path: str | Path) -> str:
   return "lm" if is_hf_checkpoint(path) else _layout(path)[0]
 
 
-def lm_abstract_params(config: LlamaConfig, mesh: Mesh) -> Any:
-  """LM parameter `ShapeDtypeStruct`s with their shardings on `mesh` (a restore target)."""
-  return jax.tree.map(
-    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-    nn.meta.unbox(sharding.abstract_params(config)),
-    sharding.param_shardings(config, mesh),
-  )
-
-
 def load_model(
   path: str | Path, mesh: Mesh, *, kind: str | None = None, **overrides: Any
 ) -> tuple[LlamaConfig, Any]:
@@ -99,9 +101,8 @@ def load_model(
     return load_hf_checkpoint(
       path, dtype=param_dtype, compute_dtype=compute_dtype, mesh=mesh, **overrides
     )
-  config = read_model_config(path, **overrides)
-  if found == "reward_model":
-    return config, reward_model.load_params(str(path), config, mesh)
-  directory = ckpt_lib.checkpoint_dir(path)
-  abstract = lm_abstract_params(config, mesh)
-  return config, ckpt_lib.load_params(directory, abstract, within=_layout(path)[1])
+  config, adapters = read_model_config(path, **overrides), read_lora_config(path)
+  module = RewardModel if found == "reward_model" else Llama
+  abstract = sharding.abstract_sharded_params(module(config, lora=adapters), mesh)
+  params = ckpt_lib.load_params(ckpt_lib.checkpoint_dir(path), abstract, within=_layout(path)[1])
+  return config, params if adapters is None else lora.merge(params, adapters)

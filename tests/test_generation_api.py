@@ -12,7 +12,8 @@ import pytest
 from experiments import common
 from experiments import generate as generate_exp
 from experiments.configs import generate as generate_configs
-from llama_jax import LlamaConfig
+from llama_jax import LlamaConfig, reward_model, rewards, sharding
+from llama_jax import train_state as ts
 from llama_jax.checkpoint import orbax as ckpt_lib
 from llama_jax.checkpoint import save_hf_checkpoint
 from llama_jax.generation import (
@@ -23,6 +24,7 @@ from llama_jax.generation import (
   select_best,
 )
 from llama_jax.model import init_params
+from llama_jax.testing import save_workdir
 from llama_jax.tokenizer import render_chat, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,3 +201,41 @@ def test_generate_command_line_from_a_hf_checkpoint(checkpoints, tmp_path):
   assert len(rows) == 3 and all(len(r["responses"]) == 4 for r in rows)
   assert all(len(set(r["responses"])) == 1 for r in rows)  # greedy: all 4 samples agree
   assert json.loads((tmp_path / "generate_config.json").read_text())["init_from"] == str(hf_dir)
+
+
+def test_generate_experiment_scores_with_a_reward_model_workdir(checkpoints, tmp_path):
+  """`reward.kind="reward_model"`: every sample is scored by the RM (the scorer of rejection
+  sampling, GRPO and PPO), and the best index is the argmax of its scores."""
+  model_cfg, _, workdir, _ = checkpoints
+  opt = ts.make_optimizer(ts.OptimizerConfig(warmup_steps=1, total_steps=2))
+  rm_state = reward_model.init_train_state(
+    model_cfg, opt, sharding.make_mesh(), jax.random.PRNGKey(3)
+  )
+  rm_dir = save_workdir(tmp_path / "rm", model_cfg, rm_state)
+  cfg = small_config(str(workdir))
+  cfg.reward.update(kind="reward_model", reward_model=rm_dir, batch_size=8)
+  summary = generate_exp.run(cfg, str(tmp_path / "out"))
+  rows = read_samples(tmp_path / "out")
+  scores = np.array([r["scores"] for r in rows])
+  assert scores.shape == (4, 2) and [r["best"] for r in rows] == scores.argmax(1).tolist()
+  scorer = rewards.RewardScorer.from_workdir(rm_dir, tiny_tokenizer("llama3"))
+  prompts = [r["prompt"] for r in rows for _ in r["responses"]]
+  direct = scorer(prompts, [y for r in rows for y in r["responses"]])
+  np.testing.assert_allclose(scores.ravel(), direct, rtol=1e-5, atol=1e-5)
+  assert summary["best_of_k_score"] == pytest.approx(scores.max(1).mean())
+
+
+def test_generate_experiment_without_a_scorer_and_with_a_bad_kind(checkpoints, tmp_path):
+  _, _, workdir, _ = checkpoints
+  cfg = small_config(str(workdir))
+  cfg.reward.kind = ""
+  summary = generate_exp.run(cfg, str(tmp_path))
+  assert "mean_score" not in summary
+  assert all("scores" not in r and "best" not in r for r in read_samples(tmp_path))
+  cfg.reward.kind = "oracle"
+  with pytest.raises(ValueError, match="reward.kind='oracle'"):
+    generate_exp.run(cfg, str(tmp_path))
+  old = small_config(str(workdir))  # a config of before the reward section
+  old.scorer = "check_answer"
+  with pytest.raises(common.ConfigError, match="scorer='check_answer' is now config.reward.kind"):
+    generate_exp.run(old, str(tmp_path))

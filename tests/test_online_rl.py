@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax import LlamaConfig, online, reward_model, rollouts, sharding
+from llama_jax import LlamaConfig, lora, online, reward_model, rollouts, sharding
 from llama_jax import train_state as ts
 from llama_jax.generation import GenerationConfig, SamplingConfig
-from llama_jax.model import init_params
+from llama_jax.model import Llama, init_params
 from llama_jax.objectives import grpo as grpo_obj
 from llama_jax.objectives import ppo as ppo_obj
 from llama_jax.objectives.kl import kl_estimate
@@ -247,3 +247,54 @@ def test_the_driver_samples_scores_and_updates_in_shuffled_minibatches(setup):
   assert metrics["loss"] == metrics["loss/policy"] == pytest.approx(2.5)  # mean of 2, 3
   assert metrics["reward/groups_with_signal"] == 0.0 and metrics["extra"] == 1.0
   assert metrics["finite"] == 1.0 and metrics["response/length"] > 0
+
+
+def same_layout(state, abstract):
+  """`state`'s leaves have the shapes, dtypes and shardings of the abstract restore target."""
+  leaves, abstract_leaves = jax.tree.leaves(state), jax.tree.leaves(abstract)
+  assert jax.tree.structure(state) == jax.tree.structure(abstract)
+  for x, a in zip(leaves, abstract_leaves, strict=True):
+    assert (x.shape, x.dtype) == (a.shape, a.dtype)
+    if isinstance(x.sharding, jax.sharding.NamedSharding):  # fresh scalars are uncommitted
+      assert x.sharding.is_equivalent_to(a.sharding, x.ndim)
+
+
+def test_algorithms_build_their_fresh_and_abstract_states(setup):
+  config, params, *_ = setup
+  mesh = sharding.make_mesh()
+  opt = ts.make_optimizer(ts.OptimizerConfig(learning_rate=1e-3, warmup_steps=0, total_steps=10))
+  key = jax.random.PRNGKey(0)
+
+  def unused(*args):  # building states calls none of the jitted steps
+    raise AssertionError("called")
+
+  grpo = online.GRPO(model=config, optimizer=opt, mesh=mesh, score_fn=unused, train_step=unused)
+  state = grpo.init_state(jax.tree.map(jnp.copy, params), key)
+  assert isinstance(state, online.PolicyState) and int(state.step) == 0
+  same_layout(state, grpo.abstract_state())
+  np.testing.assert_array_equal(state.policy.params["embed"], params["embed"])
+
+  ppo = online.PPO(
+    model=config, value_config=config, policy_opt=opt, value_opt=opt, mesh=mesh,
+    score_fn=unused, policy_step=unused, value_step=unused, kl_coef=0.05,
+  )  # fmt: skip
+  state = ppo.init_state(jax.tree.map(jnp.copy, params), key)  # value: the policy's trunk
+  assert float(state.kl_coef) == pytest.approx(0.05) and int(state.step) == 0
+  same_layout(state, ppo.abstract_state())
+  np.testing.assert_array_equal(state.value.params["lm"]["embed"], params["embed"])
+  vparams = reward_model.from_lm_params(config, params, jax.random.PRNGKey(5))
+  given = ppo.init_state(jax.tree.map(jnp.copy, params), key, vparams)
+  np.testing.assert_array_equal(given.value.params["head"]["kernel"], vparams["head"]["kernel"])
+  other = dataclasses.replace(config, num_layers=1)
+  with pytest.raises(ValueError, match="needs the policy's config"):
+    dataclasses.replace(ppo, value_config=other).init_state(params, key)
+
+  # A LoRA policy from plain weights: fresh adapters join them, moments only for adapters.
+  lora_opt = ts.make_optimizer(ts.OptimizerConfig(warmup_steps=0, total_steps=10),
+                               trainable=lora.trainable_mask)  # fmt: skip
+  adapted = Llama(config, lora=lora.LoraConfig(rank=2))
+  grpo = dataclasses.replace(grpo, model=adapted, optimizer=lora_opt)
+  state = grpo.init_state(jax.tree.map(jnp.copy, params), key)
+  same_layout(state, grpo.abstract_state())
+  np.testing.assert_array_equal(state.policy.params["embed"], params["embed"])
+  assert lora.has_adapters(state.policy.params)

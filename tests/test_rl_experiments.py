@@ -6,13 +6,18 @@ all algorithms share) and plots and resume."""
 
 import json
 
+import jax
+import numpy as np
 import pytest
 
 from experiments import grpo, lm, ppo
 from experiments.configs import grpo as grpo_configs
 from experiments.configs import ppo as ppo_configs
 from experiments.configs import sft as sft_configs
+from llama_jax import lora, sharding, workdirs
+from llama_jax.checkpoint import orbax as ckpt_lib
 from llama_jax.metrics import read_metrics
+from llama_jax.model import Llama
 
 SMALL = dict(num_layers=2, d_model=64, head_dim=16, mlp_dim=128)
 
@@ -88,3 +93,24 @@ def test_critic_free_variants_raise_the_reward(sft_workdir, tmp_path, variant):
   assert out["end"]["reward/mean"] > out["start"]["reward/mean"] + 0.15
   assert out["end"]["objective/kl"] < 10.0
   assert SHARED <= set(read_metrics(tmp_path)[-1])
+
+
+@pytest.mark.slow
+def test_grpo_with_lora_raises_the_reward_and_trains_only_adapters(sft_workdir, tmp_path):
+  cfg = rl_config(grpo_configs, sft_workdir, batch_size=8, steps=24)
+  cfg.grpo.group_size = 4
+  cfg.optimizer.learning_rate = 3e-3  # adapters start at zero: LoRA takes larger steps
+  cfg.lora.update(rank=8, alpha=16.0)
+  out = grpo.run(cfg, str(tmp_path))
+  report("grpo_lora", out)
+  assert out["end"]["reward/mean"] > out["start"]["reward/mean"] + 0.15
+  # The saved policy: the SFT weights untouched beside trained adapters.
+  mesh = sharding.make_mesh()
+  config, sft = workdirs.load_model(sft_workdir, mesh)
+  model = Llama(config, lora=workdirs.read_lora_config(tmp_path))
+  abstract = sharding.abstract_sharded_params(model, mesh)
+  saved = ckpt_lib.load_params(ckpt_lib.checkpoint_dir(tmp_path), abstract, within="policy")
+  trainable, frozen = lora.split(saved, lora.trainable_mask(saved))
+  for x, y in zip(jax.tree.leaves(frozen), jax.tree.leaves(sft), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert any(float(abs(np.asarray(b)).max()) > 0 for b in jax.tree.leaves(trainable))

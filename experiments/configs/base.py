@@ -19,6 +19,9 @@ train       num_steps, seed, grad_accum_steps, z_loss, loss_chunk_size (0: no ch
             log_every, eval_every (0: only at the end), checkpoint_every, keep_checkpoints,
             async_checkpoint, on_nonfinite (skip | raise), max_skipped, peak_flops (per
             device, for MFU; 0 = detect from the device kind).
+lora        rank (0: train every weight), alpha (updates scaled by alpha / rank), targets
+            (comma-separated projections among q,k,v,o,gate,up,down): low-rank adapters
+            (`llama_jax.lora`); only they train, the workdir's `load_model` merges them.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 
 import ml_collections
 
+from llama_jax.lora import LoraConfig
 from llama_jax.train_state import OptimizerConfig
 from llama_jax.trainer import LoopConfig
 
@@ -83,8 +87,14 @@ def lm_config(**model_fields) -> ml_collections.ConfigDict:
         loss_chunk_size=0,
         peak_flops=0.0,
       ),
+      "lora": lora_section(),
     }
   )
+
+
+def lora_section(rank: int = 0) -> dict[str, Any]:
+  """`LoraConfig`'s defaults with `rank` (0: off) and targets as one comma-separated string."""
+  return dataclass_section(LoraConfig, rank=rank, targets=",".join(LoraConfig().targets))
 
 
 # The tiny model of the CPU experiments over the 1280-token tiny Llama 3 tokenizer (special
@@ -123,7 +133,7 @@ def use_preference_data(config: ml_collections.ConfigDict) -> ml_collections.Con
 
 def reward_section(kind: str = "reward_model") -> ml_collections.ConfigDict:
   """How responses are scored (`llama_jax.scorers.build_scorer`, through
-  `experiments.rejection_sampling.build_scorer`): kind "reward_model" (the RM workdir in
+  `experiments.generate.build_scorer`): kind "reward_model" (the RM workdir in
   reward_model), "llama2" (Llama 2's combined score of the
   helpful and safety RM workdirs, safety threshold `threshold`) or "check_answer" (a right
   answer to a bundled rl_prompt scores 1; no reward model). batch_size: rows per RM forward

@@ -4,8 +4,8 @@
       --workdir=DIR --config.init_from=<experiment workdir or Hugging Face dir>
 
 Writes DIR/samples.jsonl (one line per prompt: its id and prompt, the responses, their token
-counts and summed model log-probs, and with a scorer their scores and the best index) and
-DIR/generate_config.json.
+counts and summed model log-probs, and with reward.kind set their scores and the best index)
+and DIR/generate_config.json.
 
 Fields
   model, tokenizer, init_from, mesh  as in `experiments/configs/base.py`; with init_from
@@ -19,13 +19,16 @@ Fields
               temperature (0 = greedy), top_k (0 = off), top_p (1 = off), prompt_bucket
               (0 = powers of two), seed.
   chat        wrap string prompts as a user message of the tokenizer's chat format.
-  scorer      "" or "check_answer" (`llama_jax.data.scoring.check_answer` on rl_prompt
-              records: reference answers, refusals of unsafe prompts).
+  reward      `base.reward_section`, as in the rejection-sampling, GRPO and PPO configs:
+              kind "" (no scores), "check_answer" (`llama_jax.data.scoring.check_answer` on
+              rl_prompt records: reference answers, refusals of unsafe prompts),
+              "reward_model" (the RM workdir in reward_model) or "llama2" (the helpful and
+              safety RM workdirs); threshold, whitening, batch_size (rows per RM pass).
 
 Variants
   tiny         the tiny Llama 3-style model of the pretrain/SFT configs on 16 bundled
                rl_prompt test prompts, 4 samples each; CPU, seconds. With init_from an SFT
-               workdir of the tiny recipe the answers are mostly right (see `scorer`).
+               workdir of the tiny recipe the answers are mostly right (see `reward`).
   llama3p1_8b  Llama 3.1 8B Instruct from a Hugging Face directory, bf16, 512 prompts × 8
                samples at temperature 1.0 (rejection sampling); one host of 8 × H100,
                each GPU holding the weights (data=8).
@@ -35,7 +38,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs.base import TINY_MODEL
+from experiments.configs.base import TINY_MODEL, reward_section
 
 
 def get_config(variant: str = "tiny"):
@@ -72,7 +75,7 @@ def _base(**model_fields) -> ml_collections.ConfigDict:
         "seed": 0,
       },
       "chat": True,
-      "scorer": "check_answer",
+      "reward": reward_section("check_answer").to_dict(),
     }
   )
 
@@ -82,8 +85,13 @@ def tiny():
 
 
 def llama3p1_8b():
-  config = _base(preset="llama3p1_8b", dtype="bfloat16", param_dtype="bfloat16",
-                 scan_layers=True, attention_impl="auto")
+  config = _base(
+    preset="llama3p1_8b",
+    dtype="bfloat16",
+    param_dtype="bfloat16",
+    scan_layers=True,
+    attention_impl="auto",
+  )
   config.tokenizer = "/path/to/llama3.1-8b-instruct/original/tokenizer.model"
   config.init_from = "/path/to/llama3.1-8b-instruct"
   config.data.update(num_prompts=512, batch_size=64)

@@ -36,7 +36,7 @@ from __future__ import annotations
 import ml_collections
 
 from experiments.configs import generate
-from experiments.configs.base import lm_config, reward_section
+from experiments.configs.base import lm_config
 
 
 def get_config(variant: str = "tiny"):
@@ -53,15 +53,15 @@ def get_config(variant: str = "tiny"):
 
 
 def rl_config(base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A generate config plus the reward, optimizer and train sections of online RL."""
+  """A generate config (its reward section included) plus the optimizer and train sections
+  of online RL."""
   config = base
-  del config["scorer"]
-  config.reward = reward_section("check_answer")
   lm = lm_config()
   config.optimizer = lm.optimizer
   config.optimizer.update(schedule="constant", warmup_steps=0, weight_decay=0.0)
   config.train = lm.train
   config.train.update(num_steps=100, num_minibatches=2, log_every=1, checkpoint_every=50)
+  config.lora = lm.lora  # the policy's adapters (rank 0: full fine-tuning)
   config.data.update(split="train", num_prompts=0, seed=0)
   config.generation.update(temperature=1.0, seed=0)
   return config

@@ -48,7 +48,6 @@ def get_config(variant: str = "tiny"):
 
 def _with_rounds(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """A generate config plus the rejection-sampling sections."""
-  del config["scorer"]
   config.reward = reward_section()
   config.pool_from = ""
   config.rescore_pool = True

@@ -1,7 +1,7 @@
 """`generate`: text prompts (or chats) in, texts and token arrays out.
 
     from llama_jax.generation import generate
-    out = generate(config, params, tokenizer, ["What is 2 + 3?"], max_new_tokens=32,
+    out = generate(model, params, tokenizer, ["What is 2 + 3?"], max_new_tokens=32,
                    temperature=0.7, chat=True)
     out.texts[0][0], out.tokens[0, 0], out.model_logprobs[0, 0]
 
@@ -19,7 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from llama_jax.config import LlamaConfig
+from llama_jax import sharding
 from llama_jax.generation.decode import GenerationConfig, generate_tokens
 from llama_jax.generation.sampling import SamplingConfig
 from llama_jax.tokenizer import Tokenizer, render_chat
@@ -80,7 +80,7 @@ def _to_host(tree):
 
 
 def generate(
-  config: LlamaConfig,
+  model: sharding.Model,
   params,
   tokenizer: Tokenizer,
   prompts: Sequence[Prompt],
@@ -99,7 +99,7 @@ def generate(
   """Samples `num_samples` responses to each prompt.
 
   Args:
-    config, params: the model (params sharded for `mesh` when one is given).
+    model, params: the model (params sharded for `mesh` when one is given).
     tokenizer: encodes prompts and decodes responses.
     prompts: B texts or chats (lists of {"role", "content"} messages); see `encode_prompt`.
     max_new_tokens: the most tokens per response, stop token included.
@@ -126,7 +126,7 @@ def generate(
     pad_id=tokenizer.pad_id,
     prompt_bucket=prompt_bucket,
   )
-  out = _to_host(generate_tokens(config, params, prompt_tokens, key, gen, mesh=mesh))
+  out = _to_host(generate_tokens(model, params, prompt_tokens, key, gen, mesh=mesh))
   texts = [
     [response_text(tokenizer, t, m, gen.stop_ids) for t, m in zip(ts, ms, strict=True)]
     for ts, ms in zip(out.tokens, out.mask, strict=True)

@@ -28,6 +28,7 @@ import dataclasses
 import functools
 from collections.abc import Sequence
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -37,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from llama_jax import sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.generation.sampling import SamplingConfig, sample
-from llama_jax.model import KVCache, Llama
+from llama_jax.model import KVCache, as_model
 
 MIN_BUCKET = 16
 
@@ -121,7 +122,7 @@ def pad_prompts(
 
 
 def decode(
-  config: LlamaConfig,
+  model: sharding.Model,
   gen: GenerationConfig,
   params,
   tokens: jax.Array,
@@ -133,7 +134,8 @@ def decode(
   """Prefills B prompts and samples R continuations each; pure, to be jit-compiled.
 
   Args:
-    config, gen: model and generation configs (static).
+    model, gen: the model (a `Llama` module, or its `LlamaConfig`) and the generation
+      config (static).
     params: model parameters.
     tokens, segment_ids: [B, P] left-padded prompts (segment id 0 on padding).
     keys: [B, R] PRNG keys, one per sample, or their `jax.random.key_data` [B, R, 2].
@@ -144,7 +146,7 @@ def decode(
     `(output, prompt_cache, sample_cache)`, the caches filled (returned so that donated
     input buffers are updated in place).
   """
-  model = Llama(config)
+  model = as_model(model)
   apply = functools.partial(model.apply, {"params": params})
   b, r, n = tokens.shape[0], gen.num_samples, gen.max_new_tokens
   if not jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
@@ -227,8 +229,8 @@ def cache_shardings(mesh: Mesh) -> KVCache:
   )
 
 
-def make_decode_fn(config: LlamaConfig, gen: GenerationConfig, mesh: Mesh | None = None):
-  """`decode` jit-compiled for (config, gen, mesh), both caches donated; memoized.
+def make_decode_fn(model: sharding.Model, gen: GenerationConfig, mesh: Mesh | None = None):
+  """`decode` jit-compiled for (model, gen, mesh), both caches donated; memoized.
 
   `fn(params, tokens, segment_ids, keys, prompt_cache, sample_cache)` returns
   `(GenerationOutput, prompt_cache, sample_cache)`. With a mesh, batch dimensions are
@@ -237,12 +239,12 @@ def make_decode_fn(config: LlamaConfig, gen: GenerationConfig, mesh: Mesh | None
   same function object is returned for equal arguments; it compiles once per (B, P) shape,
   which `fn._cache_size()` counts.
   """
-  return _decode_fn(config, gen, mesh)
+  return _decode_fn(as_model(model), gen, mesh)
 
 
 @functools.lru_cache(maxsize=64)
-def _decode_fn(config: LlamaConfig, gen: GenerationConfig, mesh: Mesh | None):
-  fn = functools.partial(decode, config, gen)
+def _decode_fn(model: nn.Module, gen: GenerationConfig, mesh: Mesh | None):
+  fn = functools.partial(decode, model, gen)
   if mesh is None:
     return jax.jit(fn, donate_argnums=(4, 5))
 
@@ -262,17 +264,18 @@ def _decode_fn(config: LlamaConfig, gen: GenerationConfig, mesh: Mesh | None):
   keys = sharding.named_sharding(mesh, ("act_batch", None, None))
   return jax.jit(
     sharded,
-    in_shardings=(sharding.param_shardings(config, mesh), batch, batch, keys, caches, caches),
+    in_shardings=(sharding.param_shardings(model, mesh), batch, batch, keys, caches, caches),
     out_shardings=(outputs, caches, caches),
     donate_argnums=(4, 5),
   )
 
 
 def abstract_decode_args(
-  config: LlamaConfig, gen: GenerationConfig, num_prompts: int, prompt_len: int, mesh: Mesh
+  model: sharding.Model, gen: GenerationConfig, num_prompts: int, prompt_len: int, mesh: Mesh
 ) -> tuple:
-  """Abstract arguments of `make_decode_fn(config, gen, mesh)` for `num_prompts` prompts of
+  """Abstract arguments of `make_decode_fn(model, gen, mesh)` for `num_prompts` prompts of
   up to `prompt_len` tokens, padded as `generate_tokens` pads them (ahead-of-time checks)."""
+  config = as_model(model).config
   shards = sharding.batch_shards(mesh)
   b, r = -(-num_prompts // shards) * shards, gen.num_samples
   p = bucket_length(prompt_len, gen.prompt_bucket)
@@ -284,7 +287,7 @@ def abstract_decode_args(
   place = lambda c: jax.tree.map(lambda x, sh: struct(x.shape, x.dtype, sh), c,
                                  cache_shardings(mesh))  # fmt: skip
   return (
-    sharding.abstract_sharded_params(config, mesh),
+    sharding.abstract_sharded_params(model, mesh),
     struct((b, p), jnp.int32, batch),
     struct((b, p), jnp.int32, batch),
     struct((b, r, 2), jnp.uint32, sharding.named_sharding(mesh, ("act_batch", None, None))),
@@ -345,7 +348,7 @@ def _check_prompts(config: LlamaConfig, gen: GenerationConfig, prompts) -> list[
 
 
 def generate_tokens(
-  config: LlamaConfig,
+  model: sharding.Model,
   params,
   prompts: Sequence[Sequence[int]],
   key,
@@ -356,7 +359,7 @@ def generate_tokens(
   """Samples `gen.num_samples` continuations of each prompt (token ids, unpadded).
 
   Args:
-    config: the model's `LlamaConfig`.
+    model: the model (`Llama(config, lora=...)`, or a `LlamaConfig` for `Llama(config)`).
     params: its parameters (sharded by `sharding.param_shardings` when `mesh` is given).
     prompts: B lists of token ids, of any lengths.
     key: an int seed, a PRNG key (samples derived with `sample_keys`), or keys [B, R],
@@ -367,6 +370,7 @@ def generate_tokens(
   Returns:
     A `GenerationOutput` with fields [B, R, N].
   """
+  config = as_model(model).config
   prompts = _check_prompts(config, gen, prompts)
   num_prompts, r = len(prompts), gen.num_samples
   key = _as_key(key)
@@ -391,7 +395,7 @@ def generate_tokens(
       np.asarray(jax.random.key_data(keys)),
       sharding.named_sharding(mesh, ("act_batch", None, None)),
     )
-  fn = make_decode_fn(config, gen, mesh)
+  fn = make_decode_fn(model, gen, mesh)
   out, _, _ = fn(params, tokens, segments, keys, prompt_cache, sample_cache)
   if extra:
     out = jax.tree.map(lambda x: x[:num_prompts] if x.ndim else x, out)

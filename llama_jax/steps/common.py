@@ -11,9 +11,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llama_jax import sharding
-from llama_jax.config import LlamaConfig
-from llama_jax.model import Llama
+from llama_jax import lora, sharding
+from llama_jax.model import as_model
 from llama_jax.objectives import logprobs as lp
 from llama_jax.train_state import TrainState
 
@@ -22,7 +21,7 @@ SumsFn = Callable[[Any, Batch], dict[str, jax.Array]]
 
 
 def token_logprobs(
-  config: LlamaConfig,
+  model: sharding.Model,
   params: Any,
   rows: Batch,
   chunk_size: int = 0,
@@ -32,14 +31,14 @@ def token_logprobs(
   """log π(targets) [B, T] of rows with `tokens`, `positions`, `segment_ids` and `targets`
   (and the entropy [B, T] too if `with_entropy`), the logits `chunk_size` positions at a time
   (`objectives.logprobs.chunked_token_logprobs`)."""
-  model = Llama(config)
+  model = as_model(model)
   variables = {"params": params}
   hidden, _ = model.apply(
-    variables, rows["tokens"], rows["positions"], rows["segment_ids"], method=Llama.hidden_states
+    variables, rows["tokens"], rows["positions"], rows["segment_ids"], method="hidden_states"
   )
   return lp.chunked_token_logprobs(
     hidden,
-    lambda h: model.apply(variables, h, method=Llama.logits),
+    lambda h: model.apply(variables, h, method="logits"),
     rows["targets"],
     chunk_size=chunk_size,
     with_entropy=with_entropy,
@@ -70,11 +69,21 @@ def accumulate_gradients(
   and the result equals a single step on all rows.
   """
 
-  def loss_and_sums(p, b):
-    sums = sums_fn(p, b)
+  # Gradients with respect to the trainable parameters only (all of them, unless `params`
+  # holds LoRA adapters): the frozen weights' gradients are never formed.
+  mask = lora.trainable_mask(params)
+  trainable, frozen = lora.split(params, mask)
+
+  def loss_and_sums(t, b):
+    sums = sums_fn(lora.merge_trees(t, frozen), b)
     return sums["loss_sum"], sums
 
-  grad_fn = jax.grad(loss_and_sums, has_aux=True)
+  sums, grads = _accumulate(jax.grad(loss_and_sums, has_aux=True), trainable, batch, num)
+  zeros = jax.tree.map(lambda p, m: None if m else jnp.zeros_like(p), params, mask)
+  return sums, lora.merge_trees(grads, zeros)
+
+
+def _accumulate(grad_fn, params, batch: Batch, num: int):
   if num == 1:
     grads, sums = grad_fn(params, batch)
     return sums, grads
@@ -124,10 +133,14 @@ def apply_gradients(
   """
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(grad_norm)
+  mask = lora.trainable_mask(state.params)
 
   def update(params, opt_state):
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+    new = optax.apply_updates(params, updates)
+    # Frozen parameters stay exactly as they were, even under an optimizer that was not
+    # masked to the trainable ones (whose weight decay would otherwise move them).
+    return lora.merge_trees(lora.split(new, mask)[0], lora.split(params, mask)[1]), opt_state
 
   # A branch rather than a `where` over every parameter and moment: the skipped path costs
   # nothing and the taken one no extra pass over the state.

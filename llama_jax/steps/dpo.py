@@ -38,8 +38,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from llama_jax import sharding
-from llama_jax.config import LlamaConfig
+from llama_jax import lora, sharding
+from llama_jax.model import as_model
 from llama_jax.objectives import dpo as dpo_obj
 from llama_jax.objectives import logprobs as lp
 from llama_jax.steps.common import (
@@ -101,17 +101,17 @@ def logp_mask(rows: Batch, mask_formatting: bool) -> jax.Array:
   return mask
 
 
-def pair_logps(config: LlamaConfig, params: Any, batch: Batch, dpo: DPOConfig) -> jax.Array:
+def pair_logps(model: sharding.Model, params: Any, batch: Batch, dpo: DPOConfig) -> jax.Array:
   """[B, 2] summed log-probabilities of (chosen, rejected) under `params`."""
   rows = interleave(batch)
   logps = lp.sequence_logprobs(
-    token_logprobs(config, params, rows, dpo.loss_chunk_size), logp_mask(rows, dpo.mask_formatting)
+    token_logprobs(model, params, rows, dpo.loss_chunk_size), logp_mask(rows, dpo.mask_formatting)
   )
   return logps.reshape(-1, 2)
 
 
 def loss_sums(
-  config: LlamaConfig,
+  model: sharding.Model,
   params: Any,
   batch: Batch,
   reference_logps: jax.Array,  # [B, 2]
@@ -122,7 +122,7 @@ def loss_sums(
   sum + nll_coef · nll_scale · the NLL sum. `nll_scale` = pairs / chosen tokens of the whole
   batch turns the step's division by the pair count into a token mean for the NLL term."""
   rows = interleave(batch)
-  token = token_logprobs(config, params, rows, dpo.loss_chunk_size)  # [2B, T]
+  token = token_logprobs(model, params, rows, dpo.loss_chunk_size)  # [2B, T]
   logps = lp.sequence_logprobs(token, logp_mask(rows, dpo.mask_formatting)).reshape(-1, 2)
   ref = jax.lax.stop_gradient(reference_logps.astype(jnp.float32))
   sums = dpo_obj.dpo_sums(
@@ -140,14 +140,16 @@ def loss_sums(
   return sums
 
 
-def reference_fn(config: LlamaConfig, reference: str, dpo: DPOConfig):
+def reference_fn(model: sharding.Model, reference: str, dpo: DPOConfig):
   """`(batch, frozen) -> [B, 2]` reference log-probs: a table lookup by `index`, or a
   forward pass of the reference parameters."""
   if reference not in REFERENCES:
     raise ValueError(f"dpo reference={reference!r}; expected one of {REFERENCES}")
   if reference == "precomputed":
     return lambda batch, table: table[batch["chosen"]["index"]]
-  return lambda batch, ref_params: pair_logps(config, ref_params, batch, dpo)
+  # The reference parameters are a plain model's (under LoRA: the frozen base weights).
+  ref_model = lora.without_adapters(as_model(model))
+  return lambda batch, ref_params: pair_logps(ref_model, ref_params, batch, dpo)
 
 
 def _nll_scale(batch: Batch) -> jax.Array:
@@ -161,7 +163,7 @@ def _side_fields(reference: str) -> tuple[str, ...]:
 
 
 def make_train_step(
-  config: LlamaConfig,
+  model: sharding.Model,
   optimizer: optax.GradientTransformation,
   dpo: DPOConfig,
   *,
@@ -176,11 +178,11 @@ def make_train_step(
   Metrics: those of `objectives.dpo.dpo_mean` (loss, dpo_loss, nll, rewards/*, logps/*,
   pairs), grad_norm (before clipping), finite, skipped, learning_rate if given.
   """
-  ref_fn = reference_fn(config, reference, dpo)
+  ref_fn = reference_fn(model, reference, dpo)
   fields = _side_fields(reference)
 
   def sums_fn(params, batch, frozen, nll_scale):
-    return loss_sums(config, params, batch, ref_fn(batch, frozen), dpo, nll_scale)
+    return loss_sums(model, params, batch, ref_fn(batch, frozen), dpo, nll_scale)
 
   step = sums_train_step(
     sums_fn,
@@ -202,7 +204,7 @@ def make_train_step(
 
 
 def make_eval_step(
-  config: LlamaConfig,
+  model: sharding.Model,
   dpo: DPOConfig,
   *,
   reference: str = "precomputed",
@@ -213,13 +215,13 @@ def make_eval_step(
   """`eval_step(params, batch, reference_table_or_params) -> sums`; add them up over the
   evaluation set and call `objectives.dpo.dpo_mean` once (`evaluate`). The batch is
   evaluated `micro_batches` row-blocks at a time, as the train step accumulates."""
-  ref_fn = reference_fn(config, reference, dpo)
+  ref_fn = reference_fn(model, reference, dpo)
   fields = _side_fields(reference)
 
   def eval_step(params, batch: Batch, frozen):
     batch = {side: {k: batch[side][k] for k in fields} for side in SIDES}
     nll_scale = _nll_scale(batch)  # of the whole batch, as in training
-    fn = lambda b: loss_sums(config, params, b, ref_fn(b, frozen), dpo, nll_scale)
+    fn = lambda b: loss_sums(model, params, b, ref_fn(b, frozen), dpo, nll_scale)
     with sharding.activation_sharding(mesh, rules):
       sums = sum_microbatches(fn, batch, micro_batches)
     return {k: v for k, v in sums.items() if k != "loss_sum"}
@@ -240,7 +242,7 @@ def evaluate(
 
 
 def make_reference_step(
-  config: LlamaConfig,
+  model: sharding.Model,
   dpo: DPOConfig,
   *,
   mesh: Mesh | None = None,
@@ -254,7 +256,7 @@ def make_reference_step(
   def ref_step(params, batch: Batch):
     rows = {side: {k: batch[side][k] for k in ROW_FIELDS} for side in SIDES}
     with sharding.activation_sharding(mesh, rules):
-      logps = map_microbatches(lambda b: pair_logps(config, params, b, dpo), rows, micro_batches)
+      logps = map_microbatches(lambda b: pair_logps(model, params, b, dpo), rows, micro_batches)
     return {"logps": logps, "index": batch["chosen"]["index"], "valid": batch["chosen"]["valid"]}
 
   return ref_step

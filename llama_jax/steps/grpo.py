@@ -2,9 +2,9 @@
 responses of a prompt adjacent): GRPO and its variants Dr. GRPO, RLOO and REINFORCE++, which
 differ only in their advantage estimator and loss aggregation (`GRPOConfig`).
 
-    score = jit(make_score_fn(config, grpo))      # (policy, ref params, rows, scores [N])
+    score = jit(make_score_fn(model, grpo))      # (policy, ref params, rows, scores [N])
     out, metrics = score(params, ref_params, rows, scores)   # old_logp, ref_logp, advantages
-    step = make_train_step(config, optimizer, grpo)
+    step = make_train_step(model, optimizer, grpo)
     state, metrics = step(state, minibatch)       # rows + out
 """
 
@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from llama_jax import sharding
-from llama_jax.config import LlamaConfig
+from llama_jax import lora, sharding
+from llama_jax.model import as_model
 from llama_jax.objectives import grpo as grpo_obj
 from llama_jax.objectives import rl
 from llama_jax.objectives.kl import kl_estimate
@@ -78,7 +78,7 @@ class GRPOConfig:
 
 
 def make_score_fn(
-  config: LlamaConfig,
+  model: sharding.Model,
   grpo: GRPOConfig,
   *,
   mesh: Mesh | None = None,
@@ -89,14 +89,15 @@ def make_score_fn(
   old and reference log-probs and per-token advantages (`out`, each [N, T]) and the shared
   scoring metrics (`objectives.rl.score_metrics`), the log-prob passes `micro_batches`
   row-blocks at a time. Not jitted."""
-  logps = make_logps_fn(
-    config, grpo.loss_chunk_size, mesh=mesh, rules=rules, micro_batches=micro_batches
+  logps, ref_logps = (
+    make_logps_fn(m, grpo.loss_chunk_size, mesh=mesh, rules=rules, micro_batches=micro_batches)
+    for m in (model, lora.without_adapters(as_model(model)))  # the reference's params are plain
   )
 
   def score(policy_params, ref_params, rows: Batch, scores):
     mask = rows["response_mask"].astype(jnp.float32)
     logp, entropy = logps(policy_params, rows)
-    ref_logp = logps(ref_params, rows)[0] if grpo.uses_reference else logp
+    ref_logp = ref_logps(ref_params, rows)[0] if grpo.uses_reference else logp
     kl = kl_estimate(logp, ref_logp, "k1") * mask
     advantages = rl.advantages(
       grpo.advantage, scores, kl, mask,
@@ -109,7 +110,7 @@ def make_score_fn(
 
 
 def make_train_step(
-  config: LlamaConfig,
+  model: sharding.Model,
   optimizer: optax.GradientTransformation,
   grpo: GRPOConfig,
   *,
@@ -121,7 +122,7 @@ def make_train_step(
   loss/kl, policy/clipfrac, policy/approxkl, grad_norm, ...)."""
 
   def sums_fn(params, batch):
-    logp = token_logprobs(config, params, batch, grpo.loss_chunk_size)
+    logp = token_logprobs(model, params, batch, grpo.loss_chunk_size)
     return grpo_obj.grpo_sums(
       logp,
       batch["old_logp"],

@@ -20,8 +20,7 @@ import optax
 from jax.sharding import Mesh
 
 from llama_jax import sharding
-from llama_jax.config import LlamaConfig
-from llama_jax.model import Llama
+from llama_jax.model import as_model
 from llama_jax.objectives import lm as lm_obj
 from llama_jax.steps.common import Batch, sum_microbatches, sums_train_step
 from llama_jax.train_state import TrainState
@@ -30,21 +29,17 @@ LM_FIELDS = ("tokens", "positions", "segment_ids", "targets", "target_mask")
 
 
 def loss_sums(
-  config: LlamaConfig, params: Any, batch: Batch, *, z_loss: float, chunk_size: int
+  model: sharding.Model, params: Any, batch: Batch, *, z_loss: float, chunk_size: int
 ) -> dict[str, jax.Array]:
   """Summed LM loss terms of one (micro-)batch under `params` (see `objectives.lm`)."""
-  model = Llama(config)
+  model = as_model(model)
   variables = {"params": params}
   hidden, _ = model.apply(
-    variables,
-    batch["tokens"],
-    batch["positions"],
-    batch["segment_ids"],
-    method=Llama.hidden_states,
+    variables, batch["tokens"], batch["positions"], batch["segment_ids"], method="hidden_states"
   )
   return lm_obj.chunked_cross_entropy_sums(
     hidden,
-    lambda h: model.apply(variables, h, method=Llama.logits),
+    lambda h: model.apply(variables, h, method="logits"),
     batch["targets"],
     batch["target_mask"],
     chunk_size=chunk_size,
@@ -53,7 +48,7 @@ def loss_sums(
 
 
 def make_train_step(
-  config: LlamaConfig,
+  model: sharding.Model,
   optimizer: optax.GradientTransformation,
   *,
   mesh: Mesh | None = None,
@@ -70,7 +65,7 @@ def make_train_step(
   """
 
   def sums_fn(params, batch):
-    return loss_sums(config, params, batch, z_loss=z_loss, chunk_size=loss_chunk_size)
+    return loss_sums(model, params, batch, z_loss=z_loss, chunk_size=loss_chunk_size)
 
   return sums_train_step(
     sums_fn,
@@ -86,7 +81,7 @@ def make_train_step(
 
 
 def make_eval_step(
-  config: LlamaConfig,
+  model: sharding.Model,
   *,
   mesh: Mesh | None = None,
   rules: sharding.Rules = sharding.DEFAULT_RULES,
@@ -98,7 +93,7 @@ def make_eval_step(
   `micro_batches` rows-blocks at a time (as the train step accumulates)."""
 
   def eval_step(params, batch: Batch):
-    fn = lambda b: loss_sums(config, params, b, z_loss=0.0, chunk_size=loss_chunk_size)
+    fn = lambda b: loss_sums(model, params, b, z_loss=0.0, chunk_size=loss_chunk_size)
     with sharding.activation_sharding(mesh, rules):
       return sum_microbatches(fn, {k: batch[k] for k in LM_FIELDS}, micro_batches)
 

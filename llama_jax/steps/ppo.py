@@ -16,17 +16,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from llama_jax import sharding
+from llama_jax import lora, reward_model, sharding
 from llama_jax.config import LlamaConfig
+from llama_jax.model import as_model
 from llama_jax.objectives import ppo as ppo_obj
 from llama_jax.objectives import rl
 from llama_jax.objectives.kl import KINDS, kl_estimate
-from llama_jax.reward_model import RewardModel
 from llama_jax.rollouts import ROW_FIELDS
 from llama_jax.steps.common import Batch, sums_train_step, token_logprobs
 
@@ -64,16 +63,16 @@ class PPOConfig:
       raise ValueError(f"ppo kl_estimator={self.kl_estimator!r}; expected one of {KINDS}")
 
 
-def token_values(config: LlamaConfig, params: Any, rows: Batch) -> jax.Array:
-  """V(s_t) [B, T]: the value head at every position."""
-  return RewardModel(config).apply(
+def token_values(model: reward_model.RewardModel | LlamaConfig, params: Any, rows: Batch):
+  """V(s_t) [B, T]: the value model's head (a `RewardModel`) at every position."""
+  return reward_model.as_reward_model(model).apply(
     {"params": params}, rows["tokens"], rows["positions"], rows["segment_ids"]
   )
 
 
 def make_score_fn(
-  policy_config: LlamaConfig,
-  value_config: LlamaConfig,
+  policy_model: sharding.Model,
+  value_model: reward_model.RewardModel | LlamaConfig,
   ppo: PPOConfig,
   *,
   mesh: Mesh | None = None,
@@ -84,14 +83,16 @@ def make_score_fn(
   (`out`, each [B, T]), plus the shared scoring metrics (`objectives.rl.score_metrics`) and
   value/*. Not jitted."""
 
+  ref_model = lora.without_adapters(as_model(policy_model))  # the reference's params are plain
+
   def score(policy_params, ref_params, value_params, rows: Batch, scores, kl_coef):
     mask = rows["response_mask"].astype(jnp.float32)
     with sharding.activation_sharding(mesh, rules):
       logp, entropy = token_logprobs(
-        policy_config, policy_params, rows, ppo.loss_chunk_size, with_entropy=True
+        policy_model, policy_params, rows, ppo.loss_chunk_size, with_entropy=True
       )
-      ref_logp = token_logprobs(policy_config, ref_params, rows, ppo.loss_chunk_size)
-      values = token_values(value_config, value_params, rows) * mask
+      ref_logp = token_logprobs(ref_model, ref_params, rows, ppo.loss_chunk_size)
+      values = token_values(value_model, value_params, rows) * mask
     kl = kl_estimate(logp, ref_logp, ppo.kl_estimator) * mask
     rewards = ppo_obj.token_rewards(scores, kl, mask, beta=kl_coef)
     advantages, returns = ppo_obj.gae(rewards, values, mask, gamma=ppo.gamma, lam=ppo.lam)
@@ -114,7 +115,7 @@ VALUE_FIELDS = (*ROW_FIELDS, "old_values", "returns")
 
 
 def make_policy_step(
-  config: LlamaConfig,
+  model: sharding.Model,
   optimizer: optax.GradientTransformation,
   ppo: PPOConfig,
   *,
@@ -126,7 +127,7 @@ def make_policy_step(
   (loss/policy, policy/clipfrac, policy/approxkl, policy/ratio, grad_norm, ...)."""
 
   def sums_fn(params, batch):
-    logp = token_logprobs(config, params, batch, ppo.loss_chunk_size)
+    logp = token_logprobs(model, params, batch, ppo.loss_chunk_size)
     return ppo_obj.policy_sums(
       logp, batch["old_logp"], batch["advantages"], batch["response_mask"], clip_eps=ppo.clip_eps
     )
@@ -144,7 +145,7 @@ def make_policy_step(
 
 
 def make_value_step(
-  config: LlamaConfig,
+  model: reward_model.RewardModel | LlamaConfig,
   optimizer: optax.GradientTransformation,
   ppo: PPOConfig,
   *,
@@ -155,7 +156,7 @@ def make_value_step(
   """`value_step(state, minibatch) -> (state, metrics)`: one clipped value-loss update."""
 
   def sums_fn(params, batch):
-    values = token_values(config, params, batch)
+    values = token_values(model, params, batch)
     return ppo_obj.value_sums(
       values,
       batch["old_values"],

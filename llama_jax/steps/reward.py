@@ -31,7 +31,6 @@ from jax.sharding import Mesh
 
 from llama_jax import metrics as metrics_lib
 from llama_jax import reward_model, sharding
-from llama_jax.config import LlamaConfig
 from llama_jax.data import ranking
 from llama_jax.data.records import CONCERNS
 from llama_jax.objectives import reward as reward_obj
@@ -43,17 +42,17 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 def row_rewards(
-  config: LlamaConfig, params: Any, batch: Batch, max_responses: int = ranking.MAX_RESPONSES
+  model: sharding.Model, params: Any, batch: Batch, max_responses: int = ranking.MAX_RESPONSES
 ) -> tuple[jax.Array, jax.Array]:
   """`(rewards [B, K], present [B, K])`; padding rows (`valid` 0) have no responses."""
   rewards, present = reward_model.ranking_rewards(
-    config, params, batch["tokens"], batch["segment_ids"], batch["response_ids"], max_responses
+    model, params, batch["tokens"], batch["segment_ids"], batch["response_ids"], max_responses
   )
   return rewards, present & (batch["valid"][:, None] != 0)
 
 
 def loss_sums(
-  config: LlamaConfig,
+  model: sharding.Model,
   params: Any,
   batch: Batch,
   *,
@@ -62,13 +61,13 @@ def loss_sums(
   max_responses: int = ranking.MAX_RESPONSES,
 ) -> dict[str, jax.Array]:
   """Summed ranking-loss terms of one (micro-)batch (`objectives.reward.SUM_KEYS`)."""
-  rewards, present = row_rewards(config, params, batch, max_responses)
+  rewards, present = row_rewards(model, params, batch, max_responses)
   row_margins = reward_obj.margins_for_ratings(batch["rating"], margins)
   return reward_obj.ranking_sums(rewards, present, row_margins, centering=centering)
 
 
 def make_train_step(
-  config: LlamaConfig,
+  model: sharding.Model,
   optimizer: optax.GradientTransformation,
   *,
   mesh: Mesh | None = None,
@@ -89,7 +88,7 @@ def make_train_step(
 
   def sums_fn(params, batch):
     return loss_sums(
-      config, params, batch, margins=margins, centering=centering, max_responses=max_responses
+      model, params, batch, margins=margins, centering=centering, max_responses=max_responses
     )
 
   return sums_train_step(
@@ -106,7 +105,7 @@ def make_train_step(
 
 
 def make_eval_step(
-  config: LlamaConfig,
+  model: sharding.Model,
   *,
   mesh: Mesh | None = None,
   rules: sharding.Rules = sharding.DEFAULT_RULES,
@@ -119,7 +118,7 @@ def make_eval_step(
 
   def eval_step(params, batch: Batch):
     rows = {k: batch[k] for k in RANKING_FIELDS}
-    fn = lambda b: row_rewards(config, params, b, max_responses)
+    fn = lambda b: row_rewards(model, params, b, max_responses)
     with sharding.activation_sharding(mesh, rules):
       rewards, present = map_microbatches(fn, rows, micro_batches)
     return {

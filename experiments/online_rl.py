@@ -1,0 +1,119 @@
+"""What the online-RL launchers (`experiments.grpo`, `experiments.ppo`) share: config →
+library wiring only. The algorithms are `llama_jax.online`'s; each launcher builds its
+algorithm object and hands it to `train` here, which runs `online.train_online` with the
+configured policy, sampler, scorer, prompts and loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+from jax.sharding import Mesh
+
+from experiments import common, rejection_sampling
+from experiments import generate as generate_experiment
+from llama_jax import aot, online, rollouts, sharding
+from llama_jax.config import LlamaConfig
+from llama_jax.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+  """The policy an online-RL run starts from (`init_from`), its frozen reference and what
+  both run on."""
+
+  tokenizer: Tokenizer
+  mesh: Mesh
+  config: LlamaConfig
+  params: Any
+  ref_params: Any  # a copy: the policy's arrays are donated to its first update
+
+
+def check_minibatches(cfg: ml_collections.ConfigDict, mesh, samples_per_prompt: int) -> None:
+  """The rollout rows must split into minibatches and micro-batches that divide the mesh."""
+  rows = cfg.data.batch_size * samples_per_prompt
+  if rows % cfg.train.num_minibatches:
+    raise ValueError(
+      f"data.batch_size × samples = {rows} rows do not split into "
+      f"train.num_minibatches={cfg.train.num_minibatches}"
+    )
+  minibatch = rows // cfg.train.num_minibatches
+  sharding.check_batch_fits_mesh(minibatch, mesh, "minibatch rows")
+  sharding.check_batch_fits_mesh(
+    minibatch // cfg.train.grad_accum_steps, mesh, "micro-batch rows (train.grad_accum_steps)"
+  )
+
+
+def load_policy(cfg: ml_collections.ConfigDict, samples_per_prompt: int) -> Policy:
+  """The policy of `init_from` and a copy as the reference. Checks that the model and the
+  minibatches fit the mesh before anything compiles."""
+  tokenizer, mesh, model_cfg, params = generate_experiment.load_policy(cfg)
+  sharding.check_fits_mesh(model_cfg, mesh)
+  check_minibatches(cfg, mesh, samples_per_prompt)
+  ref_params = jax.tree.map(lambda x: x.copy(), params)
+  return Policy(tokenizer, mesh, model_cfg, params, ref_params)
+
+
+def prompt_iterator(cfg: ml_collections.ConfigDict) -> rollouts.PromptIterator:
+  """The configured prompts, `data.batch_size` per iteration, reshuffled every epoch."""
+  records = generate_experiment.prompt_records(cfg.data)
+  return rollouts.PromptIterator(records, cfg.data.batch_size, seed=cfg.data.seed)
+
+
+def sampler(cfg: ml_collections.ConfigDict, model_cfg, tokenizer, mesh, num_samples: int):
+  """The configured rollout sampler (`online.Sampler`), `num_samples` responses per prompt."""
+  gen = generate_experiment.generation_config(
+    cfg, tokenizer.stop_ids, tokenizer.pad_id, num_samples
+  )
+  model = common.build_model(cfg, model_cfg)  # samples with the policy's adapters, if any
+  return online.Sampler(model, tokenizer, gen, chat=cfg.chat, mesh=mesh)
+
+
+def train(
+  cfg: ml_collections.ConfigDict,
+  workdir: str,
+  algorithm: online.Algorithm,
+  init_state: Callable[[], Any],
+  policy: Policy,
+  *,
+  num_samples: int,
+  meta: Mapping[str, Any],
+  no_eos_penalty: float = 0.0,
+  plot_panels: Sequence[Sequence[str]] = online.PLOT_PANELS,
+) -> dict[str, Any]:
+  """Runs (or resumes) `algorithm` in `workdir` (`online.train_online`): `init_state()` on a
+  fresh start, `num_samples` responses per prompt from the configured sampler, scored by the
+  `reward` section, over the configured prompts and loop. Returns `online.summarize`."""
+  tokenizer, mesh = policy.tokenizer, policy.mesh
+  iteration = online.make_iteration(
+    algorithm,
+    sampler(cfg, policy.config, tokenizer, mesh, num_samples),
+    generate_experiment.build_scorer(cfg.reward, tokenizer, mesh),
+    policy.ref_params,
+    num_minibatches=cfg.train.num_minibatches,
+    no_eos_penalty=no_eos_penalty,
+    seed=cfg.train.seed,
+  )
+  return online.train_online(
+    iteration, init_state=init_state, abstract_state=algorithm.abstract_state(),
+    prompts=prompt_iterator(cfg), workdir=workdir, loop=common.loop_config(cfg.train),
+    meta=meta, plot_panels=plot_panels,
+  )  # fmt: skip
+
+
+def rollout_programs(cfg, model_cfg, mesh, assumed: aot.Assumed, num_samples: int, resident):
+  """Sampling `num_samples` responses to each of `data.batch_size` prompts and scoring them
+  with the `reward` section's models (`experiments.compile_check`); returns `(programs, rows,
+  seq_len, reward-model params)`."""
+  gen = generate_experiment.check_generation_config(cfg, model_cfg, num_samples)
+  rms = rejection_sampling.reward_model_params(cfg.reward, model_cfg, mesh)
+  seq_len = rollouts.row_length([[0] * assumed.prompt_len], gen.max_new_tokens, 64)
+  generate = generate_experiment.generation_program(
+    model_cfg, gen, cfg.data.batch_size, assumed.prompt_len, mesh, resident=(resident, rms)
+  )
+  scoring = rejection_sampling.scorer_programs(cfg.reward, model_cfg, mesh, seq_len, resident)
+  return [generate, *scoring], cfg.data.batch_size * num_samples, seq_len, rms
