@@ -61,7 +61,7 @@ def build_steps(cfg: ml_collections.ConfigDict, model_cfg, value_cfg, mesh) -> o
   model = common.build_model(cfg, model_cfg)  # the policy (LoRA adapters if configured)
   policy_sh = ts.state_shardings(model, policy_opt, mesh)
   ref_sh = sharding.param_shardings(model_cfg, mesh)  # the reference: plain weights
-  value_sh = reward_model.state_shardings(value_cfg, value_opt, mesh)
+  value_sh = ts.state_shardings(reward_model.RewardModel(value_cfg), value_opt, mesh)
   accum = cfg.train.grad_accum_steps
   rows, rep = step_lib.batch_sharding(mesh), NamedSharding(mesh, PartitionSpec())
   score_fn = jax.jit(

@@ -72,7 +72,7 @@ def reward_model_params(cfg: ml_collections.ConfigDict, model_cfg, mesh) -> dict
   initialize their RMs from the chat model or the pre-trained one)."""
   fields = {"reward_model": ("reward_model",), "llama2": ("helpful", "safety")}.get(cfg.kind, ())
   shapes = reward_model.abstract_params(model_cfg)
-  placed = aot.abstract(shapes, reward_model.param_shardings(model_cfg, mesh))
+  placed = aot.abstract(shapes, sharding.param_shardings(reward_model.RewardModel(model_cfg), mesh))
   return dict.fromkeys(fields, placed)
 
 

@@ -5,7 +5,7 @@
 compiles every function of every target (minutes per 70B / 405B stage on a CPU host),
 prints the per-function tables and a summary with one row per (target, stage), and with
 `--readme` rewrites the README's table between the `compile-check` markers. The opt-in test
-`tests/test_real_sizes.py` (`pytest -m real_size`) fails when a target stops fitting.
+`tests/experiments/test_real_sizes.py` (`pytest -m real_size`) fails when a target stops fitting.
 """
 
 from __future__ import annotations

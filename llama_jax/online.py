@@ -179,6 +179,10 @@ class PPO:
   kl_target: float = 0.0
   kl_horizon: int = 10000
 
+  @property
+  def value_model(self) -> reward_model.RewardModel:
+    return reward_model.RewardModel(self.value_config)
+
   def init_state(self, params, key: jax.Array, value_params=None) -> PPOState:
     """Iteration 0 at β = `kl_coef`: fresh optimizer states over the policy's `params` and
     `value_params` (e.g. a reward model's, Llama 2) or, if None, the policy's trunk with a
@@ -191,9 +195,7 @@ class PPO:
       value_params = reward_model.from_lm_params(self.value_config, trunk, head_key, self.mesh)
     return PPOState(
       policy=_init_policy(self.model, self.policy_opt, self.mesh, key, params),
-      value=reward_model.init_train_state(
-        self.value_config, self.value_opt, self.mesh, key, params=value_params
-      ),
+      value=ts.init_train_state(self.value_model, self.value_opt, self.mesh, key, value_params),
       kl_coef=jnp.float32(self.kl_coef),
       step=jnp.int32(0),
     )
@@ -202,7 +204,7 @@ class PPO:
     """The restore target of a checkpoint on the mesh (shapes and shardings only)."""
     return PPOState(
       policy=ts.abstract_train_state(self.model, self.policy_opt, self.mesh),
-      value=reward_model.abstract_train_state(self.value_config, self.value_opt, self.mesh),
+      value=ts.abstract_train_state(self.value_model, self.value_opt, self.mesh),
       kl_coef=_scalar(jnp.float32, self.mesh),
       step=_scalar(jnp.int32, self.mesh),
     )

@@ -18,8 +18,7 @@ Llama 3 8B it would be 0.5B parameters plus their optimizer moments. `config` is
 module.
 
 Sharding, initialization and train states are the LM's: `sharding.param_shardings(
-RewardModel(config), mesh)`, `train_state.init_train_state(RewardModel(config), ...)`, …; the
-functions below with a `config` argument are shorthands for them.
+RewardModel(config), mesh)`, `train_state.init_train_state(RewardModel(config), ...)`, ….
 
 The head's kernel starts as N(0, initializer_range²) like the score layer of Hugging Face's
 `LlamaForSequenceClassification`, its bias at 0. Pairwise losses see only differences of
@@ -35,17 +34,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax import sharding
-from llama_jax import train_state as ts
 from llama_jax.config import MODEL_CONFIG_FILE, LlamaConfig
 from llama_jax.data import ranking
 from llama_jax.lora import LoraConfig
 from llama_jax.model import Llama
 from llama_jax.model import init_params as _init_params
-from llama_jax.train_state import TrainState
 
 
 class RewardHead(nn.Module):
@@ -158,46 +154,6 @@ def from_lm_params(
 def abstract_params(config: LlamaConfig):
   """Unboxed parameter `ShapeDtypeStruct`s (nothing allocated)."""
   return nn.meta.unbox(sharding.abstract_params(RewardModel(config)))
-
-
-def param_shardings(
-  config: LlamaConfig, mesh: Mesh, rules: sharding.Rules = sharding.DEFAULT_RULES
-):
-  """`sharding.param_shardings(RewardModel(config), mesh, rules)`."""
-  return sharding.param_shardings(RewardModel(config), mesh, rules)
-
-
-def state_shardings(
-  config: LlamaConfig,
-  optimizer: optax.GradientTransformation,
-  mesh: Mesh,
-  rules: sharding.Rules = sharding.DEFAULT_RULES,
-) -> TrainState:
-  """`train_state.state_shardings(RewardModel(config), ...)`."""
-  return ts.state_shardings(RewardModel(config), optimizer, mesh, rules)
-
-
-def abstract_train_state(
-  config: LlamaConfig,
-  optimizer: optax.GradientTransformation,
-  mesh: Mesh,
-  rules: sharding.Rules = sharding.DEFAULT_RULES,
-) -> TrainState:
-  """`train_state.abstract_train_state(RewardModel(config), ...)`."""
-  return ts.abstract_train_state(RewardModel(config), optimizer, mesh, rules)
-
-
-def init_train_state(
-  config: LlamaConfig,
-  optimizer: optax.GradientTransformation,
-  mesh: Mesh,
-  rng: jax.Array,
-  params: Any = None,
-  rules: sharding.Rules = sharding.DEFAULT_RULES,
-) -> TrainState:
-  """`train_state.init_train_state(RewardModel(config), ...)`: `params` (e.g.
-  `from_lm_params`) or fresh ones from `rng`."""
-  return ts.init_train_state(RewardModel(config), optimizer, mesh, rng, params, rules)
 
 
 # --------------------------------------------------------------------------- loading

@@ -31,7 +31,7 @@ SLOW_FILES = (
   "test_recipes.py",
   "test_dpo_experiment.py",
   "test_multihost.py",
-  "test_experiments_lm.py",
+  "test_lm_experiment.py",
   "test_rl_experiments.py",
 )
 

@@ -85,7 +85,7 @@ def test_reward_models_average_and_kinds_do_not_mix(tmp_path):
     save_workdir(
       tmp_path / f"rm{i}",
       config,
-      reward_model.init_train_state(config, OPTIMIZER, mesh, jax.random.PRNGKey(i)),
+      ts.init_train_state(reward_model.RewardModel(config), OPTIMIZER, mesh, jax.random.PRNGKey(i)),
     )
     for i in range(2)
   ]

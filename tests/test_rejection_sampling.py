@@ -146,7 +146,8 @@ def make_rm_workdir(path, seed):
     "tiny", **{k: v for k, v in TINY_MODEL.items() if k != "preset"} | SMALL
   )
   opt = ts.make_optimizer(ts.OptimizerConfig(warmup_steps=1, total_steps=2))
-  state = reward_model.init_train_state(config, opt, sharding.make_mesh(), jax.random.PRNGKey(seed))
+  rm = reward_model.RewardModel(config)
+  state = ts.init_train_state(rm, opt, sharding.make_mesh(), jax.random.PRNGKey(seed))
   return save_workdir(path, config, state)
 
 

@@ -171,9 +171,10 @@ def batches():
 
 def run_steps(mesh, batches, accum=1):
   optimizer = ts.make_optimizer(OPT)
-  shardings = reward_model.state_shardings(STEP_CFG, optimizer, mesh)
+  shardings = ts.state_shardings(reward_model.RewardModel(STEP_CFG), optimizer, mesh)
   params = reward_model.init_params(STEP_CFG, jax.random.PRNGKey(0))
-  state = reward_model.init_train_state(STEP_CFG, optimizer, mesh, jax.random.PRNGKey(0), params)
+  rm = reward_model.RewardModel(STEP_CFG)
+  state = ts.init_train_state(rm, optimizer, mesh, jax.random.PRNGKey(0), params)
   step = reward_steps.make_train_step(
     STEP_CFG, optimizer, mesh=mesh, margins="large", centering=0.01, grad_accum_steps=accum
   )

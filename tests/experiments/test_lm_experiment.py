@@ -17,7 +17,7 @@ from llama_jax.checkpoint import save_hf_checkpoint
 from llama_jax.metrics import read_metrics
 from llama_jax.trainer import NonFiniteError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def small(cfg, steps=4, **train):

@@ -27,7 +27,7 @@ from llama_jax.model import init_params
 from llama_jax.testing import save_workdir
 from llama_jax.tokenizer import render_chat, tiny_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # One prompt bucket (64) for every call below, so they share one compiled decoder.
 OPTIONS = dict(max_new_tokens=12, temperature=1.0, top_p=0.95, key=5, prompt_bucket=64)
 
@@ -208,9 +208,8 @@ def test_generate_experiment_scores_with_a_reward_model_workdir(checkpoints, tmp
   sampling, GRPO and PPO), and the best index is the argmax of its scores."""
   model_cfg, _, workdir, _ = checkpoints
   opt = ts.make_optimizer(ts.OptimizerConfig(warmup_steps=1, total_steps=2))
-  rm_state = reward_model.init_train_state(
-    model_cfg, opt, sharding.make_mesh(), jax.random.PRNGKey(3)
-  )
+  rm = reward_model.RewardModel(model_cfg)
+  rm_state = ts.init_train_state(rm, opt, sharding.make_mesh(), jax.random.PRNGKey(3))
   rm_dir = save_workdir(tmp_path / "rm", model_cfg, rm_state)
   cfg = small_config(str(workdir))
   cfg.reward.update(kind="reward_model", reward_model=rm_dir, batch_size=8)

@@ -141,12 +141,12 @@ def test_one_ppo_policy_and_value_step_lower_their_losses(setup):
   before, after = improves(pstep, pstate, batch, policy_loss)
   assert after < before - 1e-3
   opt = ts.make_optimizer(ts.OptimizerConfig(learning_rate=1e-4, warmup_steps=0, total_steps=10))
-  vstate = reward_model.init_train_state(
-    config, opt, mesh, jax.random.PRNGKey(0), params=jax.tree.map(jnp.copy, vparams)
-  )
+  value = reward_model.RewardModel(config)
+  vparams = jax.tree.map(jnp.copy, vparams)
+  vstate = ts.init_train_state(value, opt, mesh, jax.random.PRNGKey(0), params=vparams)
   vstep = step_lib.jit_train_step(
-    ppo_steps.make_value_step(config, opt, ppo, mesh=mesh),
-    reward_model.state_shardings(config, opt, mesh),
+    ppo_steps.make_value_step(value, opt, ppo, mesh=mesh),
+    ts.state_shardings(value, opt, mesh),
     mesh,
   )
   before, after = improves(vstep, vstate, batch, value_loss)

@@ -488,4 +488,4 @@ def test_import_pulls_in_neither_transformers_nor_torch():
     "import sys, llama_jax.tokenizer; "
     "bad = {'transformers', 'torch'} & set(sys.modules); assert not bad, bad"
   )
-  subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])

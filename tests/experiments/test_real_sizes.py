@@ -1,7 +1,7 @@
 """Every shipped real-size config fits the hardware its docstring names (opt-in: minutes to
 an hour of compiling on a CPU host; needs the `aot` / `aot-gpu` extras and cuDNN for GPUs).
 
-    pytest -m real_size tests/test_real_sizes.py [-k dpo]
+    pytest -m real_size tests/experiments/test_real_sizes.py [-k dpo]
 
 The same check as `python -m experiments.compile_check --targets`, which also rewrites the
 README's table.

@@ -2,7 +2,7 @@
 
 On the 8 emulated CPU devices (`cpu-8`) for the tiny config of every stage; on TPU v5p and
 H100 descriptions for a small model when libtpu / the CUDA plugin are installed (the `aot`
-extras). The real-size targets are `tests/test_real_sizes.py` (opt-in).
+extras). The real-size targets are `tests/experiments/test_real_sizes.py` (opt-in).
 """
 
 import importlib

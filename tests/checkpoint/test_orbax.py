@@ -24,7 +24,7 @@ from llama_jax import LlamaConfig, sharding
 from llama_jax.checkpoint import CheckpointError
 from llama_jax.checkpoint.orbax import CheckpointManager, checkpoint_dir, load_params
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CFG = LlamaConfig.preset("tiny")
 OPTIMIZER = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
 DATA_STATE = {"grain": {"next_index": 12}, "batches": 3, "dropped_rows": 0}
