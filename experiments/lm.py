@@ -103,7 +103,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics."""
   common.check_config(cfg, common.reference_config(STAGE))
   sharding.initialize_distributed()  # multi-host TPU / SLURM; a no-op on one process
-  tokenizer = common.build_tokenizer(cfg.tokenizer)
+  tokenizer = common.build_tokenizer(cfg.tokenizer, cfg.init_from)
   mesh = common.build_mesh(cfg.mesh)
   model_cfg, params = common.load_model(cfg, mesh)
   common.check_fits(model_cfg, cfg, tokenizer, mesh)

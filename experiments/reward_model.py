@@ -121,7 +121,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the reward model in `workdir`; returns the final eval metrics."""
   common.check_config(cfg, common.reference_config("reward_model"))
   sharding.initialize_distributed()
-  tokenizer = common.build_tokenizer(cfg.tokenizer)
+  tokenizer = common.build_tokenizer(cfg.tokenizer, cfg.init_from)
   mesh = common.build_mesh(cfg.mesh)
   model_cfg, lm_params = common.load_model(cfg, mesh)
   model_cfg = model_config(cfg, model_cfg)

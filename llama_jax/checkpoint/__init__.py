@@ -1,5 +1,10 @@
-"""Checkpoint I/O: Hugging Face safetensors and Meta `.pth` imports."""
+"""Checkpoint I/O: Hugging Face safetensors, Meta `.pth` and llama.cpp GGUF imports."""
 
+from llama_jax.checkpoint.gguf import (
+  gguf_tokenizer_metadata,
+  load_gguf_checkpoint,
+  load_gguf_tokenizer,
+)
 from llama_jax.checkpoint.hf import (
   config_from_hf,
   config_to_hf,
@@ -16,6 +21,9 @@ __all__ = [
   "checkpoint_dir",
   "config_from_hf",
   "config_to_hf",
+  "gguf_tokenizer_metadata",
+  "load_gguf_checkpoint",
+  "load_gguf_tokenizer",
   "load_hf_checkpoint",
   "load_meta_checkpoint",
   "load_params",

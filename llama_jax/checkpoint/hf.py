@@ -4,7 +4,9 @@
 `save_hf_checkpoint` writes a directory that `transformers.LlamaForCausalLM` loads.
 config.json is accepted both as published with the Llama checkpoints (`rope_theta` +
 `rope_scaling`) and in the `rope_parameters` form that recent `transformers` writes. Any
-field that is neither handled nor known to be irrelevant raises.
+field that is neither handled nor known not to change the computation raises, and so does
+a known field whose value would change it (`attention_bias: true`, `rope_interleaved: true`,
+`pretraining_tp: 2`, ...), naming the field and the value.
 """
 
 from __future__ import annotations
@@ -40,13 +42,32 @@ _FIELDS = {
   "eos_token_id": "eos_token_id",
   "initializer_range": "initializer_range",
 }
-# Fields that must hold one value, because the model implements only that one.
-_REQUIRED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-             "attention_dropout": 0.0, "model_type": "llama"}
-# Fields that do not affect the model's function.
-_IGNORED = {"architectures", "torch_dtype", "dtype", "transformers_version", "use_cache",
-            "pad_token_id", "pretraining_tp", "_name_or_path", "output_attentions",
-            "output_hidden_states", "return_dict"}
+# Fields that change the computation unless they hold this one value (the only one the model
+# implements); any other value raises, naming the field and the value.
+_REQUIRED = {
+  "model_type": "llama",
+  "hidden_act": "silu",
+  "attention_bias": False,
+  "mlp_bias": False,
+  "attention_dropout": 0.0,  # dropout on the attention probabilities while training
+  "pretraining_tp": 1,  # > 1: transformers splits every projection into that many slices
+  "rope_interleaved": False,  # nanotron's flag (SmolLM2 publishes it): true = Meta's pairs
+}
+# Fields that do not affect the model's function: special-token ids the tokenizer owns,
+# provenance, tool metadata, and the generic attributes `PretrainedConfig` writes for every
+# model (`to_json_string(use_diff=False)`).
+_IGNORED = {
+  # token ids (bos/eos are mapped above; these are the tokenizer's business)
+  "pad_token_id", "unk_token_id", "sep_token_id", "cls_token_id", "mask_token_id",
+  "decoder_start_token_id",
+  # provenance and tool metadata
+  "architectures", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
+  "is_llama_config", "transformers.js_config", "use_cache",
+  # generic PretrainedConfig attributes (heads, outputs, fine-tuning tasks)
+  "output_attentions", "output_hidden_states", "return_dict", "id2label", "label2id",
+  "chunk_size_feed_forward", "is_encoder_decoder", "problem_type", "tokenizer_class",
+  "prefix", "task_specific_params", "finetuning_task", "torchscript", "tie_encoder_decoder",
+}
 _ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "low_freq_factor",
               "high_freq_factor", "original_max_position_embeddings"}
 
@@ -108,7 +129,8 @@ def config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
   hf = {theirs: getattr(cfg, ours) for theirs, ours in _FIELDS.items()}
   if isinstance(hf["eos_token_id"], tuple):
     hf["eos_token_id"] = list(hf["eos_token_id"])
-  hf |= dict(_REQUIRED, architectures=["LlamaForCausalLM"], rope_theta=cfg.rope_theta,
+  required = {k: v for k, v in _REQUIRED.items() if k != "rope_interleaved"}  # nanotron's only
+  hf |= dict(required, architectures=["LlamaForCausalLM"], rope_theta=cfg.rope_theta,
              torch_dtype=cfg.param_dtype, rope_scaling=None)
   if cfg.rope_scaling is not None:
     s = cfg.rope_scaling

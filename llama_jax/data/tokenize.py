@@ -58,9 +58,11 @@ def _scalar(value: int) -> np.ndarray:
 
 
 def tokenize_text(
-  record: Mapping[str, Any], *, tokenizer: Tokenizer, bos: bool = True, eos: bool = True
+  record: Mapping[str, Any], *, tokenizer: Tokenizer, bos: bool | None = None, eos: bool = True
 ) -> Example:
-  """A corpus document: BOS text EOS, every token trained on."""
+  """A corpus document: BOS text EOS, every token trained on (BOS by default only where the
+  tokenizer adds one: Llama does, SmolLM2 does not)."""
+  bos = tokenizer.add_bos if bos is None else bos
   tokens = np.asarray(tokenizer.encode(record["text"], bos=bos, eos=eos), np.int32)
   return {"tokens": tokens, "loss_mask": np.ones_like(tokens)}
 
@@ -144,9 +146,10 @@ def make_tokenize_fn(
   Args:
     kind: "text", "sft", "preference" or "rl_prompt".
     tokenizer: any `llama_jax.tokenizer.Tokenizer`.
-    **options: text: `bos`, `eos` (default True); sft: `fmt`, `loss_on`; preference: `side`
-      (required: "chosen", "rejected" or "edited") and `fmt`; rl_prompt: `fmt`. `fmt` is the
-      chat format ("llama2", "llama3"; default the tokenizer's own).
+    **options: text: `bos` (default: the tokenizer's `add_bos`), `eos` (default True); sft:
+      `fmt`, `loss_on`; preference: `side` (required: "chosen", "rejected" or "edited") and
+      `fmt`; rl_prompt: `fmt`. `fmt` is the chat format ("llama2", "llama3"; default the
+      tokenizer's own: its checkpoint's chat template if it has one).
 
   Returns:
     A picklable `record -> dict[str, np.ndarray]` (grain worker processes can run it).

@@ -55,11 +55,11 @@ def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, *, chat: bool = False) -
 
   A list of messages is rendered with the tokenizer's chat format and its generation prompt
   (the assistant header); a string is wrapped as one user message if `chat`, else encoded
-  as plain text after BOS.
+  as plain text (after BOS where the tokenizer adds one).
   """
   if isinstance(prompt, str):
     if not chat:
-      return tokenizer.encode(prompt, bos=True)
+      return tokenizer.encode(prompt, bos=tokenizer.add_bos)
     prompt = [{"role": "user", "content": prompt}]
   return render_chat(tokenizer, prompt, add_generation_prompt=True).tokens.tolist()
 

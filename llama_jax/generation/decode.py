@@ -219,12 +219,16 @@ def decode(
 # --------------------------------------------------------------------------- compiled entry
 
 
-def cache_shardings(mesh: Mesh) -> KVCache:
-  kv = sharding.named_sharding(mesh, (None, "act_batch", "act_seq", "act_heads", None))
+def cache_shardings(model: sharding.Model, mesh: Mesh) -> KVCache:
+  """`NamedSharding`s of a `KVCache` of `model` on `mesh`: rows over the batch axes, kv
+  heads over tensor where it divides K and replicated where not, as the k / v weights are
+  placed (`sharding.rules_for`)."""
+  rules = sharding.rules_for(model, mesh)
+  kv = sharding.named_sharding(mesh, (None, "act_batch", "act_seq", "act_kv_heads", None), rules)
   return KVCache(
     k=kv,
     v=kv,
-    segment_ids=sharding.named_sharding(mesh, ("act_batch", "act_seq")),
+    segment_ids=sharding.named_sharding(mesh, ("act_batch", "act_seq"), rules),
     index=NamedSharding(mesh, PartitionSpec()),
   )
 
@@ -234,10 +238,10 @@ def make_decode_fn(model: sharding.Model, gen: GenerationConfig, mesh: Mesh | No
 
   `fn(params, tokens, segment_ids, keys, prompt_cache, sample_cache)` returns
   `(GenerationOutput, prompt_cache, sample_cache)`. With a mesh, batch dimensions are
-  sharded over the mesh's batch axes and KV heads / vocab over `tensor`, and `keys` are
-  passed as `jax.random.key_data` [B, R, 2] (host data, made global like the tokens). The
-  same function object is returned for equal arguments; it compiles once per (B, P) shape,
-  which `fn._cache_size()` counts.
+  sharded over the mesh's batch axes and KV heads (where it divides K, `cache_shardings`)
+  and vocab over `tensor`, and `keys` are passed as `jax.random.key_data` [B, R, 2] (host
+  data, made global like the tokens). The same function object is returned for equal
+  arguments; it compiles once per (B, P) shape, which `fn._cache_size()` counts.
   """
   return _decode_fn(as_model(model), gen, mesh)
 
@@ -253,7 +257,7 @@ def _decode_fn(model: nn.Module, gen: GenerationConfig, mesh: Mesh | None):
       return fn(*args)
 
   batch = sharding.named_sharding(mesh, ("act_batch", "act_seq"))
-  caches = cache_shardings(mesh)
+  caches = cache_shardings(model, mesh)
   outputs = GenerationOutput(
     tokens=sharding.named_sharding(mesh, ("act_batch", None, None)),
     mask=sharding.named_sharding(mesh, ("act_batch", None, None)),
@@ -285,7 +289,7 @@ def abstract_decode_args(
   )
   struct = lambda shape, dtype, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
   place = lambda c: jax.tree.map(lambda x, sh: struct(x.shape, x.dtype, sh), c,
-                                 cache_shardings(mesh))  # fmt: skip
+                                 cache_shardings(model, mesh))  # fmt: skip
   return (
     sharding.abstract_sharded_params(model, mesh),
     struct((b, p), jnp.int32, batch),
@@ -303,7 +307,7 @@ def _make_init_caches(config: LlamaConfig, mesh: Mesh | None):
   def init(prompts, prompt_len, rows, new_tokens):
     return (KVCache.init(config, prompts, prompt_len), KVCache.init(config, rows, new_tokens))
 
-  shardings = None if mesh is None else (cache_shardings(mesh),) * 2
+  shardings = None if mesh is None else (cache_shardings(config, mesh),) * 2
   return jax.jit(init, static_argnums=(0, 1, 2, 3), out_shardings=shardings)
 
 

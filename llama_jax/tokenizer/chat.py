@@ -21,6 +21,11 @@ string (marker, prompt text, answer text) in which it starts.
 
 So `loss_mask & ~format_mask` (or `loss_mask * (1 - format_mask)`) selects the answer text
 alone, which is what the Llama 3 DPO recipe scores.
+
+Checkpoints that ship a Jinja chat template (ChatML for SmolLM2, Meta's published Llama 3.1
+template, ...) render through `template.TemplateChatFormat`, which derives the same four span
+kinds from the template; `get_chat_format(None, tokenizer)` picks it whenever the tokenizer
+has a template.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import abc
 import bisect
 import dataclasses
+import functools
 import itertools
 from collections.abc import Mapping, Sequence
 
@@ -300,8 +306,20 @@ def encode_segments(tokenizer: Tokenizer, segments: Sequence[tuple[str, str, int
   Args:
     segments: (text, kind, turn) triples.
   """
-  text = "".join(s for s, _, _ in segments)
-  ids, starts = tokenizer.encode_with_offsets(text)
+  ids, starts = tokenizer.encode_with_offsets("".join(s for s, _, _ in segments))
+  return label_tokens(ids, starts, segments)
+
+
+def label_tokens(
+  ids: Sequence[int], starts: Sequence[int], segments: Sequence[tuple[str, str, int]]
+) -> list[Span]:
+  """Group tokens into spans by the segment holding each token's first character.
+
+  Args:
+    ids: token ids of the concatenated segment texts.
+    starts: for each token, the index of its first character in that text.
+    segments: (text, kind, turn) triples.
+  """
   ends = np.cumsum([len(s) for s, _, _ in segments]).tolist()
   last = len(segments) - 1
   labels = [segments[min(bisect.bisect_right(ends, start), last)][1:] for start in starts]
@@ -315,14 +333,36 @@ CHAT_FORMATS: dict[str, ChatFormat] = {"llama2": LLAMA2_CHAT, "llama3": LLAMA3_C
 
 
 def get_chat_format(fmt: str | ChatFormat | None, tokenizer: Tokenizer | None = None) -> ChatFormat:
-  """Resolve "llama2" / "llama3" / a ChatFormat; None means the tokenizer's own format."""
+  """Resolve a chat format.
+
+  Args:
+    fmt: "llama2" / "llama3" (the built-in formats), a `ChatFormat`, or None: the tokenizer's
+      own Jinja template when it has one (`tokenizer.chat_template`, Hugging Face
+      checkpoints), else its `chat_format` name.
+    tokenizer: consulted when `fmt` is None.
+  """
   if isinstance(fmt, ChatFormat):
     return fmt
   if fmt is None and tokenizer is not None:
+    if tokenizer.chat_template:
+      variables = getattr(tokenizer, "template_variables", {})
+      return _template_format(tokenizer.chat_template, tuple(sorted(variables.items())))
     fmt = tokenizer.chat_format
   if fmt not in CHAT_FORMATS:
-    raise ValueError(f"fmt={fmt!r}: unknown chat format; expected one of {list(CHAT_FORMATS)}")
+    hint = " (the tokenizer has no chat template)" if fmt in ("", None) else ""
+    raise ValueError(
+      f"fmt={fmt!r}: unknown chat format{hint}; "
+      f"expected one of {list(CHAT_FORMATS)} or a ChatFormat"
+    )
   return CHAT_FORMATS[fmt]
+
+
+@functools.lru_cache(maxsize=8)
+def _template_format(template: str, variables: tuple[tuple[str, str], ...]) -> ChatFormat:
+  # One per template: compiling costs milliseconds, and data pipelines render per example.
+  from llama_jax.tokenizer.template import TemplateChatFormat
+
+  return TemplateChatFormat(template, dict(variables))
 
 
 def render_chat(
@@ -339,7 +379,8 @@ def render_chat(
     tokenizer: any `Tokenizer`.
     messages: `{"role": "system"|"user"|"assistant", "content": str}` dicts: an optional system
       message, then user and assistant alternating, user first. Content is stripped.
-    fmt: "llama2", "llama3", a `ChatFormat`, or None for the tokenizer's own format.
+    fmt: "llama2", "llama3", a `ChatFormat`, or None for the tokenizer's own format (its Jinja
+      chat template if it has one; see `get_chat_format`).
     loss_on: "all_assistant" puts loss on every assistant answer, "last_assistant" only on the
       last one (with `add_generation_prompt` that is the answer still to come, so no token
       gets loss). Answers include their closing token (`<|eot_id|>` / `</s>`) so the model

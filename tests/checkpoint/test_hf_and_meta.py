@@ -13,15 +13,16 @@ from safetensors.numpy import load_file, save_file
 
 from llama_jax.checkpoint import (
   CheckpointError,
+  config_from_hf,
   load_hf_checkpoint,
   load_meta_checkpoint,
   save_hf_checkpoint,
 )
 from llama_jax.checkpoint.meta import ffn_hidden_dim
 from llama_jax.checkpoint.torch_pickle import load_torch_file
-from llama_jax.config import RopeScaling
+from llama_jax.config import LlamaConfig, RopeScaling
 from llama_jax.model import KVCache
-from llama_jax.testing import apply, hf_logits, save_hf_tiny
+from llama_jax.testing import HF_TINY, apply, hf_logits, save_hf_tiny
 
 TOKENS = np.random.RandomState(0).randint(0, 256, (2, 40))
 
@@ -117,6 +118,117 @@ def test_missing_and_extra_tensors(hf_dir, tmp_path):
     load_hf_checkpoint(path)
   with pytest.raises(CheckpointError, match="no config.json"):
     load_hf_checkpoint(tmp_path)
+
+
+# config.json of HuggingFaceTB/SmolLM2-135M-Instruct, as its publishers ship it (nanotron's
+# `is_llama_config` / `rope_interleaved`, transformers.js metadata, integer rope_theta).
+SMOLLM2_135M_INSTRUCT_CONFIG = """{
+  "architectures": ["LlamaForCausalLM"],
+  "attention_bias": false,
+  "attention_dropout": 0.0,
+  "bos_token_id": 1,
+  "eos_token_id": 2,
+  "hidden_act": "silu",
+  "hidden_size": 576,
+  "initializer_range": 0.041666666666666664,
+  "intermediate_size": 1536,
+  "is_llama_config": true,
+  "max_position_embeddings": 8192,
+  "mlp_bias": false,
+  "model_type": "llama",
+  "num_attention_heads": 9,
+  "num_hidden_layers": 30,
+  "num_key_value_heads": 3,
+  "pad_token_id": 2,
+  "pretraining_tp": 1,
+  "rms_norm_eps": 1e-05,
+  "rope_interleaved": false,
+  "rope_scaling": null,
+  "rope_theta": 100000,
+  "tie_word_embeddings": true,
+  "torch_dtype": "bfloat16",
+  "transformers.js_config": {
+    "kv_cache_dtype": {"q4f16": "float16", "fp16": "float16"}
+  },
+  "transformers_version": "4.42.3",
+  "use_cache": true,
+  "vocab_size": 49152
+}"""
+# config.json of meta-llama/Llama-3.1-8B-Instruct.
+LLAMA3P1_8B_INSTRUCT_CONFIG = """{
+  "architectures": ["LlamaForCausalLM"],
+  "attention_bias": false,
+  "attention_dropout": 0.0,
+  "bos_token_id": 128000,
+  "eos_token_id": [128001, 128008, 128009],
+  "hidden_act": "silu",
+  "hidden_size": 4096,
+  "initializer_range": 0.02,
+  "intermediate_size": 14336,
+  "max_position_embeddings": 131072,
+  "mlp_bias": false,
+  "model_type": "llama",
+  "num_attention_heads": 32,
+  "num_hidden_layers": 32,
+  "num_key_value_heads": 8,
+  "pretraining_tp": 1,
+  "rms_norm_eps": 1e-05,
+  "rope_scaling": {
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+    "rope_type": "llama3"
+  },
+  "rope_theta": 500000.0,
+  "tie_word_embeddings": false,
+  "torch_dtype": "bfloat16",
+  "transformers_version": "4.42.3",
+  "use_cache": true,
+  "vocab_size": 128256
+}"""
+
+
+def test_published_configs():
+  smol = config_from_hf(json.loads(SMOLLM2_135M_INSTRUCT_CONFIG))
+  assert smol == LlamaConfig(
+    vocab_size=49152, num_layers=30, d_model=576, num_heads=9, num_kv_heads=3, head_dim=64,
+    mlp_dim=1536, norm_eps=1e-5, rope_theta=1e5, max_seq_len=8192, tie_embeddings=True,
+    bos_token_id=1, eos_token_id=2, initializer_range=0.041666666666666664)
+  llama = config_from_hf(json.loads(LLAMA3P1_8B_INSTRUCT_CONFIG))
+  assert llama == LlamaConfig.preset("llama3p1_8b")
+
+
+@pytest.mark.parametrize("use_diff", [True, False])
+def test_configs_as_transformers_writes_them(tmp_path, use_diff):
+  """Every attribute `PretrainedConfig` serializes (with `use_diff=False`: id2label,
+  chunk_size_feed_forward, ...) and the token ids it adds (unk/pad) are accepted."""
+  kwargs = dict(HF_TINY["llama3p2_tied"], pad_token_id=0, unk_token_id=3)
+  hf = transformers.LlamaConfig(**kwargs)
+  written = json.loads(hf.to_json_string(use_diff=use_diff))
+  assert "unk_token_id" in written
+  config = config_from_hf(written)
+  hf.save_pretrained(tmp_path)
+  assert config_from_hf(json.loads((tmp_path / "config.json").read_text())) == config
+  assert (config.num_layers, config.num_kv_heads, config.tie_embeddings) == (2, 2, True)
+  assert config.rope_scaling == RopeScaling(32.0, 1.0, 4.0, 64)
+
+
+@pytest.mark.parametrize("changes,match", [
+  (dict(rope_interleaved=True), r"rope_interleaved=True is not supported \(need False\)"),
+  (dict(mlp_bias=True), r"mlp_bias=True is not supported"),
+  (dict(pretraining_tp=2), r"pretraining_tp=2 is not supported \(need 1\)"),
+  (dict(attention_dropout=0.1), r"attention_dropout=0.1 is not supported"),
+  (dict(model_type="mistral"), r"model_type='mistral' is not supported"),
+  (dict(rope_scaling=dict(rope_type="linear", factor=2.0)),
+   r"rope_scaling type 'linear' is not supported"),
+  (dict(quantization_config=dict(quant_method="gptq")),
+   r"unsupported field\(s\) \['quantization_config'\]"),
+])
+def test_published_config_with_a_value_that_changes_the_model(changes, match):
+  hf = json.loads(SMOLLM2_135M_INSTRUCT_CONFIG) | changes
+  with pytest.raises(CheckpointError, match=r"config.json: " + match):
+    config_from_hf(hf)
 
 
 # --------------------------------------------------------------------------- Meta

@@ -149,12 +149,13 @@ def test_command_prints_the_table_and_exits_nonzero_when_something_does_not_fit(
   assert ok.returncode == 0, ok.stderr[-2000:]
   assert "| generate | generate |" in ok.stdout and "| yes |" in ok.stdout
   assert (tmp_path / "rows.json").exists()
-  # 2 KV heads cannot be split over tensor=8: refused before compiling, named, exit 1
+  # An MLP width of 100 cannot be split over tensor=8 (attention heads that do not divide
+  # are replicated instead, `sharding.rules_for`): refused before compiling, named, exit 1
   bad = subprocess.run(base + ["--config.mesh.data=1", "--config.mesh.fsdp=1",
-                               "--config.mesh.tensor=8"], capture_output=True, text=True,
-                       timeout=300)  # fmt: skip
+                               "--config.mesh.tensor=8", "--config.model.mlp_dim=100"],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
   assert bad.returncode == 1 and "config refused" in bad.stdout, bad.stdout[-2000:]
-  assert "kv_heads" in bad.stdout or "k of shape" in bad.stdout
+  assert "mlp/down of shape (100, 128)" in bad.stdout
 
 
 CHIP_KERNELS = (

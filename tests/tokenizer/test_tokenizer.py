@@ -439,16 +439,21 @@ def test_load_tokenizer_detects_format(sp_path, tt_path, tmp_path):
 def test_load_tokenizer_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="no file at"):
     load_tokenizer(tmp_path / "missing.model")
-  with pytest.raises(FileNotFoundError, match="no tokenizer.model"):
+  with pytest.raises(FileNotFoundError, match="looked for tokenizer.json, tokenizer.model"):
     load_tokenizer(tmp_path)
   empty = tmp_path / "empty.model"
   empty.write_bytes(b"")
   with pytest.raises(ValueError, match="is empty"):
     load_tokenizer(empty)
   junk = tmp_path / "junk.model"
-  junk.write_bytes(b'{"model": {"type": "BPE"}}')
+  junk.write_bytes(b"\x00\x01 not a model")
   with pytest.raises(ValueError, match="neither a SentencePiece model"):
     load_tokenizer(junk)
+  # JSON goes to the tokenizer.json reader, which names what it could not parse.
+  json_junk = tmp_path / "junk.json"
+  json_junk.write_bytes(b'{"model": {"type": "BPE"}}')
+  with pytest.raises(ValueError, match="junk.json is JSON but not a tokenizers file"):
+    load_tokenizer(json_junk)
 
 
 def test_bad_inputs(sp_tok, tt_tok):
