@@ -32,6 +32,7 @@ SLOW_FILES = (
   "test_dpo_experiment.py",
   "test_multihost.py",
   "test_lm_experiment.py",
+  "test_smollm2.py",
   "test_rl_experiments.py",
 )
 

@@ -107,10 +107,13 @@ def smollm2_gguf() -> str:
 
 def use_smollm2(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config` starting from SmolLM2-135M-Instruct with its own tokenizer and chat template
-  (tokenizer ""), float32 on all devices along fsdp."""
+  (tokenizer ""), float32 on all devices along fsdp. The 49,152-token vocabulary makes the
+  logits the largest activation: the losses take them 64 positions at a time."""
   config.init_from = smollm2_gguf()
   config.tokenizer = ""
   config.mesh.update(data=1, fsdp=-1, tensor=1)
+  if "train" in config:  # training stages (generate has none)
+    config.train.loss_chunk_size = 64
   return config
 
 

