@@ -162,7 +162,7 @@ def write_gguf(path: str | Path, model, tensor_type: str = "F32", *,
   `raw_tensors` replaces GGUF tensors by already-encoded bytes: name -> (uint8 array of
   blocks [rows, bytes per row], type name), for types `gguf` cannot quantize (Q4_K, Q6_K);
   names the model lacks are added (e.g. `rope_freqs.weight`: (float32 array, "F32")).
-  `tokens` defaults to placeholders, one per vocabulary entry. `metadata` adds or replaces
+  `tokens` defaults to one made-up token string per vocabulary entry. `metadata` adds or replaces
   key-value pairs (typed by their Python type; None deletes the key) and `drop` leaves out
   the named GGUF tensors: both for testing refusals.
   """
