@@ -27,7 +27,7 @@ demo: $(STAMP)
 	  --workdir=runs/llama3_demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 lint: $(STAMP)
 	$(PY) -m pip install -q ruff

@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import jax  # noqa: E402
 import ml_collections  # noqa: E402
 from absl import app, flags
 from ml_collections import config_flags
@@ -105,11 +106,20 @@ def check(
     raise  # a misspelled key or a wrong type: the config is wrong everywhere, not just here
   except ValueError as e:  # the config does not fit the mesh: a row, not a crash
     return [Row(stage, topology.name, {}, None, error=str(e))]
-  mesh_shape = dict(mesh.shape)
+  hbm = topology.chip.usable_bytes
   return [
-    Row(stage, topology.name, mesh_shape, aot.compile_program(p, topology.chip.usable_bytes))
+    Row(stage, topology.name, _program_mesh(p, mesh), aot.compile_program(p, hbm))
     for p in programs
   ]
+
+
+def _program_mesh(program: aot.Program, stage_mesh) -> dict[str, int]:
+  """The mesh a program runs on: its arguments' (online RL may sample on a mesh of its own),
+  else the stage's."""
+  for leaf in jax.tree.leaves(program.args):
+    if isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding):
+      return dict(leaf.sharding.mesh.shape)
+  return dict(stage_mesh.shape)
 
 
 def check_config(

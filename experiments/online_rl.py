@@ -53,6 +53,7 @@ def load_policy(cfg: ml_collections.ConfigDict, samples_per_prompt: int) -> Poli
   minibatches fit the mesh before anything compiles."""
   tokenizer, mesh, model_cfg, params = generate_experiment.load_policy(cfg)
   sharding.check_fits_mesh(model_cfg, mesh)
+  sharding.check_fits_mesh(model_cfg, sampling_mesh(cfg, mesh))
   check_minibatches(cfg, mesh, samples_per_prompt)
   ref_params = jax.tree.map(lambda x: x.copy(), params)
   return Policy(tokenizer, mesh, model_cfg, params, ref_params)
@@ -64,13 +65,39 @@ def prompt_iterator(cfg: ml_collections.ConfigDict) -> rollouts.PromptIterator:
   return rollouts.PromptIterator(records, cfg.data.batch_size, seed=cfg.data.seed)
 
 
+def sampling_mesh(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Mesh:
+  """The `sampling_mesh` section over the training mesh's devices: `mesh` itself when all its
+  axes are 0, else a mesh of that shape (an axis left 0 is 1; one may be -1) over
+  `num_devices` of them (0 = all), an equal share of each process's so that every process
+  samples."""
+  s = cfg.sampling_mesh
+  if not (s.data or s.fsdp or s.tensor):
+    return mesh
+  by_process: dict[int, list[jax.Device]] = {}
+  for d in sorted(mesh.devices.flat, key=lambda d: (d.process_index, d.id)):
+    by_process.setdefault(d.process_index, []).append(d)
+  n = s.num_devices or mesh.devices.size
+  if n % len(by_process) or not 0 < n <= mesh.devices.size:
+    raise ValueError(
+      f"sampling_mesh.num_devices={s.num_devices}: expected 0 or a multiple of the "
+      f"{len(by_process)} processes up to the mesh's {mesh.devices.size} devices"
+    )
+  devices = [d for ds in by_process.values() for d in ds[: n // len(by_process)]]
+  shape = {a: s[a] or 1 for a in ("data", "fsdp", "tensor")}  # an axis left 0 is 1 wide
+  try:
+    return common.build_mesh(ml_collections.ConfigDict(shape), devices)
+  except ValueError as e:
+    raise ValueError(f"sampling_mesh: {e}") from e
+
+
 def sampler(cfg: ml_collections.ConfigDict, model_cfg, tokenizer, mesh, num_samples: int):
-  """The configured rollout sampler (`online.Sampler`), `num_samples` responses per prompt."""
+  """The configured rollout sampler (`online.Sampler`), `num_samples` responses per prompt,
+  on the `sampling_mesh` (by default the training `mesh`)."""
   gen = generate_experiment.generation_config(
     cfg, tokenizer.stop_ids, tokenizer.pad_id, num_samples
   )
   model = common.build_model(cfg, model_cfg)  # samples with the policy's adapters, if any
-  return online.Sampler(model, tokenizer, gen, chat=cfg.chat, mesh=mesh)
+  return online.Sampler(model, tokenizer, gen, chat=cfg.chat, mesh=sampling_mesh(cfg, mesh))
 
 
 def train(
@@ -112,8 +139,13 @@ def rollout_programs(cfg, model_cfg, mesh, assumed: aot.Assumed, num_samples: in
   gen = generate_experiment.check_generation_config(cfg, model_cfg, num_samples)
   rms = rejection_sampling.reward_model_params(cfg.reward, model_cfg, mesh)
   seq_len = rollouts.row_length([[0] * assumed.prompt_len], gen.max_new_tokens, 64)
+  smesh = sampling_mesh(cfg, mesh)
+  sharding.check_fits_mesh(model_cfg, smesh)
+  # On a mesh of its own the sampler holds a copy of the weights beside everything else
+  # (counted on every device: the devices may be shared).
+  copy = () if smesh is mesh else sharding.abstract_sharded_params(model_cfg, smesh)
   generate = generate_experiment.generation_program(
-    model_cfg, gen, cfg.data.batch_size, assumed.prompt_len, mesh, resident=(resident, rms)
+    model_cfg, gen, cfg.data.batch_size, assumed.prompt_len, smesh, resident=(resident, rms, copy)
   )
   scoring = rejection_sampling.scorer_programs(cfg.reward, model_cfg, mesh, seq_len, resident)
   return [generate, *scoring], cfg.data.batch_size * num_samples, seq_len, rms

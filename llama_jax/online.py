@@ -8,8 +8,10 @@
 Every iteration is the same five steps, whatever the algorithm:
 
     sample     `gen.num_samples` responses per prompt (`rollouts.sample_rollout`), key folded
-               from the seed and the iteration, so a resumed run samples what it would have
-    score      the reward function, a `llama_jax.scorers.Scorer` `(records, prompts,
+               from the seed and the iteration, so a resumed run samples what it would have;
+               on the sampler's own mesh if it has one (`Sampler.mesh`: the policy's weights
+               are resharded onto it first, timed as time/weight_sync)
+    reward     the reward function, a `llama_jax.scorers.Scorer` `(records, prompts,
                responses) -> scores [N]` (checked by `scorers.score`), plus
                `no_eos_penalty` for responses cut off without a stop token
     advantages `algorithm.score(state, ref_params, rows, scores) -> (arrays, metrics)`, one
@@ -19,6 +21,14 @@ Every iteration is the same five steps, whatever the algorithm:
     metrics    the scoring metrics, the updates' means, reward/response/time statistics; then
                `algorithm.finish(state, metrics)` (PPO's adaptive KL) and the step count + 1
 
+Multi-host: every process runs the same iteration on the same global prompt batch. The
+decoder runs over the whole mesh; each process detokenizes and rewards the responses its own
+devices sampled, and builds its block of the rollout rows, which become global `jax.Array`s
+(`sharding.from_process_rows`). Log-probs, advantages, group baselines and whitening are
+computed by the jitted functions over those global arrays, so their statistics are global;
+minibatches are gathered on the devices; reward and response metrics are gathered from every
+process. One process with all devices computes the same numbers.
+
 An algorithm is any object with those three methods over a state that has `policy` (a
 `TrainState`) and `step` (the iteration count the trainer checkpoints and resumes by), and
 two that build that state: `init_state(params, key)` (fresh, from the policy's parameters)
@@ -26,14 +36,12 @@ and `abstract_state()` (the checkpoint's restore target, nothing allocated).
 Metric names are shared across algorithms: objective/kl (nats per response),
 objective/kl_per_token, objective/scores, policy/entropy, policy/clipfrac, policy/approxkl,
 loss/policy, reward/*, response/*, time/*.
-
-Rollouts are assembled on the host, so this runs on one host (any number of its devices);
-multi-host RL would need the rows built as global arrays per process.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
@@ -67,7 +75,7 @@ PLOT_PANELS = (
   ("policy/clipfrac", "policy/approxkl"),
   ("response/length",),
   ("response/eos_rate",),
-  ("time/generation", "time/scoring", "time/training"),
+  ("time/weight_sync", "time/generation", "time/reward", "time/logps", "time/training"),
 )
 
 
@@ -103,6 +111,8 @@ class PPOState:
 class Algorithm(Protocol):
   """What the driver and the launchers need of an algorithm (see the module docstring)."""
 
+  mesh: Mesh  # where its state lives and its rollout rows are placed
+
   def init_state(self, params, key: jax.Array) -> Any: ...
 
   def abstract_state(self) -> Any: ...
@@ -125,6 +135,12 @@ def _scalar(dtype, mesh: Mesh) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct((), dtype, sharding=NamedSharding(mesh, PartitionSpec()))
 
 
+def _replicated(value, dtype, mesh: Mesh) -> jax.Array:
+  """A scalar of the state, replicated over the mesh (a global array on every process, as
+  checkpoints need across hosts)."""
+  return jax.device_put(np.asarray(value, dtype), NamedSharding(mesh, PartitionSpec()))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GRPO:
   """Critic-free policy gradient over `PolicyState`: the jitted `steps.grpo` score function
@@ -141,7 +157,7 @@ class GRPO:
     """Iteration 0: a fresh optimizer state over `params` (placed on the mesh; LoRA adapters
     the model has and `params` lack start fresh)."""
     policy = _init_policy(self.model, self.optimizer, self.mesh, key, params)
-    return PolicyState(policy=policy, step=jnp.int32(0))
+    return PolicyState(policy=policy, step=_replicated(0, np.int32, self.mesh))
 
   def abstract_state(self) -> PolicyState:
     """The restore target of a checkpoint on the mesh (shapes and shardings only)."""
@@ -196,8 +212,8 @@ class PPO:
     return PPOState(
       policy=_init_policy(self.model, self.policy_opt, self.mesh, key, params),
       value=ts.init_train_state(self.value_model, self.value_opt, self.mesh, key, value_params),
-      kl_coef=jnp.float32(self.kl_coef),
-      step=jnp.int32(0),
+      kl_coef=_replicated(self.kl_coef, np.float32, self.mesh),
+      step=_replicated(0, np.int32, self.mesh),
     )
 
   def abstract_state(self) -> PPOState:
@@ -227,7 +243,7 @@ class PPO:
       new = ppo_obj.adaptive_kl_beta(
         beta, metrics["objective/kl"], num, target=self.kl_target, horizon=self.kl_horizon
       )
-      state = state.replace(kl_coef=jnp.float32(new))
+      state = state.replace(kl_coef=_replicated(new, np.float32, self.mesh))
     return state, metrics | {"kl_coef": beta}
 
 
@@ -237,13 +253,27 @@ class PPO:
 @dataclasses.dataclass(frozen=True)
 class Sampler:
   """How rollouts are drawn: the policy model, tokenizer, generation settings
-  (`gen.num_samples` responses per prompt), chat template and mesh."""
+  (`gen.num_samples` responses per prompt), chat template and the mesh to sample on.
+
+  `mesh` None or the training mesh: sample where the policy's weights are. Another mesh (a
+  different layout, e.g. data-parallel sampling beside fsdp training, or a subset of the
+  devices; it must span every process): each iteration copies the weights onto it first
+  (`place`), and the copy lives beside the training state while sampling."""
 
   model: sharding.Model
   tokenizer: Tokenizer
   gen: GenerationConfig
   chat: bool = True
   mesh: Mesh | None = None
+
+  def place(self, params, train_mesh: Mesh):
+    """`params` (on `train_mesh`) on the sampling mesh: the same arrays when it is the
+    training mesh, else a resharded copy (finished before this returns, so it can be timed)."""
+    if self.mesh is None or self.mesh == train_mesh:
+      return params
+    return jax.block_until_ready(
+      jax.device_put(params, sharding.param_shardings(self.model, self.mesh))
+    )
 
   def __call__(self, params, records, key) -> Rollout:
     return sample_rollout(
@@ -258,22 +288,30 @@ def minibatch_indices(num_rows: int, num_minibatches: int, rng: np.random.Genera
   return np.split(rng.permutation(num_rows), num_minibatches)
 
 
-def _take(arrays: Mapping[str, Any], index: np.ndarray) -> dict[str, np.ndarray]:
-  return {k: np.asarray(v)[index] for k, v in arrays.items()}
+@functools.lru_cache(maxsize=8)
+def _take_rows(mesh: Mesh):
+  """Jitted `(arrays, index) -> arrays[index]` over global rows: a minibatch gathered on the
+  devices (rows move between processes where they must), laid out over the batch axes."""
+  batch = sharding.named_sharding(mesh, ("act_batch",))
+  take = lambda arrays, index: jax.tree.map(lambda x: x[index], arrays)
+  return jax.jit(take, out_shardings=batch)
 
 
 def rollout_metrics(rollout: Rollout, scores: np.ndarray, group_size: int) -> dict[str, float]:
-  """reward/* (of the reward function, before shaping) and response/* of one rollout."""
+  """reward/* (of the reward function, before shaping) and response/* of one rollout, over
+  every process's responses (each process passes its own)."""
+  scores, lengths, stopped = (
+    sharding.process_allgather(x) for x in (scores, rollout.lengths, rollout.stopped)
+  )
   metrics = {
     "reward/mean": float(np.mean(scores)),
     "reward/std": float(np.std(scores)),
-    "response/length": float(rollout.lengths.mean()),
-    "response/eos_rate": float(rollout.stopped.mean()),
+    "response/length": float(lengths.mean()),
+    "response/eos_rate": float(stopped.mean()),
     "num_responses": float(len(scores)),
-    "time/generation": rollout.seconds,
   }
   if group_size > 1:  # how many prompts give a group baseline anything to work with
-    groups = scores.reshape(-1, group_size)
+    groups = scores.reshape(-1, group_size)  # each process holds whole groups
     metrics["reward/group_std"] = float(groups.std(axis=1).mean())
     metrics["reward/groups_with_signal"] = float((groups.max(1) > groups.min(1)).mean())
   return metrics
@@ -299,31 +337,56 @@ def make_iteration(
 ):
   """`iteration(state, batch) -> (state, metrics)` over a batch `{"records": [rl_prompt
   records]}` from `rollouts.PromptIterator`, so `llama_jax.trainer.fit` runs it like any
-  train step (logging, checkpoints, resume)."""
+  train step (logging, checkpoints, resume). The metrics time each phase: weight_sync,
+  generation, reward, logps (the scoring pass) and training, in seconds."""
+  mesh = algorithm.mesh
+  rows_sharding = sharding.named_sharding(mesh, ("act_batch",))
+  replicated = NamedSharding(mesh, PartitionSpec())
 
   def iteration(state, batch):
     step = int(state.step)
-    rollout = sampler(state.policy.params, batch["records"], jax.random.fold_in(
-      jax.random.key(seed), step))  # fmt: skip
-    t0 = time.perf_counter()
+    clock = _Clock()
+    params = sampler.place(state.policy.params, mesh)
+    clock.lap("time/weight_sync")
+    rollout = sampler(params, batch["records"], jax.random.fold_in(jax.random.key(seed), step))
+    del params
+    clock.lap("time/generation")
     raw = scorers.score(reward_fn, rollout.records, rollout.texts).astype(np.float32)
     scores = raw + np.float32(no_eos_penalty) * (~rollout.stopped)
-    arrays, score_metrics = algorithm.score(state, ref_params, rollout.rows, scores)
-    arrays = rollout.rows | jax.device_get(dict(arrays))
-    t1 = time.perf_counter()
+    clock.lap("time/reward")
+    rows = rollout.global_rows(rows_sharding)
+    n = len(rows["tokens"])
+    scores = sharding.from_process_rows(scores, rows_sharding, n)
+    arrays, score_metrics = algorithm.score(state, ref_params, rows, scores)
+    arrays = jax.block_until_ready(rows | dict(arrays))
+    clock.lap("time/logps")
     updates = []
     # Shuffled rows keep minibatches alike (whole groups per minibatch would also do).
-    for index in minibatch_indices(len(scores), num_minibatches, np.random.default_rng(step)):
-      state, m = algorithm.update(state, _take(arrays, index))
+    for index in minibatch_indices(n, num_minibatches, np.random.default_rng(step)):
+      minibatch = _take_rows(mesh)(arrays, sharding.to_global(index, replicated))
+      state, m = algorithm.update(state, minibatch)
       updates.append(m)
-    metrics = {k: float(v) for k, v in jax.device_get(score_metrics).items()}
-    metrics |= mean_metrics(updates) | rollout_metrics(rollout, raw, sampler.gen.num_samples)
-    metrics |= {"time/scoring": t1 - t0, "time/training": time.perf_counter() - t1}
+    metrics = mean_metrics(updates)  # waits for the updates
+    clock.lap("time/training")
+    metrics |= {k: float(v) for k, v in jax.device_get(score_metrics).items()}
+    metrics |= rollout_metrics(rollout, raw, sampler.gen.num_samples) | clock.laps
     metrics["loss"] = metrics["loss/policy"]
     state, metrics = algorithm.finish(state, metrics)
     return state.replace(step=state.step + 1), metrics
 
   return iteration
+
+
+class _Clock:
+  """Seconds between successive `lap(name)` calls, collected in `laps`."""
+
+  def __init__(self):
+    self.laps: dict[str, float] = {}
+    self._last = time.perf_counter()
+
+  def lap(self, name: str) -> None:
+    now = time.perf_counter()
+    self.laps[name], self._last = now - self._last, now
 
 
 def train_online(

@@ -226,18 +226,50 @@ class RewardScorer:
     return tokens, segments
 
   def __call__(self, prompts: Sequence[Any], responses: Sequence[Any]) -> np.ndarray:
+    """Rewards of this process's pairs. With a mesh over several processes, every process
+    calls this at once with its own pairs (online RL rewards responses where they were
+    sampled): each scoring batch is `batch_size / process_count` rows from each."""
+    if jax.process_count() > 1 and self.mesh is not None:
+      return self._score_process_rows(prompts, responses)
     if not len(prompts):
       return np.zeros((0,), np.float32)
     tokens, segments = self.tokenize(prompts, responses)
-    n, b = len(tokens), self.batch_size
-    padded = -(-n // b) * b  # whole batches: one compiled shape per length bucket
-    tokens = np.pad(tokens, ((0, padded - n), (0, 0)))
-    segments = np.pad(segments, ((0, padded - n), (0, 0)))
     out = [
-      np.asarray(jax.device_get(self._score(self.params, tokens[i : i + b], segments[i : i + b])))
-      for i in range(0, padded, b)
+      np.asarray(jax.device_get(self._score(self.params, *block)))
+      for block in _blocks(tokens, segments, self.batch_size, len(tokens), tokens.shape[1])
     ]
-    return np.concatenate(out)[:n].astype(np.float32)
+    return np.concatenate(out)[: len(tokens)].astype(np.float32)
+
+  def _score_process_rows(self, prompts, responses) -> np.ndarray:
+    """`__call__` across processes: the row length and the number of batches are agreed on
+    first, so every process runs the same compiled shapes the same number of times."""
+    per_process = self.batch_size // jax.process_count()
+    if per_process * jax.process_count() != self.batch_size:
+      raise ValueError(
+        f"RewardScorer batch_size={self.batch_size} does not split over "
+        f"{jax.process_count()} processes"
+      )
+    n = len(prompts)
+    tokens, segments = self.tokenize(prompts, responses) if n else (np.zeros((0, 1), np.int32),) * 2
+    most_rows, longest = sharding.process_allgather(np.array([[n, tokens.shape[1]]])).max(0)
+    rows = sharding.named_sharding(self.mesh, ("act_batch", "act_seq"))
+    batch = sharding.named_sharding(self.mesh, ("act_batch",))
+    mine = sharding.process_rows(batch, self.batch_size)
+    out = []
+    for block in _blocks(tokens, segments, per_process, int(most_rows), int(longest)):
+      tokens_g, segments_g = (sharding.from_process_rows(x, rows, self.batch_size) for x in block)
+      out.append(np.asarray(jax.device_get(self._score(self.params, tokens_g, segments_g)))[mine])
+    return np.concatenate(out)[:n].astype(np.float32) if out else np.zeros((0,), np.float32)
+
+
+def _blocks(tokens, segments, size: int, num_rows: int, length: int):
+  """`(tokens, segments)` blocks of `size` rows, zero-padded to `num_rows` rows rounded up to
+  whole blocks and to `length` columns: one compiled shape per length bucket."""
+  padded = -(-num_rows // size) * size
+  pad = ((0, padded - len(tokens)), (0, length - tokens.shape[1]))
+  tokens, segments = np.pad(tokens, pad), np.pad(segments, pad)
+  for i in range(0, padded, size):
+    yield tokens[i : i + size], segments[i : i + size]
 
 
 class Llama2Scorer:
@@ -272,11 +304,12 @@ class Llama2Scorer:
     safety = self.safety(prompts, responses)
     flags = np.zeros(len(helpful), bool) if is_safety is None else np.asarray(is_safety, bool)
     combined = combine_llama2_rewards(helpful, safety, flags, threshold=self.threshold)
+    everyone = sharding.process_allgather(combined)  # the statistics are every process's
     if self.whitening == "running":
-      self.moments = self.moments.update(combined)
+      self.moments = self.moments.update(everyone)
       out = self.moments.whiten(combined, shift_mean=self.shift_mean)
     elif self.whitening == "batch":
-      out = whiten(combined, shift_mean=self.shift_mean)
+      out = RunningMoments.init().update(everyone).whiten(combined, shift_mean=self.shift_mean)
     else:
       out = combined
     self.last = {"helpful": helpful, "safety": safety, "combined": np.asarray(combined)}

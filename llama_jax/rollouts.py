@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -38,8 +37,10 @@ ROW_FIELDS = ("tokens", "positions", "segment_ids", "targets", "response_mask")
 
 class PromptIterator:
   """Endless batches `{"records": [...]}` of `batch_size` records, reshuffled every epoch
-  from `seed`; `get_state` / `set_state` make it resumable (the trainer saves the state).
-  Every host gets the same batches: generation takes the global prompt list."""
+  from `seed`; `get_state` / `set_state` make it resumable (the trainer saves the state,
+  one file per process). Every process gets the same global batch: generation takes the
+  global prompt list, and each process keeps the responses its own devices sample
+  (`sample_rollout`)."""
 
   def __init__(self, records: Sequence[dict[str, Any]], batch_size: int, seed: int = 0):
     if len(records) < batch_size:
@@ -112,15 +113,31 @@ def ended_with_stop(tokens: np.ndarray, mask: np.ndarray, stop_ids: Sequence[int
 
 @dataclasses.dataclass(frozen=True)
 class Rollout:
-  """One batch of sampled responses: rows [B·R, T] (`rollout_rows`), texts, the records each
-  row answers, response lengths and whether each ended with a stop token."""
+  """One batch of sampled responses, as this process holds them: its rows of the global
+  [N = B·R, T] (`rollout_rows`), their texts, the records they answer, response lengths and
+  whether each ended with a stop token. On one process that is all of them; on several, the
+  block `rows_slice` of the global rows (whole prompts, their R responses adjacent), so
+  rewards are computed where the texts are and `global_rows` assembles the global arrays."""
 
   rows: dict[str, np.ndarray]
   texts: list[str]
   records: list[dict[str, Any]]
   lengths: np.ndarray
   stopped: np.ndarray
-  seconds: float
+  num_rows: int = -1  # N, all processes' rows; -1: this process's rows are all of them
+  rows_slice: slice | None = None  # this process's block of the N rows
+
+  def global_rows(self, batch: jax.sharding.Sharding) -> dict[str, jax.Array]:
+    """The rows as global arrays [N, T] under `batch` (rows over the batch axes), built from
+    every process's block (`sharding.from_process_rows`)."""
+    n = len(self.lengths) if self.num_rows < 0 else self.num_rows
+    mine = sharding.process_rows(batch, n)
+    if self.rows_slice is not None and mine != self.rows_slice:
+      raise ValueError(
+        f"this process sampled rows {self.rows_slice} but holds rows {mine} of the training "
+        "mesh: the sampling and training meshes must split the batch over processes alike"
+      )
+    return {k: sharding.from_process_rows(v, batch, n) for k, v in self.rows.items()}
 
 
 def sample_rollout(
@@ -135,25 +152,30 @@ def sample_rollout(
   mesh: Mesh | None = None,
   row_multiple: int = 64,
 ) -> Rollout:
-  """`gen.num_samples` responses to each record's prompt, as training rows."""
-  t0 = time.perf_counter()
+  """`gen.num_samples` responses to each record's prompt, as training rows.
+
+  `records` is the global batch, the same on every process (the decoder's inputs are global
+  arrays); each process turns the responses its devices sampled into texts and rows (see
+  `Rollout`). On one process that is every response."""
   prompt_ids = [encode_prompt(tokenizer, r["prompt"], chat=chat) for r in records]
-  out = jax.device_get(generate_tokens(model, params, prompt_ids, key, gen, mesh=mesh))
-  tokens, mask = np.asarray(out.tokens), np.asarray(out.mask)
+  out = generate_tokens(model, params, prompt_ids, key, gen, mesh=mesh)
+  mine = sharding.process_block(out.tokens)  # this process's prompts
+  tokens, mask = sharding.to_process_rows(out.tokens), sharding.to_process_rows(out.mask)
   r = gen.num_samples
   texts = [
     response_text(tokenizer, tokens[i, j], mask[i, j], gen.stop_ids)
-    for i in range(len(records))
+    for i in range(len(tokens))
     for j in range(r)
   ]
-  seq_len = row_length(prompt_ids, gen.max_new_tokens, row_multiple)
+  seq_len = row_length(prompt_ids, gen.max_new_tokens, row_multiple)  # the same everywhere
   return Rollout(
-    rows=rollout_rows(prompt_ids, tokens, mask, seq_len=seq_len),
+    rows=rollout_rows(prompt_ids[mine], tokens, mask, seq_len=seq_len),
     texts=texts,
-    records=[rec for rec in records for _ in range(r)],
+    records=[rec for rec in records[mine] for _ in range(r)],
     lengths=mask.sum(-1).reshape(-1),
     stopped=ended_with_stop(tokens, mask, gen.stop_ids).reshape(-1),
-    seconds=time.perf_counter() - t0,
+    num_rows=len(records) * r,
+    rows_slice=slice(mine.start * r, mine.stop * r),
   )
 
 

@@ -372,6 +372,63 @@ def to_global(x, sharding: NamedSharding) -> jax.Array:
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
+# --------------------------------------------------------------------------- process-local rows
+# Multi-host code where each process holds its own rows (online RL's rollouts): a batch-sharded
+# global array [N, ...] is, on each process, one contiguous block of rows.
+
+
+def process_rows(batch: jax.sharding.Sharding, num_rows: int) -> slice:
+  """The rows of a global [num_rows, ...] array under `batch` that this process's devices
+  hold: one contiguous block (all rows on a single process)."""
+  indices = batch.addressable_devices_indices_map((num_rows,)).values()
+  blocks = sorted({idx[0].indices(num_rows)[:2] for idx in indices})
+  start, stop = blocks[0]
+  for lo, hi in blocks[1:]:
+    if lo > stop:
+      raise ValueError(
+        f"this process holds rows {blocks} of {num_rows}, not one block: lay the mesh's batch "
+        "axes out process by process (sharding.make_mesh does)"
+      )
+    stop = max(stop, hi)
+  return slice(start, stop)
+
+
+def from_process_rows(local, batch: NamedSharding, num_rows: int) -> jax.Array:
+  """A global [num_rows, ...] array under `batch` from this process's rows
+  (`process_rows(batch, num_rows)` of it); every process calls this with its own block."""
+  local = np.asarray(local)
+  return jax.make_array_from_process_local_data(batch, local, (num_rows, *local.shape[1:]))
+
+
+def to_process_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows (`process_rows`) of a global array sharded over its first axis,
+  copied to the host: what `from_process_rows` turns back into `x`."""
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  rows = process_block(x)
+  out = np.empty((rows.stop - rows.start, *x.shape[1:]), x.dtype)
+  for shard in x.addressable_shards:  # replicas (e.g. over tensor) write the same values
+    lo, hi = shard.index[0].indices(x.shape[0])[:2]
+    out[(slice(lo - rows.start, hi - rows.start), *shard.index[1:])] = np.asarray(shard.data)
+  return out
+
+
+def process_block(x: jax.Array) -> slice:
+  """`process_rows` of a global array: the rows of its first axis this process holds."""
+  return slice(0, x.shape[0]) if x.is_fully_addressable else process_rows(x.sharding, x.shape[0])
+
+
+def process_allgather(x) -> np.ndarray:
+  """Every process's `x` concatenated along axis 0 in process order (a no-op on one
+  process): small host values such as per-response rewards, for global statistics."""
+  x = np.asarray(x)
+  if jax.process_count() == 1:
+    return x
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def bytes_per_device(tree) -> dict[jax.Device, int]:
   """Bytes of `tree`'s arrays held on each addressable device (counts real shards)."""
   out: dict[jax.Device, int] = {}

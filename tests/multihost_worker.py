@@ -2,8 +2,10 @@
 
     multihost_worker.py forward PROCESS_ID PORT OUT_DIR HF_CHECKPOINT_DIR
     multihost_worker.py train   PROCESS_ID PORT OUT_DIR
+    multihost_worker.py rl      PROCESS_ID PORT OUT_DIR REWARD_MODEL_WORKDIR
 
-`train_run` is also imported by the test to compute the single-process reference.
+`train_run` and `rl_run` are also imported by the test to compute the single-process
+references.
 """
 
 import os
@@ -17,6 +19,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
+from experiments import grpo, ppo  # noqa: E402
+from experiments.configs import grpo as grpo_configs  # noqa: E402
+from experiments.configs import ppo as ppo_configs  # noqa: E402
 from llama_jax import LlamaConfig, sharding  # noqa: E402
 from llama_jax import train_state as ts  # noqa: E402
 from llama_jax.checkpoint import load_hf_checkpoint, save_hf_checkpoint  # noqa: E402
@@ -92,6 +97,41 @@ def train(process_id: int, out: str) -> None:
     np.save(os.path.join(out, "resumed_losses.npy"), np.array(resumed_losses))
 
 
+RL_MODEL = dict(num_layers=2, d_model=64, head_dim=16, mlp_dim=128)
+
+
+def rl_run(algorithm: str, workdir: str, reward_model: str, steps: int) -> dict:
+  """`experiments.grpo` / `experiments.ppo` for `steps` iterations (resuming what `workdir`
+  holds) on fsdp=4 × tensor=2: 4 prompts × 2 samples from a random tiny policy, rewarded by
+  the random reward model in `reward_model` (GRPO: the RM's score; PPO: Llama 2's combined,
+  batch-whitened score of it as both helpfulness and safety model)."""
+  configs, launcher = (grpo_configs, grpo) if algorithm == "grpo" else (ppo_configs, ppo)
+  cfg = configs.get_config("tiny")
+  cfg.model.update(**RL_MODEL)
+  cfg.mesh.update(data=1, fsdp=4, tensor=2)
+  cfg.data.update(tasks="arithmetic", num_prompts=8, batch_size=4)
+  cfg.generation.max_new_tokens = 8
+  cfg.train.update(num_steps=steps, num_minibatches=2, log_every=1, checkpoint_every=1)
+  if algorithm == "grpo":
+    cfg.grpo.group_size = 2
+    cfg.reward.update(kind="reward_model", reward_model=reward_model, batch_size=8)
+  else:
+    cfg.generation.num_samples = 2
+    cfg.reward.update(
+      kind="llama2", helpful=reward_model, safety=reward_model, whitening="batch", batch_size=8
+    )
+  return launcher.run(cfg, workdir)
+
+
+def rl(process_id: int, out: str, reward_model: str) -> None:
+  """GRPO and PPO: 2 iterations, then a fresh launch to 3 that resumes from the checkpoint."""
+  del process_id
+  for algorithm in ("grpo", "ppo"):
+    workdir = os.path.join(out, algorithm)
+    rl_run(algorithm, workdir, reward_model, steps=2)
+    rl_run(algorithm, workdir, reward_model, steps=3)
+
+
 def forward(process_id: int, out: str, checkpoint: str) -> None:
   mesh = sharding.make_mesh(fsdp=4, tensor=2)
   config, params = load_hf_checkpoint(checkpoint, mesh=mesh)
@@ -112,12 +152,12 @@ def main():
   mode, process_id, port, out, *rest = sys.argv[1:]
   process_id = int(process_id)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU cross-process
+  # The RL runs resume in a second launch: it reuses the first one's compiled programs.
+  jax.config.update("jax_compilation_cache_dir", os.path.join(out, f"jit_{process_id}"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   sharding.initialize_distributed(f"localhost:{port}", num_processes=2, process_id=process_id)
   assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 8, 4)
-  if mode == "train":
-    train(process_id, out)
-  else:
-    forward(process_id, out, *rest)
+  {"train": train, "forward": forward, "rl": rl}[mode](process_id, out, *rest)
 
 
 if __name__ == "__main__":

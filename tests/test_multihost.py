@@ -11,11 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import transformers
 
-from llama_jax import sharding
-from llama_jax.testing import hf_logits, save_hf_tiny
+from experiments.configs.base import TINY_MODEL
+from llama_jax import LlamaConfig, reward_model, sharding
+from llama_jax import train_state as ts
+from llama_jax.metrics import read_metrics
+from llama_jax.testing import hf_logits, save_hf_tiny, save_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -51,9 +55,19 @@ def run_two_processes(mode: str, out: Path, *args: str) -> None:
     )
     for i in range(2)
   ]
-  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
   for p, output in zip(procs, outputs, strict=True):
     assert p.returncode == 0, output[-3000:]
+
+
+def make_rm_workdir(path) -> str:
+  """A random reward model on the RL runs' tiny architecture, as a workdir."""
+  model = {k: v for k, v in TINY_MODEL.items() if k != "preset"} | multihost_worker.RL_MODEL
+  config = LlamaConfig.preset("tiny", **model)
+  opt = ts.make_optimizer(ts.OptimizerConfig(warmup_steps=1, total_steps=2))
+  mesh = sharding.make_mesh()
+  state = ts.init_train_state(reward_model.RewardModel(config), opt, mesh, jax.random.key(7))
+  return save_workdir(path, config, state)
 
 
 def test_two_processes_load_forward_and_save(tmp_path):
@@ -82,3 +96,23 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
   with np.load(tmp_path / "params.npz") as a, np.load(tmp_path / "resumed.npz") as b:
     for key in a.files:
       np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+RL_KEYS = ("loss/policy", "objective/kl", "policy/entropy", "reward/mean", "reward/std")
+
+
+def test_two_processes_run_grpo_and_ppo_like_one_process_with_eight_devices(tmp_path):
+  """Each process rewards (with a reward model sharded over both) and turns into rows the
+  responses its devices sampled; the iterations, their resume from a checkpoint included,
+  equal one process driving all 8 devices."""
+  rm_dir = make_rm_workdir(tmp_path / "rm")
+  run_two_processes("rl", tmp_path, rm_dir)
+  for algorithm, extra in (("grpo", ()), ("ppo", ("loss/value", "kl_coef"))):
+    multihost_worker.rl_run(algorithm, str(tmp_path / f"one_{algorithm}"), rm_dir, steps=3)
+    one, two = (read_metrics(tmp_path / d) for d in (f"one_{algorithm}", algorithm))
+    assert [r["step"] for r in two] == [1, 2, 3] == [r["step"] for r in one], algorithm
+    assert np.std([r["reward/mean"] for r in one]) > 0  # the RM's rewards carry signal
+    for key in RL_KEYS + extra:
+      np.testing.assert_allclose(
+        [r[key] for r in two], [r[key] for r in one], rtol=1e-5, atol=1e-6, err_msg=key
+      )

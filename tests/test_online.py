@@ -5,6 +5,7 @@ driver runs any algorithm object through sample → score → minibatch updates 
 
 import dataclasses
 import types
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -196,11 +197,16 @@ def test_one_grpo_step_lowers_the_loss(setup):
   assert after < before - 1e-3
 
 
+def one_device_mesh():
+  return sharding.make_mesh(devices=jax.devices()[:1])
+
+
 @dataclasses.dataclass
 class Recorder:
   """A fake algorithm: records what the driver hands it."""
 
   calls: list = dataclasses.field(default_factory=list)
+  mesh: Any = dataclasses.field(default_factory=one_device_mesh)
 
   def score(self, state, ref_params, rows, scores):
     self.calls.append(("score", np.asarray(scores).tolist()))

@@ -6,6 +6,9 @@
 
 Sections (model, tokenizer, init_from, mesh, data, generation, chat as in
 `experiments/configs/generate.py`; optimizer as in `base.py`):
+  sampling_mesh  data, fsdp, tensor, num_devices: sample on a mesh of its own (e.g.
+              data-parallel sampling beside fsdp training, or a subset of the devices),
+              the weights resharded onto it each iteration; all 0 = the training mesh.
   reward      `base.reward_section`: default "check_answer", the bundled prompts' verifiable
               reward; "reward_model" / "llama2" score with reward-model workdirs instead.
   grpo        group_size K, advantage ("group" | "rloo" | "reinforce_pp"), clip_eps,
@@ -67,6 +70,12 @@ def rl_config(base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.train = lm.train
   config.train.update(num_steps=100, num_minibatches=2, log_every=1, checkpoint_every=50)
   config.lora = lm.lora  # the policy's adapters (rank 0: full fine-tuning)
+  # Where rollouts are sampled: all 0 = on the training mesh; else a mesh of this shape (0 =
+  # 1 device wide, one axis may be -1) over `num_devices` of the job's devices (0 = all; an
+  # equal share of each process's), the weights copied onto it each iteration.
+  config.sampling_mesh = ml_collections.ConfigDict(
+    {"data": 0, "fsdp": 0, "tensor": 0, "num_devices": 0}
+  )
   config.data.update(split="train", num_prompts=0, seed=0)
   config.generation.update(temperature=1.0, seed=0)
   return config

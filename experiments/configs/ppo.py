@@ -4,8 +4,9 @@ minibatches of 64 with one step each, clip 0.2, AdamW 0.9/0.95, weight decay 0.1
     python -m experiments.ppo --config=experiments/configs/ppo.py:<variant> --workdir=DIR \
       --config.init_from=<SFT/RS workdir or HF dir> [--config.value.init_from=<RM workdir>]
 
-Sections (model, tokenizer, init_from, mesh, data, generation, chat, reward, optimizer and
-train as in `experiments/configs/grpo.py`; generation.num_samples responses per prompt):
+Sections (model, tokenizer, init_from, mesh, sampling_mesh, data, generation, chat, reward,
+optimizer and train as in `experiments/configs/grpo.py`; generation.num_samples responses
+per prompt):
   ppo    kl_coef β, kl_estimator ("k1" | "k2" | "k3"), kl_target (> 0: adaptive β) and
          kl_horizon, gamma, lam, clip_eps, value_clip_eps, whiten_advantages, no_eos_penalty
   value  init_from (a reward-model workdir; "" = the policy's trunk with a fresh head) and

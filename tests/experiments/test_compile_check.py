@@ -58,6 +58,19 @@ def test_every_stage_compiles_on_cpu8(cpu8, name, variant, functions):
     assert math_prod(row.mesh.values()) == 8
 
 
+def test_a_sampling_mesh_of_its_own_is_checked_with_the_weights_copy(cpu8):
+  """GRPO sampling data-parallel on half the devices: the generate program is compiled on
+  that mesh (its rows say so) and carries the resharded weights as resident bytes."""
+  shared, own = (
+    {r.report.name: r for r in cc.check_config("grpo", config("grpo", "tiny", **o), cpu8, ASSUMED)}
+    for o in ({}, {"sampling_mesh.data": 4, "sampling_mesh.num_devices": 4})
+  )  # fmt: skip
+  assert own["generate"].fits and own["generate"].report.argument_bytes > 0
+  assert math_prod(own["generate"].mesh.values()) == 4
+  assert own["generate"].report.resident_bytes > shared["generate"].report.resident_bytes
+  assert own["train_step"].report.resident_bytes == shared["train_step"].report.resident_bytes
+
+
 def math_prod(xs):
   return int(np.prod(list(xs)))
 
@@ -159,37 +172,50 @@ def test_command_prints_the_table_and_exits_nonzero_when_something_does_not_fit(
 
 
 CHIP_KERNELS = (
-  ("v5p-8", "libtpu", ("xla", "dot_product", "splash", "auto"), "tpu_custom_call"),
-  ("h100-8", "jax_plugins.xla_cuda12", ("xla", "dot_product", "cudnn", "auto"), "cudnn$fmha"),
+  ("v5p-8", "libtpu", "splash", "tpu_custom_call"),
+  ("h100-8", "jax_plugins.xla_cuda12", "cudnn", "cudnn$fmha"),
 )
 
 
-@pytest.mark.parametrize("topology,plugin,kernels,flash_marker", CHIP_KERNELS,
-                         ids=[c[0] for c in CHIP_KERNELS])  # fmt: skip
-def test_small_model_compiles_for_real_chips_with_each_kernel(
-  topology, plugin, kernels, flash_marker
-):
-  """A bf16 model with 128-wide heads, every attention kernel the chip supports, through the
-  SFT train step for TPU v5p-8 and 8 × H100 descriptions (the `aot` / `aot-gpu` extras):
-  the flash kernels really are in the compiled program ("auto" picks them), and they need
-  less memory than XLA's materialized scores."""
+def compile_for_chip(topology: str, plugin: str, kernel: str):
+  """The SFT train step of a bf16 model with 128-wide heads and `kernel` attention, compiled
+  for `topology`'s chips (the `aot` / `aot-gpu` extras)."""
   pytest.importorskip(plugin)
-  if "cudnn" in kernels and importlib.util.find_spec("nvidia.cudnn") is None:
-    pytest.skip("lowering cuDNN attention needs nvidia-cudnn-cu12")
-  chips = get_topology(topology)
+  if kernel in ("cudnn", "auto") and plugin.endswith("cuda12"):
+    if importlib.util.find_spec("nvidia.cudnn") is None:
+      pytest.skip("lowering cuDNN attention needs nvidia-cudnn-cu12")
+  cfg = config("sft", "tiny", **{"model.attention_impl": kernel, "model.head_dim": 128,
+                                 "model.num_layers": 2, "model.dtype": "bfloat16"})  # fmt: skip
+  mesh = common.build_mesh(cfg.mesh, get_topology(topology).devices())
+  program = next(p for p in cc.stage_programs("sft", cfg, mesh, ASSUMED)
+                 if p.name == "train_step")  # fmt: skip
+  with aot.no_compilation_cache():
+    return program.fn.lower(*program.args).compile()
+
+
+@pytest.mark.parametrize("topology,plugin,flash,marker", CHIP_KERNELS,
+                         ids=[c[0] for c in CHIP_KERNELS])  # fmt: skip
+def test_auto_attention_compiles_to_the_chips_flash_kernel(topology, plugin, flash, marker):
+  """"auto" attention picks the chip's flash kernel (splash on TPU v5p, cuDNN on H100): it
+  really is in the program compiled for 8 of those chips."""
+  assert marker in compile_for_chip(topology, plugin, "auto").as_text()
+
+
+@pytest.mark.real_size
+@pytest.mark.parametrize("topology,plugin,flash,marker", CHIP_KERNELS,
+                         ids=[c[0] for c in CHIP_KERNELS])  # fmt: skip
+def test_each_kernel_compiles_for_real_chips_and_flash_needs_less_memory(
+  topology, plugin, flash, marker
+):
+  """Every attention kernel the chip supports compiles (opt-in: ~3 minutes): only the flash
+  kernel's program has the flash call, and it needs less memory than XLA's materialized
+  scores."""
   temps = {}
-  for kernel in kernels:
-    cfg = config("sft", "tiny", **{"model.attention_impl": kernel, "model.head_dim": 128,
-                                   "model.num_layers": 2, "model.dtype": "bfloat16"})  # fmt: skip
-    mesh = common.build_mesh(cfg.mesh, chips.devices())
-    program = next(p for p in cc.stage_programs("sft", cfg, mesh, ASSUMED)
-                   if p.name == "train_step")  # fmt: skip
-    with aot.no_compilation_cache():
-      compiled = program.fn.lower(*program.args).compile()
+  for kernel in ("xla", "dot_product", flash):
+    compiled = compile_for_chip(topology, plugin, kernel)
     temps[kernel] = compiled.memory_analysis().temp_size_in_bytes
-    flash = kernel in ("splash", "cudnn", "auto")
-    assert (flash_marker in compiled.as_text()) == flash, (kernel, flash_marker)
-  assert temps[kernels[2]] < temps["xla"], temps
+    assert (marker in compiled.as_text()) == (kernel == flash), (kernel, marker)
+  assert temps[flash] < temps["xla"], temps
 
 
 def test_recipe_evaluation_compiles_on_cpu8(cpu8):

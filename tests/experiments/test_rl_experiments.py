@@ -114,3 +114,26 @@ def test_grpo_with_lora_raises_the_reward_and_trains_only_adapters(sft_workdir, 
   for x, y in zip(jax.tree.leaves(frozen), jax.tree.leaves(sft), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert any(float(abs(np.asarray(b)).max()) > 0 for b in jax.tree.leaves(trainable))
+
+
+def test_sampling_on_its_own_mesh_gives_the_shared_mesh_results(sft_workdir, tmp_path):
+  """`sampling_mesh`: data-parallel sampling on all 8 devices, and on half of them with
+  tensor = 2, beside fsdp = 8 training: the weights are resharded every iteration (timed)
+  and the iterations equal sampling on the training mesh."""
+
+  def run(name, **sampling):
+    cfg = rl_config(grpo_configs, sft_workdir, batch_size=8, steps=2)
+    cfg.grpo.group_size = 2
+    cfg.sampling_mesh.update(**sampling)
+    grpo.run(cfg, str(tmp_path / name))
+    return read_metrics(tmp_path / name)
+
+  shared = run("shared")
+  assert all(r["time/weight_sync"] < 1e-3 for r in shared)  # nothing is copied
+  for name, sampling in (("data8", dict(data=8)), ("half", dict(data=2, tensor=2, num_devices=4))):
+    own = run(name, **sampling)
+    assert all(r["time/weight_sync"] > 0 for r in own)
+    for key in ("loss/policy", "objective/kl", "policy/entropy", "reward/mean"):
+      np.testing.assert_allclose(
+        [r[key] for r in own], [r[key] for r in shared], rtol=1e-5, atol=1e-6, err_msg=key
+      )
