@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 AVERAGE_FILE = "average.json"
 
 
+@common.locked_run
 def run(
   inputs: Sequence[str],
   workdir: str,
@@ -70,7 +71,8 @@ def main(argv):
   del argv
   common.setup_logging()
   f = flags.FLAGS
-  run([p for p in f.inputs.split(",") if p], f.workdir, _floats(f.weights), f.hf_out)
+  with common.one_line_errors():
+    run([p for p in f.inputs.split(",") if p], f.workdir, _floats(f.weights), f.hf_out)
 
 
 if __name__ == "__main__":

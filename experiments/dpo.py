@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from experiments import common
 from llama_jax import aot, sharding, workdirs
 from llama_jax import train_state as ts
+from llama_jax.checkpoint import atomic
 from llama_jax.data import Indexed, make_pair_pipeline
 from llama_jax.steps import common as step_lib
 from llama_jax.steps import dpo as dpo_steps
@@ -39,6 +40,7 @@ from llama_jax.trainer import fit
 log = logging.getLogger(__name__)
 
 REFERENCE_FILE = "reference_logps.npz"
+INITIAL_EVAL_FILE = "initial_eval.json"  # the eval before the first step (a resume keeps it)
 PLOT_PANELS = (
   ("loss", "eval/loss"),
   ("rewards/accuracies", "eval/rewards/accuracies"),
@@ -73,12 +75,19 @@ def reference_tables(
   reference = cfg.dpo.reference_from or cfg.init_from
   prints = {s: fingerprint(r, reference, dpo) for s, r in splits.items()}
   if path.exists():
-    stored = np.load(path)
-    if all(f"{s}/fingerprint" in stored and str(stored[f"{s}/fingerprint"]) == p
-           for s, p in prints.items()):  # fmt: skip
+    try:
+      stored = atomic.load_npz(path)
+    except atomic.DamagedFileError as e:  # e.g. cut off by a full disk: recompute, not block
+      log.warning("%s; recomputing the reference log-probs", e)
+      stored = None
+    if stored is not None and all(
+      f"{s}/fingerprint" in stored and str(stored[f"{s}/fingerprint"]) == p and s in stored
+      for s, p in prints.items()
+    ):
       log.info("Reusing the reference log-probs in %s", path)
       return {s: stored[s] for s in splits}
-    log.warning("%s was made from other records or another reference; recomputing", path)
+    if stored is not None:
+      log.warning("%s was made from other records or another reference; recomputing", path)
   ref_step = reference_step(cfg, model_cfg, dpo, mesh)
   tables = {}
   for split, records in splits.items():
@@ -88,7 +97,7 @@ def reference_tables(
              len(records), split, *tables[split].mean(0))  # fmt: skip
   if jax.process_index() == 0:
     arrays = tables | {f"{s}/fingerprint": np.array(p) for s, p in prints.items()}
-    np.savez(path, **arrays)
+    atomic.savez(path, **arrays)  # whole or not at all: a resume never reads half a table
   return tables
 
 
@@ -182,6 +191,7 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
   return out
 
 
+@common.locked_run
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) DPO in `workdir`; returns the held-out metrics before and after."""
   common.check_config(cfg, common.reference_config("dpo"))
@@ -248,6 +258,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     )
     if eval_fn is not None:  # the starting point, for the report (the policy is the reference)
       results["initial"] = eval_fn(state)
+      if jax.process_index() == 0:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        atomic.write_json(Path(workdir, INITIAL_EVAL_FILE), results["initial"], default=float)
     return state
 
   train = cfg.train.to_dict() | {"num_steps": num_steps}
@@ -265,6 +278,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       meta={"model": model_cfg.to_dict(), "dpo": cfg.dpo.to_dict()},
       plot_panels=PLOT_PANELS,
     )
+  results = common.final_results(workdir, results)
+  initial = Path(workdir, INITIAL_EVAL_FILE)
+  if results and "initial" not in results and initial.exists():  # resumed: measured earlier
+    results["initial"] = atomic.read_json(initial)
   log.info("Finished at step %d: %s", int(state.step), results)
   return results
 
@@ -272,7 +289,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def main(argv):
   del argv
   common.setup_logging()
-  run(flags.FLAGS.config, flags.FLAGS.workdir)
+  with common.one_line_errors():
+    run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

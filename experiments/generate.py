@@ -146,6 +146,7 @@ def load_policy(cfg: ml_collections.ConfigDict):
   return tokenizer, mesh, model_cfg, params
 
 
+@common.locked_run
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Samples responses to the configured prompts into `workdir/samples.jsonl`.
 
@@ -205,7 +206,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 def main(argv):
   del argv
   common.setup_logging()
-  run(flags.FLAGS.config, flags.FLAGS.workdir)
+  with common.one_line_errors():
+    run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

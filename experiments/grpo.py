@@ -103,6 +103,7 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
   ]  # fmt: skip
 
 
+@common.locked_run
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the critic-free algorithm of `cfg.grpo` in `workdir`; returns the first
   and last iterations' metrics (`online.summarize`)."""
@@ -122,7 +123,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def main(argv):
   del argv
   common.setup_logging()
-  run(flags.FLAGS.config, flags.FLAGS.workdir)
+  with common.one_line_errors():
+    run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

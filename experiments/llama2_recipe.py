@@ -43,6 +43,7 @@ from llama_jax.generation import encode_prompt
 GATT_FILE = "gatt.jsonl"
 
 
+@common.locked_run
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the recipe in `workdir`; returns the report dict."""
   common.check_config(cfg, common.reference_config("llama2_recipe"))
@@ -150,7 +151,8 @@ def gatt_data(recipe: recipes.Recipe, policy: str, instructions, out_dir: str) -
 def main(argv):
   del argv
   common.setup_logging()
-  run(flags.FLAGS.config, flags.FLAGS.workdir)
+  with common.one_line_errors():
+    run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

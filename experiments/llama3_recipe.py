@@ -35,6 +35,7 @@ from absl import app, flags
 from experiments import average, common, dpo, lm, recipes, rejection_sampling, reward_model
 
 
+@common.locked_run
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the recipe in `workdir`; returns the report dict."""
   common.check_config(cfg, common.reference_config("llama3_recipe"))
@@ -86,7 +87,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def main(argv):
   del argv
   common.setup_logging()
-  run(flags.FLAGS.config, flags.FLAGS.workdir)
+  with common.one_line_errors():
+    run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,7 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
   )
 
 
+@common.locked_run
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics."""
   common.check_config(cfg, common.reference_config(STAGE))
@@ -107,6 +108,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   mesh = common.build_mesh(cfg.mesh)
   model_cfg, params = common.load_model(cfg, mesh)
   common.check_fits(model_cfg, cfg, tokenizer, mesh)
+  common.check_data_kind(cfg.data, tokenizer)
   common.write_run_files(workdir, cfg, model_cfg)
   log.info("Model: %s parameters on mesh %s", f"{model_cfg.num_params():,}", dict(mesh.shape))
 
@@ -136,5 +138,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       peak_flops_per_device=cfg.train.peak_flops or None,
       meta={"model": model_cfg.to_dict()},
     )
+  results = common.final_results(workdir, results)
   log.info("Finished at step %d: %s", int(state.step), results)
   return results

@@ -126,6 +126,7 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
   ]  # fmt: skip
 
 
+@common.locked_run
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) PPO in `workdir`; returns start vs end means of the iteration metrics."""
   common.check_config(cfg, common.reference_config("ppo"))
@@ -145,7 +146,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def main(argv):
   del argv
   common.setup_logging()
-  run(flags.FLAGS.config, flags.FLAGS.workdir)
+  with common.one_line_errors():
+    run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ common.define_flags()
 def main(argv):
   del argv
   common.setup_logging()
-  lm.run(flags.FLAGS.config, flags.FLAGS.workdir)
+  with common.one_line_errors():
+    lm.run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

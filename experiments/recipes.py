@@ -28,8 +28,10 @@ from jax.experimental import multihost_utils
 from experiments import common, dpo, lm, report
 from experiments import generate as generate_experiment
 from llama_jax import aot, evaluation, rollouts, sharding, workdirs
+from llama_jax.checkpoint import atomic
 from llama_jax.data import builders, bundled, gatt
 from llama_jax.steps import common as step_lib
+from llama_jax.trainer import read_final
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,22 @@ def stage_config(section: ml_collections.ConfigDict, **fields: Any) -> ml_collec
   return cfg
 
 
+def _read_stage(done: Path) -> dict[str, Any] | None:
+  """A finished stage's record, or None to run the stage (again): absent, or damaged (a
+  write cut off before records were atomic), which is said in a WARNING."""
+  if not done.exists():
+    return None
+  try:
+    saved = atomic.read_json(done)
+    if isinstance(saved, dict) and "result" in saved and "seconds" in saved:
+      return saved
+    problem = f"{done}: not a stage record ({str(saved)[:80]})"
+  except atomic.DamagedFileError as e:
+    problem = str(e)
+  log.warning("%s; running the stage again", problem)
+  return None
+
+
 class Recipe:
   """Runs stages under `workdir` and collects the report."""
 
@@ -79,13 +97,15 @@ class Recipe:
     config_file = self.workdir / "recipe_config.json"
     config_json = cfg.to_json_best_effort(indent=2)
     if config_file.exists() and json.loads(config_file.read_text()) != json.loads(config_json):
-      raise ValueError(
+      changes = common.config_changes(json.loads(config_file.read_text()), cfg, safe=())
+      raise common.ConfigChanged(
         f"{workdir} holds a recipe run with another config ({config_file}); finished stages "
-        "would be reused as they are. Use a new workdir, or delete this one to start over"
+        "would be reused as they are. Changed:\n  " + "\n  ".join(changes)
+        + "\nUse a new workdir, or delete this one to start over"
       )
     self.writer = jax.process_index() == 0  # one process writes the shared files
     if self.writer:
-      config_file.write_text(config_json)
+      atomic.write_text(config_file, config_json)
     self.report: dict[str, Any] = {"title": title, "stages": []}
     self.tokenizer = common.build_tokenizer(cfg.tokenizer)
     self._eval_records = generate_experiment.prompt_records(cfg.eval.data)
@@ -104,17 +124,21 @@ class Recipe:
   def stage(self, name: str, what: str, fn: Callable[[str], Any]) -> Any:
     """`fn(stage_dir)`'s result, run now or read from an earlier run's stage.json."""
     done = self.workdir / name / STAGE_FILE
-    if done.exists():
-      saved = json.loads(done.read_text())
+    saved = _read_stage(done)
+    if saved is not None:
       print(f"== {name}: done in an earlier run ({saved['seconds']:.0f}s), skipped", flush=True)
     else:
       print(f"\n== {name}: {what}", flush=True)
       t0 = time.perf_counter()
       result = fn(self.path(name))
+      if not result and read_final(self.path(name)) is None:
+        raise RuntimeError(
+          f"stage {name} returned no results and recorded no finished run in "
+          f"{self.path(name)}; not marking it done (rerun the recipe to redo it)"
+        )
       saved = {"result": result, "seconds": time.perf_counter() - t0}
       if self.writer:
-        done.parent.mkdir(parents=True, exist_ok=True)
-        done.write_text(json.dumps(saved, indent=2, default=float))
+        atomic.write_json(done, saved, indent=2, default=float)
       print(f"== {name}: finished in {saved['seconds']:.0f}s", flush=True)
     self.report["stages"].append({"name": name, "seconds": saved["seconds"]})
     return json.loads(json.dumps(saved["result"], default=float))
@@ -156,9 +180,7 @@ class Recipe:
         samples += [{"prompt": c, "response": a, "follows": i.check(a)}
                     for c, a, i in zip(chats, answers, instructions, strict=True)]  # fmt: skip
       if self.writer:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        with open(Path(out_dir, SAMPLES_FILE), "w") as f:
-          f.writelines(json.dumps(s) + "\n" for s in samples)
+        atomic.write_jsonl(Path(out_dir, SAMPLES_FILE), samples)
       log.info("%s: %s", label, metrics)
       return metrics
 

@@ -46,6 +46,7 @@ from experiments import common
 from experiments import generate as generate_experiment
 from llama_jax import aot, reward_model, rewards, rollouts, sharding
 from llama_jax import rejection_sampling as rs_lib
+from llama_jax.checkpoint import atomic
 from llama_jax.data import builders
 from llama_jax.generation import select_best
 
@@ -150,7 +151,7 @@ def read_pool(workdirs: Sequence[str]) -> tuple[dict[str, dict[str, Any]], list[
           f"pool_from={workdir!r}: no {path.name}; not a rejection-sampling workdir"
         )
     pools.append(read_pool_file(pool_file))
-    for row in json.loads(stats_file.read_text())["rounds"]:
+    for row in atomic.read_json(stats_file)["rounds"]:  # DamagedFileError names the file
       stats[row["round"]] = row
   return rs_lib.merge_pools(pools), [stats[r] for r in sorted(stats)]
 
@@ -174,19 +175,19 @@ def plot_rounds(path: str | Path, stats: Sequence[dict[str, Any]]) -> Path:
   curve = stats[-1]["best_of_n"]
   right.plot(range(1, len(curve) + 1), curve, "o-")
   right.set(title=f"round {rounds[-1]}: expected best of n", xlabel="n samples", ylabel="reward")
-  fig.savefig(path, dpi=100)
+  with atomic.atomic_open(path, "wb") as f:
+    fig.savefig(f, format="png", dpi=100)
   return Path(path)
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-  with open(path, "w") as f:
-    for row in rows:
-      f.write(json.dumps(row) + "\n")
+  atomic.write_jsonl(path, rows)  # a later round's `pool_from` never reads half a pool
 
 
 # --------------------------------------------------------------------------- the round
 
 
+@common.locked_run
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """One rejection-sampling round into `workdir`; returns this round's statistics (see
   `llama_jax.rejection_sampling.round_stats`, plus pool/* counts, check/* accuracies and
@@ -227,16 +228,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if jax.process_index() == 0:
     out_dir = Path(workdir)
     os.makedirs(out_dir, exist_ok=True)
-    (out_dir / "experiment_config.json").write_text(cfg.to_json_best_effort(indent=2))
+    atomic.write_text(out_dir / "experiment_config.json", cfg.to_json_best_effort(indent=2))
     _write_jsonl(out_dir / SAMPLES_FILE, samples)
     _write_jsonl(out_dir / POOL_FILE, [{"key": k} | e for k, e in pool.items()])
     _write_jsonl(out_dir / SFT_FILE, [rs_lib.sft_record(e) for e in rs_lib.kept_answers(pool)])
     builders.build_dataset(
       "sft", cfg.output.name, {"train": [out_dir / SFT_FILE]}, out_dir / TFDS_DIR, force=True
     )
-    (out_dir / STATS_FILE).write_text(
-      json.dumps({"round": round_index, "rounds": history}, indent=2)
-    )
+    atomic.write_json(out_dir / STATS_FILE, {"round": round_index, "rounds": history}, indent=2)
     plot_rounds(out_dir / PLOT_FILE, history)
   multihost_utils.sync_global_devices("rejection_sampling: written")
   log.info("Rejection sampling, round %d:\n%s", round_index, rs_lib.stats_table(history))
@@ -246,7 +245,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def main(argv):
   del argv
   common.setup_logging()
-  run(flags.FLAGS.config, flags.FLAGS.workdir)
+  with common.one_line_errors():
+    run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

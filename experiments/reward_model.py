@@ -117,6 +117,7 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
   )
 
 
+@common.locked_run
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the reward model in `workdir`; returns the final eval metrics."""
   common.check_config(cfg, common.reference_config("reward_model"))
@@ -182,6 +183,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       peak_flops_per_device=cfg.train.peak_flops or None,
       meta={"model": model_cfg.to_dict(), "reward_model": True},
     )
+  results = common.final_results(workdir, results)
   log.info("Finished at step %d: %s", int(state.step), results)
   return results
 
@@ -189,7 +191,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def main(argv):
   del argv
   common.setup_logging()
-  run(flags.FLAGS.config, flags.FLAGS.workdir)
+  with common.one_line_errors():
+    run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ def stage_config(stage: str, seed: int, steps_scale: float):
   return cfg
 
 
+@common.locked_run
 def run(workdir: str, seeds: Sequence[int], stages: Sequence[str], eval_prompts: int = 48,
         steps_scale: float = 1.0) -> dict[str, Any]:
   """Trains and evaluates every (stage, seed); returns what `study.json` holds."""

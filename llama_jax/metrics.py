@@ -100,8 +100,9 @@ def _rewrite_atomically(path: Path, records: Iterable[Mapping]) -> None:
   os.replace(tmp, path)
 
 
-def _truncate_for_resume(path: Path, resume_step: int | None) -> None:
-  """Drops a torn last line and, when resuming, records logged after `resume_step`.
+def _truncate_for_resume(path: Path, resume_step: int | None, redo_eval: bool = False) -> None:
+  """Drops a torn last line and, when resuming, records logged after `resume_step` (and
+  with `redo_eval` the evaluation records at `resume_step`).
 
   Records after the checkpoint were written by the interrupted run and are about to be
   recomputed; keeping them would describe two runs in one file.
@@ -111,7 +112,13 @@ def _truncate_for_resume(path: Path, resume_step: int | None) -> None:
   text = path.read_text()
   torn = bool(text) and not text.endswith("\n")
   records = _read_records(path)
-  kept = [r for r in records if resume_step is None or r["step"] <= resume_step]
+  def kept_record(r) -> bool:
+    if resume_step is None:
+      return True
+    redone = redo_eval and r["step"] == resume_step and any(k.startswith("eval/") for k in r)
+    return r["step"] <= resume_step and not redone
+
+  kept = [r for r in records if kept_record(r)]
   if torn or len(kept) < len(records):
     _rewrite_atomically(path, kept)
 
@@ -151,6 +158,8 @@ class MetricsWriter:
     resume_step: the step of the checkpoint a resumed run starts from. Records with a larger
       step, logged by the interrupted run after that checkpoint, are dropped from
       metrics.jsonl (atomically) and hidden in TensorBoard. None keeps every record.
+    redo_eval: also drop the evaluation records at `resume_step` (a finished run's final
+      evaluation that is about to be redone because the run did not record its end).
     enabled: whether this process writes; defaults to `jax.process_index() == 0`, so only
       the primary process of a multi-host run writes. When disabled every method is a no-op.
 
@@ -158,7 +167,12 @@ class MetricsWriter:
   """
 
   def __init__(
-    self, workdir: str | os.PathLike, *, resume_step: int | None = None, enabled: bool | None = None
+    self,
+    workdir: str | os.PathLike,
+    *,
+    resume_step: int | None = None,
+    redo_eval: bool = False,
+    enabled: bool | None = None,
   ):
     self.workdir = Path(workdir)
     self.path = self.workdir / METRICS_FILE
@@ -168,7 +182,7 @@ class MetricsWriter:
     if not self.enabled:
       return
     self.workdir.mkdir(parents=True, exist_ok=True)
-    _truncate_for_resume(self.path, resume_step)
+    _truncate_for_resume(self.path, resume_step, redo_eval)
     self._file = self.path.open("a")
     self._tensorboard = _open_tensorboard(self.workdir / TENSORBOARD_DIR, resume_step)
 

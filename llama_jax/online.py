@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
@@ -57,6 +58,7 @@ from llama_jax import reward_model, scorers, sharding
 from llama_jax import train_state as ts
 from llama_jax.config import LlamaConfig
 from llama_jax.generation import GenerationConfig
+from llama_jax.metrics import METRICS_FILE, read_metrics
 from llama_jax.model import as_model
 from llama_jax.objectives import ppo as ppo_obj
 from llama_jax.rollouts import Rollout, sample_rollout
@@ -401,7 +403,8 @@ def train_online(
   plot_panels: Sequence[Sequence[str]] = PLOT_PANELS,
 ) -> dict[str, Any]:
   """Runs `iteration` under `llama_jax.trainer.fit` over `prompts` (a `PromptIterator`;
-  `loop` a `trainer.LoopConfig`); returns `summarize` of this run's iterations."""
+  `loop` a `trainer.LoopConfig`); returns `summarize` of this call's iterations (of the
+  logged ones if an earlier call finished the run)."""
   history: list[dict[str, float]] = []
 
   def logged(state, batch):
@@ -419,6 +422,9 @@ def train_online(
     meta=meta,
     plot_panels=plot_panels,
   )
+  if not history and os.path.exists(os.path.join(workdir, METRICS_FILE)):
+    # An earlier call finished the run: summarize what it logged, never an empty result.
+    return summarize([r for r in read_metrics(workdir) if "loss/policy" in r]) | {"iterations": 0}
   return summarize(history)
 
 

@@ -10,12 +10,19 @@
 A rerun with the same workdir resumes from the newest complete checkpoint: parameters,
 optimizer state, step, RNG key and the data iterator's position, so a run stopped and
 resumed ends bit-identical to an uninterrupted one.
+
+A run is finished when its end is recorded: the last checkpoint, the final evaluation and
+`metrics.png` are written, then `final.json` (`read_final`). A rerun of a finished run
+changes nothing; a rerun of a run killed after its last step but before that record redoes
+the end (evaluation, plot) from the last checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -39,6 +46,26 @@ PLOT_PANELS = (
   ("learning_rate",),
   ("tokens_per_second",),
 )
+
+
+FINAL_FILE = "final.json"
+
+
+def read_final(workdir: str | os.PathLike) -> dict[str, Any] | None:
+  """What a finished run recorded at its end, `{"step": N, "eval": {...}}` (the final
+  evaluation's metrics, without the `eval/` prefix), or None if the run has not finished."""
+  path = os.path.join(workdir, FINAL_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_final(workdir: str, step: int, final_eval: Mapping[str, float]) -> None:
+  path = os.path.join(workdir, FINAL_FILE)
+  with open(path + ".tmp", "w") as f:  # rename: a reader never sees half the record
+    json.dump({"step": step, "eval": dict(final_eval)}, f, indent=2)
+  os.replace(path + ".tmp", path)
 
 
 class NonFiniteError(FloatingPointError):
@@ -88,14 +115,37 @@ def restore_or_init(
   abstract_state: TrainState,
   train_iter: Any,
 ) -> TrainState:
-  """The newest complete checkpoint (and its data position), or a fresh state."""
-  step = manager.latest_step()
+  """The newest verified checkpoint (and its data position), or a fresh state.
+
+  Newer checkpoints that fail verification (an item or file missing, a file truncated or
+  changed, no manifest) are named in WARNINGs and moved aside to `<step>.damaged`: the run
+  resumes from the step before them and saves those steps anew. Raises `CheckpointError`
+  when checkpoints exist but none is intact (never a silent fresh start).
+  """
+  step = manager.latest_verified_step()
   if step is None:
     return init_state()
+  if damaged := [s for s in manager.all_steps() if s > step]:
+    manager.set_aside(damaged)
   state, data_state, _ = manager.restore(step, abstract_state=abstract_state)
   if data_state is not None:
     train_iter.set_state(data_state)
-  log.info("Resumed from the checkpoint of step %d in %s", step, manager.directory)
+  elif hasattr(train_iter, "get_state") and hasattr(train_iter, "set_state"):
+    # `fit` saves such an iterator's position with every checkpoint: resuming without it
+    # would restart the data at record 0 with no sign of it.
+    raise ckpt_lib.CheckpointError(
+      f"{manager.directory} step {step}: no data-iterator state ({ckpt_lib.DATA}/) to resume "
+      "the input pipeline from"
+    )
+  if damaged:
+    log.warning(
+      "Resumed from the checkpoint of step %d in %s, not from the damaged newer steps %s",
+      step,
+      manager.directory,
+      damaged,
+    )
+  else:
+    log.info("Resumed from the checkpoint of step %d in %s", step, manager.directory)
   return state
 
 
@@ -187,7 +237,14 @@ def fit(
   )
   state = restore_or_init(manager, init_state, abstract_state, train_iter)
   start = int(state.step)
-  writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
+  final = read_final(workdir)
+  if start == loop.num_steps and final is not None and final["step"] == start:
+    manager.close()
+    log.info("%s: finished at step %d by an earlier run", workdir, start)
+    return state
+  # At num_steps with no record of the end: the last run was stopped during it; redo it.
+  redo_end = start == loop.num_steps
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=start, redo_eval=redo_end)
   progress = metrics_lib.Progress(
     loop.num_steps,
     initial_step=start,
@@ -197,9 +254,13 @@ def fit(
   )
   guard = _NonFiniteGuard(loop.on_nonfinite, loop.max_skipped)
 
+  final_eval: dict[str, float] = {}
+
   def evaluate(step: int) -> None:
     if eval_fn is not None:
-      writer.write(step, {f"eval/{k}": v for k, v in eval_fn(state).items()})
+      final_eval.clear()
+      final_eval.update(_scalars(eval_fn(state)))
+      writer.write(step, {f"eval/{k}": v for k, v in final_eval.items()})
 
   def save(step: int, force: bool = False) -> None:
     data_state = train_iter.get_state() if hasattr(train_iter, "get_state") else None
@@ -222,14 +283,14 @@ def fit(
         evaluate(step)
       save(step)
     guard.flush()
-    if int(state.step) != start:
-      evaluate(int(state.step))
+    evaluate(int(state.step))
     save(int(state.step), force=True)
     manager.wait_until_finished()
   finally:
     progress.close()
     writer.close()
     manager.close()
-  if jax.process_index() == 0 and int(state.step) != start:
+  if jax.process_index() == 0:
     metrics_lib.plot_metrics(workdir, plot_panels, skip_missing=True)
+    _write_final(workdir, int(state.step), final_eval)
   return state

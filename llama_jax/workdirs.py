@@ -13,20 +13,33 @@ stage (`tokenizer_source`) and an export bring the same tokenizer without being 
 A run with LoRA adapters also writes `lora_config.json`; its checkpoints hold the adapters
 beside the frozen weights, and `load_model` returns them merged (`llama_jax.lora.merge`), so
 the next stage, an export or a notebook sees a plain model.
+
+One run writes a workdir at a time: `locked(workdir)` holds an OS lock on `workdir/.lock`
+for the run (`WorkdirLocked` names the holder's host and pid).
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
 import json
+import logging
+import os
 import shutil
+import socket
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jax
 from jax.sharding import Mesh
 
 from llama_jax import lora, sharding
 from llama_jax.checkpoint import orbax as ckpt_lib
 from llama_jax.checkpoint.hf import load_hf_checkpoint
+from llama_jax.checkpoint.params import check_finite
 from llama_jax.config import MODEL_CONFIG_FILE, LlamaConfig
 from llama_jax.model import Llama
 from llama_jax.reward_model import RewardModel
@@ -40,6 +53,97 @@ TOKENIZER_FILES = (
   "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
   "generation_config.json", "tokenizer.model", "original/tokenizer.model",
 )  # fmt: skip
+
+
+log = logging.getLogger(__name__)
+LOCK_FILE = ".lock"
+
+
+# --------------------------------------------------------------------------- locking
+
+
+class WorkdirLocked(RuntimeError):
+  """Another run holds the workdir."""
+
+
+_held: dict[str, tuple[int, int]] = {}  # workdir's real path -> (lock file descriptor, depth)
+
+
+@contextlib.contextmanager
+def locked(workdir: str | Path) -> Iterator[None]:
+  """Holds an exclusive OS lock (`flock`) on `workdir/.lock` while the block runs, so a
+  second run on the same workdir is refused (`WorkdirLocked`, naming the holder) instead of
+  interleaving checkpoints and metrics with this one.
+
+  The lock file records host, pid, start time and command; the kernel drops the lock when
+  its process dies, so a killed run's lock is taken over (and logged) by the next run. In a
+  multi-host job only process 0, the one that writes the shared files, locks. Re-entrant in
+  one process (a recipe's stage may lock what the recipe holds).
+  """
+  if jax.process_index() != 0:
+    yield
+    return
+  path = Path(workdir)
+  path.mkdir(parents=True, exist_ok=True)
+  key = str(path.resolve())
+  if key in _held:
+    fd, depth = _held[key]
+    _held[key] = (fd, depth + 1)
+    try:
+      yield
+    finally:
+      _held[key] = (fd, depth)
+    return
+  fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    holder = _read_holder(fd)
+    os.close(fd)
+    raise WorkdirLocked(
+      f"{path} is in use by another run ({_describe(holder)}); wait for it to finish or use "
+      "another workdir"
+    ) from None
+  previous = _read_holder(fd)
+  if previous:  # the last holder never released it: killed, or its host went down
+    log.warning("%s: taking over the lock of a run that did not finish (%s)", path,
+                _describe(previous))  # fmt: skip
+  holder = {
+    "host": socket.gethostname(),
+    "pid": os.getpid(),
+    "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "command": " ".join(sys.argv),
+  }
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, json.dumps(holder).encode(), 0)
+  _held[key] = (fd, 0)
+  try:
+    yield
+  finally:
+    del _held[key]
+    os.ftruncate(fd, 0)  # a clean exit leaves an empty lock file
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+  text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+  try:
+    return json.loads(text) if text else {}
+  except json.JSONDecodeError:
+    return {"unreadable": text[:200]}
+
+
+def _describe(holder: dict[str, Any]) -> str:
+  if not holder:
+    return "holder unknown"
+  if "unreadable" in holder:
+    return f"lock file reads {holder['unreadable']!r}"
+  return (f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}: "
+          f"{holder.get('command', '')}")  # fmt: skip
+
+
+# --------------------------------------------------------------------------- model files
 
 
 def is_hf_checkpoint(path: str | Path) -> bool:
@@ -174,4 +278,5 @@ def load_model(
   module = RewardModel if found == "reward_model" else Llama
   abstract = sharding.abstract_sharded_params(module(config, lora=adapters), mesh)
   params = ckpt_lib.load_params(ckpt_lib.checkpoint_dir(path), abstract, within=_layout(path)[1])
+  check_finite(params, str(ckpt_lib.checkpoint_dir(path)))
   return config, params if adapters is None else lora.merge(params, adapters)

@@ -16,12 +16,15 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 # The experiment tests build the same tiny model many times (fresh run, resume, SFT from it);
 # a compilation cache lets identical programs compile once per test session. The directory
-# is per session (xdist workers share it), so nothing carries over between runs.
+# is per session and per xdist worker: JAX writes cache entries in place (not via rename),
+# so a worker reading an entry another one is still writing can crash on a torn executable.
 import tempfile  # noqa: E402
 
 _run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+_worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
 jax.config.update(
-  "jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), f"llama_jax_jit_{_run_id}")
+  "jax_compilation_cache_dir",
+  os.path.join(tempfile.gettempdir(), f"llama_jax_jit_{_run_id}_{_worker}"),
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 

@@ -9,6 +9,10 @@ model       preset (a `LlamaConfig.preset` name) plus any `LlamaConfig` field to
 tokenizer   "tiny:llama3" / "tiny:llama2" (bundled) or a tokenizer.model / tokenizer.json path.
 init_from   "" (fresh init), a Hugging Face checkpoint directory, or an experiment workdir
             (its `model_config.json` and newest Orbax checkpoint).
+resume      "auto": a workdir that holds a run continues it if the config is the same up to
+            the fields safe to change (`experiments.common.SAFE_TO_CHANGE`: num_steps, the
+            logging/checkpoint cadence, the mesh), and is refused with a diff otherwise;
+            "override": continue with the changed config (the old one is kept beside it).
 mesh        data × fsdp × tensor device counts; one may be -1 (the remaining devices).
 data        source ("bundled" | "tfds"), name, data_dir (tfds), kind (text | sft),
             train_split, eval_split ("" for none), seq_len, global batch_size, mode
@@ -59,6 +63,7 @@ def lm_config(**model_fields) -> ml_collections.ConfigDict:
       "model": {"preset": "tiny", **model_fields},
       "tokenizer": "tiny:llama3",
       "init_from": "",
+      "resume": "auto",
       "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
       "data": {
         "source": "bundled",

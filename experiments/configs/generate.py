@@ -8,7 +8,7 @@ counts and summed model log-probs, and with reward.kind set their scores and the
 and DIR/generate_config.json.
 
 Fields
-  model, tokenizer, init_from, mesh  as in `experiments/configs/base.py`; with init_from
+  model, tokenizer, init_from, resume, mesh  as in `experiments/configs/base.py`; with init_from
               empty the model is the preset with random weights (a smoke test, not text).
   data        source ("bundled" | "tfds"), name, data_dir, split, tasks (comma-separated
               record tasks to keep, "" = all), start (index of the first prompt),
@@ -54,6 +54,7 @@ def _base(**model_fields) -> ml_collections.ConfigDict:
       "model": {"preset": "tiny", **model_fields},
       "tokenizer": "tiny:llama3",
       "init_from": "",
+      "resume": "auto",
       "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
       "data": {
         "source": "bundled",

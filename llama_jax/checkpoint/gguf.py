@@ -120,8 +120,12 @@ def _reader(path: str | Path):
 
   try:
     return gguf.GGUFReader(str(path))
-  except (OSError, ValueError) as e:
-    raise CheckpointError(f"{path}: not a readable GGUF file: {e}") from e
+  except Exception as e:  # noqa: BLE001 -- a cut or damaged file fails in numpy, struct, enum...
+    size = f"{Path(path).stat().st_size} bytes" if Path(path).is_file() else "missing"
+    raise CheckpointError(
+      f"{path}: not a readable GGUF file (truncated or damaged? {size}): "
+      f"{type(e).__name__}: {e}"
+    ) from e
 
 
 def _metadata(reader) -> dict[str, Any]:
@@ -289,12 +293,14 @@ def load_gguf_checkpoint(
         f"(supported: {sorted(_TENSOR_TYPES)})")
 
   heads = {"attn_q.weight": cfg.num_heads, "attn_k.weight": cfg.num_kv_heads}
-  hf_tensors = {}
+  hf_tensors, origins = {}, {}
   for name, t in tensors.items():
     if name == _ROPE_FREQS:
       continue
     hf_tensors[gguf_to_hf_name(name)] = _loader(t, heads.get(name.split(".", 2)[-1]))
-  return cfg, build_params(cfg, hf_tensors, source=str(path), mesh=mesh, rules=rules)
+    origins[gguf_to_hf_name(name)] = f"{path} ({name}, {t.tensor_type.name})"
+  return cfg, build_params(cfg, hf_tensors, source=str(path), mesh=mesh, rules=rules,
+                           origins=origins)
 
 
 # --------------------------------------------------------------------------- tokenizer

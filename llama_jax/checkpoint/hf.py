@@ -19,11 +19,16 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 from jax.typing import DTypeLike
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from llama_jax import sharding as shd
-from llama_jax.checkpoint.params import CheckpointError, build_params, iter_hf_tensors
+from llama_jax.checkpoint.params import (
+  CheckpointError,
+  build_params,
+  iter_hf_tensors,
+  read_json,
+)
 from llama_jax.config import LlamaConfig, RopeScaling
 
 # HF field -> LlamaConfig field.
@@ -68,12 +73,21 @@ _IGNORED = {
   "chunk_size_feed_forward", "is_encoder_decoder", "problem_type", "tokenizer_class",
   "prefix", "task_specific_params", "finetuning_task", "torchscript", "tie_encoder_decoder",
 }
+# Fields without which the architecture is unknown (the others have defaults).
+_NEEDED = ("vocab_size", "num_hidden_layers", "hidden_size", "num_attention_heads",
+           "intermediate_size")
 _ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "low_freq_factor",
               "high_freq_factor", "original_max_position_embeddings"}
 
 
 def config_from_hf(hf: dict[str, Any], source: str = "config.json", **overrides) -> LlamaConfig:
   """LlamaConfig from a HF config dict; unknown fields and unsupported values raise."""
+  if not isinstance(hf, dict):
+    raise CheckpointError(f"{source}: expected a JSON object, got {type(hf).__name__}: "
+                          f"{str(hf)[:80]}")  # fmt: skip
+  missing = [k for k in _NEEDED if k not in hf]
+  if missing:
+    raise CheckpointError(f"{source}: required field(s) {missing} missing")
   known = set(_FIELDS) | set(_REQUIRED) | _IGNORED | {"rope_theta", "rope_scaling",
                                                       "rope_parameters"}
   unknown = sorted(set(hf) - known)
@@ -141,29 +155,53 @@ def config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
   return hf
 
 
+def _tensor_names(file: Path) -> list[str]:
+  """The tensors a safetensors file holds; opening it checks its header against its size,
+  so a truncated or damaged file fails here, by name, before any tensor is read."""
+  try:
+    with safe_open(file, framework="numpy") as f:
+      return list(f.keys())
+  except (SafetensorError, OSError) as e:
+    size = f"{file.stat().st_size} bytes" if file.exists() else "missing"
+    raise CheckpointError(
+      f"{file}: not a readable safetensors file (truncated or damaged? {size}): {e}"
+    ) from e
+
+
 def _tensor_files(path: Path) -> dict[str, Path]:
-  """Tensor name -> safetensors file, from the sharded index or the single file."""
+  """Tensor name -> safetensors file, from the sharded index or the single file; every
+  file's header is read (cheap: no tensor data) so a bad shard fails before loading."""
   index = path / "model.safetensors.index.json"
   if index.exists():
-    weight_map = json.loads(index.read_text())["weight_map"]
-    return {name: path / file for name, file in weight_map.items()}
+    weight_map = read_json(index)
+    if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
+      raise CheckpointError(f"{index}: no 'weight_map' object (tensor name -> file)")
+    files = {name: path / file for name, file in weight_map["weight_map"].items()}
+    for file in sorted(set(files.values())):
+      held = set(_tensor_names(file))
+      absent = sorted(n for n, f in files.items() if f == file and n not in held)
+      if absent:
+        raise CheckpointError(f"{file}: lacks tensor(s) {absent[:8]} that {index.name} puts there")
+    return files
   files = sorted(path.glob("*.safetensors"))
   if not files:
     raise CheckpointError(f"{path}: no model.safetensors, no index, no *.safetensors files")
   out = {}
   for file in files:
-    with safe_open(file, framework="numpy") as f:
-      for name in f.keys():
-        if name in out:
-          raise CheckpointError(f"{path}: tensor {name} is in both {out[name]} and {file}")
-        out[name] = file
+    for name in _tensor_names(file):
+      if name in out:
+        raise CheckpointError(f"{path}: tensor {name} is in both {out[name]} and {file}")
+      out[name] = file
   return out
 
 
 def _reader(file: Path, name: str):
   def read() -> np.ndarray:
-    with safe_open(file, framework="numpy") as f:
-      return f.get_tensor(name)
+    try:
+      with safe_open(file, framework="numpy") as f:
+        return f.get_tensor(name)
+    except (SafetensorError, OSError) as e:  # e.g. the file changed since it was opened
+      raise CheckpointError(f"{file}: cannot read tensor {name}: {e}") from e
 
   return read
 
@@ -191,7 +229,7 @@ def load_hf_checkpoint(
   config_file = path / "config.json"
   if not config_file.exists():
     raise CheckpointError(f"{path}: no config.json")
-  cfg = config_from_hf(json.loads(config_file.read_text()), str(config_file),
+  cfg = config_from_hf(read_json(config_file), str(config_file),
                        param_dtype=dtype,
                        dtype=compute_dtype or dtype, **config_overrides)
   files = _tensor_files(path)
@@ -200,7 +238,9 @@ def load_hf_checkpoint(
   if cfg.tie_embeddings and "lm_head.weight" in tensors:
     _check_tied_head(tensors, path)
     ignore.add("lm_head.weight")
-  return cfg, build_params(cfg, tensors, source=str(path), mesh=mesh, rules=rules, ignore=ignore)
+  origins = {name: str(file) for name, file in files.items()}
+  return cfg, build_params(cfg, tensors, source=str(path), mesh=mesh, rules=rules, ignore=ignore,
+                           origins=origins)
 
 
 def _check_tied_head(tensors, path):

@@ -8,7 +8,9 @@ through the same HF-named table and loader as a safetensors checkpoint.
 
 from __future__ import annotations
 
-import json
+import pickle
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from jax.sharding import Mesh
 from jax.typing import DTypeLike
 
 from llama_jax import sharding as shd
-from llama_jax.checkpoint.params import CheckpointError, build_params
+from llama_jax.checkpoint.params import CheckpointError, build_params, read_json
 from llama_jax.checkpoint.torch_pickle import LazyTensor, load_torch_file
 from llama_jax.config import LlamaConfig, RopeScaling
 
@@ -95,13 +97,40 @@ def config_from_meta(params: dict, vocab_size: int, source: str,
   ).replace(**overrides)
 
 
+# What a truncated or damaged zip archive raises (a bad CRC, a cut deflate stream, a cut
+# pickle), as opposed to a refusal of its contents.
+_DAMAGED = (zipfile.BadZipFile, zlib.error, EOFError, OSError, pickle.UnpicklingError)
+
+
+def _load_shard(file: Path) -> dict[str, LazyTensor]:
+  try:
+    return load_torch_file(file)
+  except _DAMAGED as e:
+    if "refusing to load" in str(e):  # a pickled object other than tensors: its own message
+      raise
+    raise CheckpointError(
+      f"{file}: not a readable torch checkpoint (truncated or damaged? "
+      f"{file.stat().st_size} bytes): {type(e).__name__}: {e}"
+    ) from e
+
+
+def _numpy(piece: LazyTensor, name: str) -> np.ndarray:
+  try:
+    return piece.numpy()
+  except (*_DAMAGED, ValueError) as e:  # ValueError: a size no multiple of the dtype's
+    raise CheckpointError(
+      f"{piece.storage.archive}: cannot read tensor {name} (truncated or damaged?): "
+      f"{type(e).__name__}: {e}"
+    ) from e
+
+
 def _concat_shards(name: str, pieces: list[LazyTensor], axis: int | None, source: str):
   """Reader for one tensor split over model-parallel shards."""
 
   def read() -> np.ndarray:
     if axis is None or len(pieces) == 1:
-      return pieces[0].numpy()
-    return np.concatenate([p.numpy() for p in pieces], axis=axis)
+      return _numpy(pieces[0], name)
+    return np.concatenate([_numpy(p, name) for p in pieces], axis=axis)
 
   shapes = {p.shape for p in pieces}
   if axis is None and len(shapes) > 1:
@@ -135,8 +164,10 @@ def load_meta_checkpoint(
   shard_files = sorted(path.glob("consolidated.*.pth"))
   if not params_file.exists() or not shard_files:
     raise CheckpointError(f"{path}: expected params.json and consolidated.*.pth files")
-  meta = json.loads(params_file.read_text())
-  shards = [load_torch_file(f) for f in shard_files]
+  meta = read_json(params_file)
+  if not isinstance(meta, dict):
+    raise CheckpointError(f"{params_file}: expected a JSON object, got {type(meta).__name__}")
+  shards = [_load_shard(f) for f in shard_files]
   names = set(shards[0])
   for f, shard in zip(shard_files[1:], shards[1:], strict=True):
     if set(shard) != names:
@@ -154,6 +185,8 @@ def load_meta_checkpoint(
 
   tensors = {"model.embed_tokens.weight": _concat_shards("tok_embeddings.weight", emb,
                                                          emb_axis, str(path))}
+  files = ", ".join(f.name for f in shard_files)
+  origins = {"model.embed_tokens.weight": f"{path} (tok_embeddings.weight in {files})"}
   ignore = set()
   for name in sorted(names - {"tok_embeddings.weight"}):
     pieces = [s[name] for s in shards]
@@ -173,7 +206,9 @@ def load_meta_checkpoint(
     elif name.endswith("attention.wk.weight"):
       read = _permuted(read, cfg.num_kv_heads)
     tensors[hf_name] = read
-  return cfg, build_params(cfg, tensors, source=str(path), mesh=mesh, rules=rules, ignore=ignore)
+    origins[hf_name] = f"{path} ({name} in {files})"
+  return cfg, build_params(cfg, tensors, source=str(path), mesh=mesh, rules=rules, ignore=ignore,
+                           origins=origins)
 
 
 def _permuted(read, num_heads: int):

@@ -8,8 +8,11 @@ half-split RoPE rows); `meta.py` converts Meta's names and its interleaved RoPE 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -23,6 +26,19 @@ from llama_jax.config import LlamaConfig
 
 class CheckpointError(ValueError):
   """A checkpoint that does not match the model: names the tensor/field and the values."""
+
+
+def read_json(file: str | Path) -> Any:
+  """The JSON in `file`; a `CheckpointError` naming the file, line and column if it does not
+  parse (`json`'s own error names neither the file nor, once re-raised, survives a wrapper)."""
+  try:
+    return json.loads(Path(file).read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(
+      f"{file}: not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"
+    ) from None
+  except UnicodeDecodeError as e:
+    raise CheckpointError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +121,14 @@ def build_params(
   mesh: Mesh | None = None,
   rules: shd.Rules = shd.DEFAULT_RULES,
   ignore: Iterable[str] = (),
+  origins: Mapping[str, str] | None = None,
 ):
   """Loads HF-named tensors into a params tree, one tensor at a time.
+
+  Every tensor must hold floating-point values (an integer tensor would be cast silently)
+  that are all finite once in `param_dtype` (a NaN weight makes every loss NaN, and the
+  trainer then skips every step without failing); both are checked as it is loaded, the
+  second on its devices (one reduction, fetched once for the whole checkpoint).
 
   Args:
     cfg: the model config; its `param_dtype` is the dtype the parameters get.
@@ -116,9 +138,12 @@ def build_params(
       default device). Host memory stays at about one tensor.
     ignore: extra tensor names that may be present and are skipped (e.g. cached RoPE
       frequencies in old checkpoints).
+    origins: HF name -> where that tensor is read from (its file, and its name there if
+      it differs), for error messages; default `source`.
 
   Raises:
-    CheckpointError: a missing, unexpected or wrongly shaped tensor.
+    CheckpointError: a missing, unexpected or wrongly shaped tensor, a tensor that is not
+      floating point, or one with NaN or infinite values; naming the tensor and its file.
   """
   specs = tensor_specs(cfg)
   missing = sorted(set(specs) - set(tensors), key=_natural_key)
@@ -135,18 +160,35 @@ def build_params(
   dtype = jnp.dtype(cfg.param_dtype)
   params: dict = {}
   layer_slices: dict[tuple[str, ...], list] = {}  # scanned models: per-layer arrays to stack
+  finite: list[tuple[str, Any]] = []  # (HF name, device bool), fetched together at the end
+  origins = origins or {}
 
   for name, spec in specs.items():
     path = param_path(cfg, spec)
     shape = _get(shapes, path).shape
     stacked = cfg.scan_layers and spec.layer is not None
-    host = to_param(spec, tensors[name](), shape[1:] if stacked else shape).astype(dtype)
+    raw = tensors[name]()
+    if not jnp.issubdtype(raw.dtype, jnp.floating):
+      raise CheckpointError(
+        f"{origins.get(name, source)}: tensor {name} has dtype {raw.dtype}; model weights "
+        f"must be floating point (it would be cast to {dtype} silently)"
+      )
+    with np.errstate(over="ignore", invalid="ignore"):  # what overflows is reported below
+      host = to_param(spec, raw, shape[1:] if stacked else shape).astype(dtype)
+    del raw
     sharding = None if shardings is None else _get(shardings, path)
+    placed = _place(host, _drop_leading_axis(sharding) if stacked else sharding)
+    finite.append((name, _all_finite(placed)))
     if stacked:
-      layer_slices.setdefault(path, []).append(_place(host, _drop_leading_axis(sharding)))
+      layer_slices.setdefault(path, []).append(placed)
     else:
-      _set(params, path, _place(host, sharding))
-    del host
+      _set(params, path, placed)
+    del host, placed
+
+  oks = jax.device_get([ok for _, ok in finite])
+  bad = [name for (name, _), ok in zip(finite, oks, strict=True) if not ok]
+  if bad:
+    _raise_non_finite(cfg, specs, bad, params, layer_slices, source, origins)
 
   for path, slices in layer_slices.items():
     stack = jax.jit(lambda *xs: jnp.stack(xs), out_shardings=_get(shardings, path)
@@ -154,6 +196,68 @@ def build_params(
     _set(params, path, stack(*slices))
     del slices[:]
   return params
+
+
+@jax.jit
+def _all_finite(x: jax.Array) -> jax.Array:
+  # One fused reduction where the shards are (no copy, no host transfer but the bool).
+  return jnp.isfinite(x).all()
+
+
+@jax.jit
+def _non_finite_rows(x: jax.Array) -> jax.Array:
+  """Non-finite values per index of the leading axis (per layer of a stacked parameter);
+  int32 counts cannot overflow per row, where one count of a 10^11-value leaf could."""
+  return jnp.sum(~jnp.isfinite(x), axis=tuple(range(1, x.ndim)), dtype=jnp.int32)
+
+
+def _count_non_finite(x: jax.Array) -> tuple[int, list[int]]:
+  """(non-finite values, the leading-axis indices that hold them) of a float array."""
+  rows = _to_host(_non_finite_rows(x)).reshape(-1)  # gathered across processes if need be
+  return int(rows.astype(np.int64).sum()), np.flatnonzero(rows).tolist()
+
+
+def _raise_non_finite(cfg, specs, bad, params, layer_slices, source, origins):
+  """The error for the tensors in `bad` (HF names, in load order) that hold NaN or Inf."""
+  name = bad[0]
+  spec = specs[name]
+  path = param_path(cfg, spec)
+  param = "/".join(path)
+  if cfg.scan_layers and spec.layer is not None:
+    value, param = layer_slices[path][spec.layer], f"{param}[{spec.layer}]"
+  else:
+    value = _get(params, path)
+  count, _ = _count_non_finite(value)
+  more = f"; also {', '.join(bad[1:9])}{' …' if len(bad) > 9 else ''}" if len(bad) > 1 else ""
+  raise CheckpointError(
+    f"{origins.get(name, source)}: tensor {name} (parameter {param}) has {count} "
+    f"non-finite (NaN or Inf) value(s) of {value.size} as {value.dtype}; "
+    f"{len(bad)} tensor(s) are not finite{more}"
+  )
+
+
+def check_finite(params, source: str) -> None:
+  """Raises `CheckpointError` if a floating-point leaf of `params` holds NaN or Inf, naming
+  the parameter path (and, for a leaf of stacked layers, which layers), how many values,
+  and `source` (the checkpoint read). For params restored without `build_params` (Orbax):
+  one on-device reduction per leaf, fetched once.
+  """
+  leaves = [(p, x) for p, x in jax.tree_util.tree_leaves_with_path(params)
+            if jnp.issubdtype(x.dtype, jnp.floating)]  # fmt: skip
+  oks = jax.device_get([_all_finite(x) for _, x in leaves])
+  bad = [(jax.tree_util.keystr(p, simple=True, separator="/"), x)
+         for (p, x), ok in zip(leaves, oks, strict=True) if not ok]  # fmt: skip
+  if not bad:
+    return
+  name, value = bad[0]
+  count, rows = _count_non_finite(value)
+  where = f" in layers {rows[:8]}{' …' if len(rows) > 8 else ''}" if "layers/" in name else ""
+  others = [n for n, _ in bad[1:9]]
+  more = f"; also {', '.join(others)}{' …' if len(bad) > 9 else ''}" if others else ""
+  raise CheckpointError(
+    f"{source}: parameter {name} has {count} non-finite (NaN or Inf) value(s) of "
+    f"{value.size}{where}; {len(bad)} parameter(s) are not finite{more}"
+  )
 
 
 def _place(host: np.ndarray, sharding):

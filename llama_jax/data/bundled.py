@@ -849,7 +849,7 @@ def paths(dataset: str, root: str | os.PathLike = ASSETS_DIR) -> dict[str, list[
 def load(dataset: str, split: str, root: str | os.PathLike = ASSETS_DIR) -> list[records.Record]:
   """The normalized records of a bundled file, read straight from JSONL (no TFDS)."""
   rows, _ = records.read_jsonl(file_path(dataset, split, root), DATASETS[dataset])
-  return rows
+  return records.Records(rows, name=f"bundled {dataset}", split=split)
 
 
 def build(dataset: str, data_dir: str | os.PathLike, **kwargs: Any):

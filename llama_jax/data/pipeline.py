@@ -48,7 +48,7 @@ import numpy as np
 from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llama_jax.data import packing
+from llama_jax.data import packing, records
 
 log = logging.getLogger(__name__)
 
@@ -283,15 +283,30 @@ class _AccountIterator(grain.DatasetIterator):
 # Assembly.
 
 
+def describe_source(source: Any) -> str:
+  """`dataset 'my_sft' split 'train'`: a source's `name` (and `split`) if it has them
+  (`builders.RecordSource`, `bundled.load`), else its type."""
+  name, split = getattr(source, "name", None), getattr(source, "split", None)
+  if not name:
+    return f"the {type(source).__name__} source"
+  return f"dataset {name!r}" + (f" split {split!r}" if split else "")
+
+
 def probe_schema(source: Sequence[Any], tokenize_fn: TokenizeFn) -> packing.Schema:
-  """The fields every example must have, from the first records the tokenize function accepts."""
+  """The fields every example must have, from the first records the tokenize function accepts.
+
+  Records of another kind than the tokenize function reads (`records.KindMismatchError`)
+  stop the probe at once: the whole dataset is of that kind.
+  """
   if len(source) == 0:
-    raise ValueError("the data source is empty")
+    raise ValueError(f"{describe_source(source)} is empty")
   errors = []
   for index in range(min(len(source), _PROBE_RECORDS)):
     record = source[index]
     try:
       return packing.infer_schema(tokenize_fn(record))
+    except records.KindMismatchError as e:
+      raise e.at(f"{describe_source(source)} {describe_record(index, record)}") from None
     except Exception as e:  # noqa: BLE001 -- keep looking; all failures are reported together
       errors.append(f"{describe_record(index, record)}: {type(e).__name__}: {e}")
   raise ValueError(

@@ -48,6 +48,9 @@ Errors: a bad record raises :class:`RecordError`, naming the file, the line numb
 field (as a path such as ``prompt[2].role``) and the offending value. With
 ``on_error="skip"`` bad lines are dropped instead, counted per :attr:`RecordError.reason`
 in a :class:`ValidationReport`, and the summary is logged; nothing is dropped silently.
+A record given to a stage that reads another kind (sft chats to pretraining) raises
+:class:`KindMismatchError` from the tokenize function, naming its fields, the fields the
+stage needs and the kind it looks like (the pipeline adds the dataset and record index).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
@@ -122,6 +125,67 @@ def fields(kind: str) -> tuple[str, ...]:
 def optional_fields(kind: str) -> tuple[str, ...]:
   """Returns the keys of ``kind`` records that may be absent (``None`` when normalized)."""
   return tuple(k for k, required in _FIELDS[check_kind(kind)].items() if not required)
+
+
+def required_fields(kind: str) -> tuple[str, ...]:
+  """Returns the keys every ``kind`` record has (what its tokenize function reads)."""
+  return tuple(k for k, required in _FIELDS[check_kind(kind)].items() if required)
+
+
+# Which training stages read each kind, for messages about data given to the wrong one.
+STAGES = {
+  "text": "pretraining",
+  "sft": "supervised fine-tuning",
+  "preference": "reward-model training / DPO",
+  "rl_prompt": "rejection sampling / PPO / GRPO",
+}
+
+
+def guess_kind(record: Any) -> str | None:
+  """The kind ``record`` looks like: the first whose required fields it has and whose
+  fields are all it has, else the first whose required fields it has; None if none."""
+  if not isinstance(record, Mapping):
+    return None
+  keys = set(record)
+  fits = [k for k in KINDS if set(required_fields(k)) <= keys]
+  exact = [k for k in fits if keys <= set(_FIELDS[k])]
+  return (exact or fits or [None])[0]
+
+
+class KindMismatchError(ValueError):
+  """A record lacks the fields its stage reads: data of another kind (sft chats given to
+  pretraining, ...). Names the record's fields, the ones needed and the kind it looks like.
+
+  Attributes:
+    kind: the kind the stage reads; ``fields``: the record's keys; ``needed``: the
+    stage's required keys; ``looks_like``: ``guess_kind(record)``; ``where``: the record.
+  """
+
+  def __init__(self, kind: str, record: Any, where: str = "a record"):
+    self.kind, self.where = kind, where
+    self.fields = sorted(record) if isinstance(record, Mapping) else []
+    self.needed = list(required_fields(kind))
+    self.looks_like = guess_kind(record)
+    self.record = record
+    if self.looks_like is None:
+      like = f"no known kind of record ({', '.join(KINDS)})"
+    else:
+      like = f"a {self.looks_like!r} record, for {STAGES[self.looks_like]}"
+    super().__init__(
+      f"{where} has fields {self.fields}, but this stage reads {kind!r} records "
+      f"({STAGES[kind]}), which need {self.needed}; it looks like {like}. Is the data kind "
+      "(data.kind) or the dataset wrong?"
+    )
+
+  def at(self, where: str) -> KindMismatchError:
+    """This error, located (``"dataset 'x' split 'train' record 0"``)."""
+    return KindMismatchError(self.kind, self.record, where)
+
+
+def check_fields(kind: str, record: Any) -> None:
+  """Raises :class:`KindMismatchError` if ``record`` lacks a field ``kind`` requires."""
+  if not isinstance(record, Mapping) or not set(required_fields(kind)) <= set(record):
+    raise KindMismatchError(kind, record)
 
 
 def check_kind(kind: str) -> str:
@@ -394,6 +458,15 @@ def parse_line(
   except RecordError as e:  # from _no_duplicates
     raise e.at(path, line) from None
   return validate_record(kind, obj, path=path, line=line)
+
+
+class Records(list):
+  """A list of records that knows the dataset and split it holds, so that errors about its
+  records (`pipeline.describe_source`) can name them."""
+
+  def __init__(self, rows: Iterable[Record] = (), *, name: str = "", split: str = ""):
+    super().__init__(rows)
+    self.name, self.split = name, split
 
 
 @dataclasses.dataclass

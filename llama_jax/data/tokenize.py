@@ -62,6 +62,7 @@ def tokenize_text(
 ) -> Example:
   """A corpus document: BOS text EOS, every token trained on (BOS by default only where the
   tokenizer adds one: Llama does, SmolLM2 does not)."""
+  records.check_fields("text", record)
   bos = tokenizer.add_bos if bos is None else bos
   tokens = np.asarray(tokenizer.encode(record["text"], bos=bos, eos=eos), np.int32)
   return {"tokens": tokens, "loss_mask": np.ones_like(tokens)}
@@ -71,6 +72,7 @@ def tokenize_sft(
   record: Mapping[str, Any], *, tokenizer: Tokenizer, fmt=None, loss_on: str = "all_assistant"
 ) -> Example:
   """A conversation rendered in the chat format, loss on the assistant answers."""
+  records.check_fields("sft", record)
   chat = render_chat(tokenizer, record["messages"], fmt=fmt, loss_on=loss_on)
   return {"tokens": chat.tokens, "loss_mask": chat.loss_mask, "format_mask": chat.format_mask}
 
@@ -79,6 +81,7 @@ def tokenize_preference(
   record: Mapping[str, Any], *, tokenizer: Tokenizer, side: str, fmt=None
 ) -> Example:
   """One side of a preference pair: the prompt then that response, loss on the response."""
+  records.check_fields("preference", record)
   edited = record.get("edited")
   response = record["chosen"] if side == "edited" and edited is None else record[side]
   rendered = render_prompt_response(
@@ -114,6 +117,7 @@ class Indexed(collections.abc.Sequence):
 
 def tokenize_rl_prompt(record: Mapping[str, Any], *, tokenizer: Tokenizer, fmt=None) -> Example:
   """The prompt up to where the assistant's answer begins, for sampling."""
+  records.check_fields("rl_prompt", record)
   prompt = render_chat(
     tokenizer, records.prompt_messages(record["prompt"]), fmt=fmt, add_generation_prompt=True
   )

@@ -310,3 +310,23 @@ def test_smollm2_tokenizer_matches_transformers(smollm2):
   assert tok.encode("<|im_end|>") != [2]  # plain text stays text
   assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.add_bos) == (1, 2, 2, False)
   assert tok.encode_special(texts[-1]) == PROMPTS[1]
+
+
+def test_non_finite_gguf_tensor_names_the_file_and_tensor(tiny, tmp_path):
+  up = tiny.state_dict()["model.layers.1.mlp.up_proj.weight"].numpy().copy()
+  up[0, :5] = [np.nan, np.inf, -np.inf, np.nan, np.nan]
+  path = write_gguf(tmp_path / "nan.gguf", tiny, raw_tensors={"blk.1.ffn_up.weight": (up, "F32")})
+  with pytest.raises(CheckpointError, match=(
+      r"nan.gguf \(blk.1.ffn_up.weight, F32\): tensor model.layers.1.mlp.up_proj.weight "
+      r"\(parameter layers_1/mlp/up\) has 5 non-finite \(NaN or Inf\) value\(s\) of 16384 as "
+      r"float32; 1 tensor\(s\) are not finite$")):
+    load_gguf_checkpoint(path)
+
+
+def test_truncated_gguf_names_the_file(tiny, tmp_path):
+  path = write_gguf(tmp_path / "cut.gguf", tiny)
+  data = path.read_bytes()
+  path.write_bytes(data[: len(data) // 2])
+  with pytest.raises(CheckpointError, match=rf"cut.gguf: not a readable GGUF file \(truncated or "
+                                            rf"damaged\? {len(data) // 2} bytes\): ValueError"):
+    load_gguf_checkpoint(path)

@@ -1,6 +1,7 @@
 """Checkpoint I/O: HF safetensors both ways, Meta .pth import, and every bad-input error."""
 
 import json
+import re
 import shutil
 
 import jax
@@ -11,6 +12,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
+from llama_jax import sharding
 from llama_jax.checkpoint import (
   CheckpointError,
   config_from_hf,
@@ -375,3 +377,126 @@ def test_torch_free_reader_refuses_other_objects(tmp_path):
   torch.save({"w": torch.zeros(2), "hook": print}, tmp_path / "x.pth")
   with pytest.raises(Exception, match="refusing to load pickled object .*print"):
     load_torch_file(tmp_path / "x.pth")
+
+
+# --------------------------------------------------------------------------- bad inputs at the door
+
+
+def _edit_tensors(src, dst, changes):
+  """A copy of the HF directory `src` with tensors replaced: `{name: fn(array) -> array}`."""
+  shutil.copytree(src, dst)
+  tensors = load_file(dst / "model.safetensors")
+  for name, change in changes.items():
+    tensors[name] = change(tensors[name])
+  save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+  return dst
+
+
+def _poison(count, value=np.nan):
+  def change(a):
+    a = a.copy()
+    a.reshape(-1)[:count] = value
+    return a
+
+  return change
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_non_finite_hf_weights_name_the_tensor_file_and_count(hf_dir, tmp_path, scan):
+  bad = _edit_tensors(hf_dir[0], tmp_path / "nan", {
+    "model.layers.1.mlp.up_proj.weight": _poison(3),
+    "model.layers.0.self_attn.k_proj.weight": _poison(2, np.inf)})
+  mesh = sharding.make_mesh(fsdp=4, tensor=2)  # checked where the shards are
+  layer0 = r"layers/attn/k\[0\]" if scan else "layers_0/attn/k"
+  with pytest.raises(CheckpointError, match=(
+      rf"nan/model.safetensors: tensor model.layers.0.self_attn.k_proj.weight \(parameter "
+      rf"{layer0}\) has 2 non-finite \(NaN or Inf\) value\(s\) of 2048 as float32; 2 tensor\(s\) "
+      r"are not finite; also model.layers.1.mlp.up_proj.weight$")):
+    load_hf_checkpoint(bad, mesh=mesh, scan_layers=scan)
+
+
+def test_finite_weights_overflowing_the_param_dtype_are_refused(hf_dir, tmp_path):
+  bad = _edit_tensors(hf_dir[0], tmp_path / "big", {"model.norm.weight": _poison(1, 1e6)})
+  load_hf_checkpoint(bad)  # finite as float32
+  with pytest.raises(CheckpointError, match=r"big/model.safetensors: tensor model.norm.weight "
+                                            r"\(parameter final_norm/scale\) has 1 non-finite "
+                                            r"\(NaN or Inf\) value\(s\) of 64 as float16"):
+    load_hf_checkpoint(bad, dtype="float16")
+
+
+def test_integer_tensor_is_refused_not_cast(hf_dir, tmp_path):
+  bad = _edit_tensors(hf_dir[0], tmp_path / "int", {
+    "model.layers.0.input_layernorm.weight": lambda a: a.astype(np.int32)})
+  with pytest.raises(CheckpointError, match=r"int/model.safetensors: tensor model.layers.0."
+                                            r"input_layernorm.weight has dtype int32; model "
+                                            r"weights must be floating point"):
+    load_hf_checkpoint(bad)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_truncated_safetensors_names_the_file(hf_dir, tmp_path, sharded):
+  path = tmp_path / "cut"
+  if sharded:  # the index case: the shard is opened before any tensor is read
+    config, params = load_hf_checkpoint(hf_dir[0])
+    save_hf_checkpoint(path, config, params, max_shard_bytes=60_000)
+    file = path / sorted(p.name for p in path.glob("model-*.safetensors"))[-1]
+  else:
+    shutil.copytree(hf_dir[0], path)
+    file = path / "model.safetensors"
+  data = file.read_bytes()
+  file.write_bytes(data[: len(data) // 2])
+  with pytest.raises(CheckpointError, match=(
+      rf"cut/{file.name}: not a readable safetensors file \(truncated or damaged\? "
+      rf"{len(data) // 2} bytes\): .*incomplete metadata")):
+    load_hf_checkpoint(path)
+
+
+@pytest.mark.parametrize("text,match", [
+  ('{"vocab_size": 256,\n "hidden_size": 64\n "num_hidden_layers": 2}',
+   r"config.json: not valid JSON: Expecting ',' delimiter at line 3, column 2"),
+  ("", r"config.json: not valid JSON: Expecting value at line 1, column 1"),
+  ("[1, 2]", r"config.json: expected a JSON object, got list: \[1, 2\]"),
+  ('{"vocab_size": 256, "hidden_size": 64}',
+   r"config.json: required field\(s\) \['num_hidden_layers', 'num_attention_heads', "
+   r"'intermediate_size'\] missing"),
+])
+def test_malformed_config_json_names_file_line_and_column(hf_dir, tmp_path, text, match):
+  shutil.copytree(hf_dir[0], tmp_path / "hf")
+  (tmp_path / "hf" / "config.json").write_text(text)
+  with pytest.raises(CheckpointError, match=re.escape(str(tmp_path / "hf")) + "/" + match):
+    load_hf_checkpoint(tmp_path / "hf")
+
+
+def test_meta_bad_tensors_name_the_shards_and_tensor(tmp_path):
+  params, embed_axis = META_VARIANTS["llama3_gqa"]
+  weights = _meta_weights(params, 256)
+  nan = dict(weights, **{"layers.1.feed_forward.w2.weight": _poison(4)(
+    weights["layers.1.feed_forward.w2.weight"])})
+  _save_meta(tmp_path / "nan", nan, params, embed_axis)
+  with pytest.raises(CheckpointError, match=(
+      r"nan \(layers.1.feed_forward.w2.weight in consolidated.00.pth, consolidated.01.pth\): "
+      r"tensor model.layers.1.mlp.down_proj.weight \(parameter layers_1/mlp/down\) has 4 "
+      r"non-finite \(NaN or Inf\) value\(s\) of 14336 as float32")):
+    load_meta_checkpoint(tmp_path / "nan")
+  ints = dict(weights, **{"norm.weight": weights["norm.weight"].astype(np.int64)})
+  _save_meta(tmp_path / "int", ints, params, embed_axis)
+  with pytest.raises(CheckpointError, match=r"int \(norm.weight in consolidated.00.pth, "
+                                            r"consolidated.01.pth\): tensor model.norm.weight "
+                                            r"has dtype int64; model weights must be floating"):
+    load_meta_checkpoint(tmp_path / "int")
+
+
+def test_meta_truncated_shard_names_the_file(tmp_path):
+  params, embed_axis = META_VARIANTS["llama3_gqa"]
+  _save_meta(tmp_path / "cut", _meta_weights(params, 256), params, embed_axis)
+  shard = tmp_path / "cut" / "consolidated.01.pth"
+  data = shard.read_bytes()
+  shard.write_bytes(data[: len(data) - 100])
+  with pytest.raises(CheckpointError, match=(
+      rf"cut/consolidated.01.pth: not a readable torch checkpoint \(truncated or damaged\? "
+      rf"{len(data) - 100} bytes\): BadZipFile: File is not a zip file")):
+    load_meta_checkpoint(tmp_path / "cut")
+  (tmp_path / "cut" / "params.json").write_text('{"dim": 64,}')
+  with pytest.raises(CheckpointError, match=r"cut/params.json: not valid JSON: Expecting property "
+                                            r"name enclosed in double quotes at line 1, column 12"):
+    load_meta_checkpoint(tmp_path / "cut")

@@ -365,3 +365,21 @@ def test_bad_arguments(tmp_path):
     builders.build_dataset("text", "d", {"train": [tmp_path / "missing.jsonl"]}, tmp_path)
   with pytest.raises(ValueError, match="no files"):
     builders.build_dataset("text", "d", {"train": []}, tmp_path)
+
+
+def test_misspelled_dataset_names_data_dir_and_close_matches_only(tmp_path):
+  """The name used to be buried under every TFDS dataset (~250 names); now only the name,
+  the data_dir searched and the close matches among the datasets there and in TFDS."""
+  path = _jsonl(tmp_path, "sft.jsonl", TRICKY["sft"])
+  data_dir = tmp_path / "tfds"
+  builders.build_dataset("sft", "my_chats", {"train": [path]}, data_dir)
+  builders.build_dataset("text", "my_corpus", {"train": [_jsonl(tmp_path, "t.jsonl",
+                                                                 TRICKY["text"])]}, data_dir)
+  with pytest.raises(builders.UnknownDatasetError) as info:
+    builders.load_source("my_chat", "train", data_dir)
+  assert str(info.value) == (
+    f"no dataset 'my_chat': not built in data_dir ['{data_dir}'] (datasets there: my_chats, "
+    "my_corpus) and not registered with TFDS; did you mean 'my_chats'?")
+  with pytest.raises(tfds.core.registered.DatasetNotFoundError,  # what callers caught before
+                     match=r"no dataset 'mnsit/3.0.1'.*; did you mean 'mnist' or"):
+    builders.dataset_builder("mnsit/3.0.1", data_dir)

@@ -4,6 +4,7 @@ import collections
 import dataclasses
 import json
 import logging
+import re
 
 import jax
 import numpy as np
@@ -376,3 +377,26 @@ def test_workers_leave_absl_flags_unparsed():
   with make_pipeline(make_docs(8), tokenize, cfg, shard_index=0, shard_count=1) as it:
     take(it, 1)
   assert not flags.FLAGS.is_parsed()
+
+
+@pytest.mark.parametrize("data,kind,options,fields,needed,looks_like", [
+  ("sft", "text", {}, "['id', 'messages']", "['text']", "'sft' record, for supervised fine-tuning"),
+  ("corpus", "sft", {}, "['text']", "['messages']", "'text' record, for pretraining"),
+  ("rl_prompt", "preference", {"side": "chosen"},
+   "['concern', 'id', 'is_unsafe', 'prompt', 'reference', 'task']",
+   "['prompt', 'chosen', 'rejected', 'concern']", "'rl_prompt' record, for rejection sampling"),
+], ids=["sft_to_pretraining", "text_to_sft", "rl_prompts_to_preference"])
+def test_data_of_another_kind_names_dataset_record_and_fields(data, kind, options, fields, needed,
+                                                              looks_like):
+  """SFT chats given to pretraining raised `KeyError: 'text'`; now the dataset, the record,
+  its fields, the fields the stage needs and the kind the record looks like are named."""
+  from llama_jax.data import bundled, make_tokenize_fn, records  # noqa: PLC0415
+  from llama_jax.tokenizer import tiny_tokenizer  # noqa: PLC0415
+
+  tokenize = make_tokenize_fn(kind, tiny_tokenizer("llama3"), **options)
+  with pytest.raises(records.KindMismatchError, match=re.escape(
+      f"dataset 'bundled {data}' split 'train' record 0 has fields {fields}, but this stage "
+      f"reads {kind!r} records ({records.STAGES[kind]}), which need {needed}; it looks like a "
+      f"{looks_like}")):
+    make_pipeline(bundled.load(data, "train"), tokenize, PipelineConfig(seq_len=64, batch_size=2),
+                  shard_index=0, shard_count=1)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import grpo, lm, ppo
+from experiments import common, grpo, lm, online_rl, ppo
 from experiments.configs import grpo as grpo_configs
 from experiments.configs import ppo as ppo_configs
 from experiments.configs import sft as sft_configs
@@ -124,13 +124,22 @@ def test_sampling_on_its_own_mesh_gives_the_shared_mesh_results(sft_workdir, tmp
   def run(name, **sampling):
     cfg = rl_config(grpo_configs, sft_workdir, batch_size=8, steps=2)
     cfg.grpo.group_size = 2
+    cfg.mesh.update(data=1, fsdp=8, tensor=1)
     cfg.sampling_mesh.update(**sampling)
     grpo.run(cfg, str(tmp_path / name))
     return read_metrics(tmp_path / name)
 
   shared = run("shared")
   assert all(r["time/weight_sync"] < 1e-3 for r in shared)  # nothing is copied
+  cfg = rl_config(grpo_configs, sft_workdir, batch_size=8)
+  cfg.mesh.update(data=1, fsdp=8, tensor=1)
+  mesh = common.build_mesh(cfg.mesh)
+  assert online_rl.sampling_mesh(cfg, mesh) is mesh
   for name, sampling in (("data8", dict(data=8)), ("half", dict(data=2, tensor=2, num_devices=4))):
+    cfg.sampling_mesh.update(**sampling)
+    sampling_mesh = online_rl.sampling_mesh(cfg, mesh)
+    assert sampling_mesh.devices.size == sampling.get("num_devices", 8)
+    assert dict(sampling_mesh.shape) != dict(mesh.shape)
     own = run(name, **sampling)
     assert all(r["time/weight_sync"] > 0 for r in own)
     for key in ("loss/policy", "objective/kl", "policy/entropy", "reward/mean"):

@@ -53,6 +53,30 @@ def test_next_stage_takes_the_kept_tokenizer_and_refuses_a_mismatch(pretrained, 
     lm.run(no_source, str(tmp_path / "none"))
 
 
+@pytest.mark.parametrize("through", ["workdir", "hf_export"])
+def test_llama3_model_fine_tuned_with_the_llama2_tokenizer_is_refused_before_any_write(
+  pretrained, tmp_path, through
+):
+  """The finding (issue 19): a model pretrained with the Llama 3 tokenizer fine-tuned with
+  the Llama 2 one trained on wrong special ids (loss 7.85 instead of 3.6). Through the SFT
+  launcher, from the pretraining workdir or its Hugging Face export, the run is refused
+  before anything is written to its workdir (`common.check_tokenizer`)."""
+  init_from = pretrained
+  if through == "hf_export":
+    init_from = tmp_path / "hf"
+    export.run(str(pretrained), str(init_from))
+  cfg = small(sft.get_config("tiny"))
+  cfg.update(init_from=str(init_from), tokenizer="tiny:llama2")
+  with pytest.raises(ValueError, match=(
+      r"tokenizer='tiny:llama2' does not fit the model \(init_from='.*'\): BOS id 1 != the "
+      r"model's bos_token_id=1024; EOS/stop ids \[2\] are not among the model's "
+      r"eos_token_id=(\(1025, 1032, 1033\)|\[1025, 1032, 1033\]);")):
+    lm.run(cfg, str(tmp_path / "sft"))
+  # Nothing but the lock the run held while it checked (`workdirs.locked`).
+  written = [p.name for p in (tmp_path / "sft").rglob("*")] if (tmp_path / "sft").exists() else []
+  assert set(written) <= {workdirs.LOCK_FILE}, written
+
+
 def test_hf_directory_brings_its_tokenizer_and_exports_carry_one(pretrained, tmp_path):
   # An HF directory with Meta's file beside the weights (as Llama 2/3 repositories ship it).
   export.run(str(pretrained), str(tmp_path / "hf"))
