@@ -178,14 +178,14 @@ def build_params(
     del raw
     sharding = None if shardings is None else _get(shardings, path)
     placed = _place(host, _drop_leading_axis(sharding) if stacked else sharding)
-    finite.append((name, _all_finite(placed)))
+    finite.append((name, _shard_flags(placed)))
     if stacked:
       layer_slices.setdefault(path, []).append(placed)
     else:
       _set(params, path, placed)
     del host, placed
 
-  oks = jax.device_get([ok for _, ok in finite])
+  oks = _all_true([flags for _, flags in finite])
   bad = [name for (name, _), ok in zip(finite, oks, strict=True) if not ok]
   if bad:
     _raise_non_finite(cfg, specs, bad, params, layer_slices, source, origins)
@@ -200,8 +200,24 @@ def build_params(
 
 @jax.jit
 def _all_finite(x: jax.Array) -> jax.Array:
-  # One fused reduction where the shards are (no copy, no host transfer but the bool).
+  # One fused reduction where the shard is (no copy, no host transfer but the bool).
   return jnp.isfinite(x).all()
+
+
+def _shard_flags(x: jax.Array) -> list[jax.Array]:
+  """Whether each shard this process holds (one replica of each) is finite, one
+  single-device reduction per shard: no collectives, which XLA:CPU can deadlock on when
+  many small programs with all-reduces are in flight at once (as in a loader's loop)."""
+  if not isinstance(x, jax.Array):
+    return [_all_finite(jnp.asarray(x))]
+  return [_all_finite(s.data) for s in x.addressable_shards if s.replica_id == 0]
+
+
+def _all_true(flags: list[list[jax.Array]]) -> list[bool]:
+  """Per leaf: all its shards finite, on every process (each checked its own shards)."""
+  local = np.array([all(bool(f) for f in fs) for fs in jax.device_get(flags)], bool)
+  everyone = shd.process_allgather(local[None])  # [processes, leaves]
+  return everyone.all(axis=0).tolist()
 
 
 @jax.jit
@@ -244,7 +260,7 @@ def check_finite(params, source: str) -> None:
   """
   leaves = [(p, x) for p, x in jax.tree_util.tree_leaves_with_path(params)
             if jnp.issubdtype(x.dtype, jnp.floating)]  # fmt: skip
-  oks = jax.device_get([_all_finite(x) for _, x in leaves])
+  oks = _all_true([_shard_flags(x) for _, x in leaves])
   bad = [(jax.tree_util.keystr(p, simple=True, separator="/"), x)
          for (p, x), ok in zip(leaves, oks, strict=True) if not ok]  # fmt: skip
   if not bad:
