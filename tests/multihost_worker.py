@@ -124,12 +124,12 @@ def rl_run(algorithm: str, workdir: str, reward_model: str, steps: int) -> dict:
 
 
 def rl(process_id: int, out: str, reward_model: str) -> None:
-  """GRPO and PPO: 2 iterations, then a fresh launch to 3 that resumes from the checkpoint."""
+  """GRPO and PPO: 1 iteration, then a fresh launch to 2 that resumes from the checkpoint."""
   del process_id
   for algorithm in ("grpo", "ppo"):
     workdir = os.path.join(out, algorithm)
+    rl_run(algorithm, workdir, reward_model, steps=1)
     rl_run(algorithm, workdir, reward_model, steps=2)
-    rl_run(algorithm, workdir, reward_model, steps=3)
 
 
 def forward(process_id: int, out: str, checkpoint: str) -> None:

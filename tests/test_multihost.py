@@ -108,10 +108,10 @@ def test_two_processes_run_grpo_and_ppo_like_one_process_with_eight_devices(tmp_
   rm_dir = make_rm_workdir(tmp_path / "rm")
   run_two_processes("rl", tmp_path, rm_dir)
   for algorithm, extra in (("grpo", ()), ("ppo", ("loss/value", "kl_coef"))):
-    multihost_worker.rl_run(algorithm, str(tmp_path / f"one_{algorithm}"), rm_dir, steps=3)
+    multihost_worker.rl_run(algorithm, str(tmp_path / f"one_{algorithm}"), rm_dir, steps=2)
     one, two = (read_metrics(tmp_path / d) for d in (f"one_{algorithm}", algorithm))
-    assert [r["step"] for r in two] == [1, 2, 3] == [r["step"] for r in one], algorithm
-    assert np.std([r["reward/mean"] for r in one]) > 0  # the RM's rewards carry signal
+    assert [r["step"] for r in two] == [1, 2] == [r["step"] for r in one], algorithm
+    assert all(r["reward/std"] > 0 for r in one)  # the RM's rewards carry signal
     for key in RL_KEYS + extra:
       np.testing.assert_allclose(
         [r[key] for r in two], [r[key] for r in one], rtol=1e-5, atol=1e-6, err_msg=key

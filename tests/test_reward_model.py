@@ -152,7 +152,9 @@ def test_head_bias_moves_only_under_reward_centering(params, prefs):
     return grad(0.0), grad(0.1)
 
   plain, centered = bias_grads(params)
-  assert float(plain) == 0.0 and abs(float(centered)) > 1e-3
+  # Without centering the bias cancels in every pair's reward difference: its gradient is
+  # zero up to float32 rounding of the sum over pairs.
+  assert abs(float(plain)) < 1e-5 and abs(float(centered)) > 1e-3
 
 
 # --------------------------------------------------------------------------- the train step
