@@ -63,6 +63,7 @@ from llama_jax.model import as_model
 from llama_jax.objectives import ppo as ppo_obj
 from llama_jax.rollouts import Rollout, sample_rollout
 from llama_jax.scorers import Scorer
+from llama_jax.steps.common import batch_sharding
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.train_state import TrainState
 from llama_jax.trainer import fit
@@ -294,9 +295,8 @@ def minibatch_indices(num_rows: int, num_minibatches: int, rng: np.random.Genera
 def _take_rows(mesh: Mesh):
   """Jitted `(arrays, index) -> arrays[index]` over global rows: a minibatch gathered on the
   devices (rows move between processes where they must), laid out over the batch axes."""
-  batch = sharding.named_sharding(mesh, ("act_batch",))
   take = lambda arrays, index: jax.tree.map(lambda x: x[index], arrays)
-  return jax.jit(take, out_shardings=batch)
+  return jax.jit(take, out_shardings=batch_sharding(mesh))
 
 
 def rollout_metrics(rollout: Rollout, scores: np.ndarray, group_size: int) -> dict[str, float]:
@@ -342,7 +342,7 @@ def make_iteration(
   train step (logging, checkpoints, resume). The metrics time each phase: weight_sync,
   generation, reward, logps (the scoring pass) and training, in seconds."""
   mesh = algorithm.mesh
-  rows_sharding = sharding.named_sharding(mesh, ("act_batch",))
+  rows_sharding = batch_sharding(mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
 
   def iteration(state, batch):

@@ -41,6 +41,7 @@ from llama_jax import reward_model, sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.data.records import prompt_messages
 from llama_jax.objectives.ppo import masked_whiten
+from llama_jax.steps.common import batch_sharding
 from llama_jax.tokenizer import Tokenizer, render_prompt_response
 
 SAFETY_THRESHOLD = 0.15  # Llama 2: σ-score of the safety RM below which it decides
@@ -253,8 +254,7 @@ class RewardScorer:
     tokens, segments = self.tokenize(prompts, responses) if n else (np.zeros((0, 1), np.int32),) * 2
     most_rows, longest = sharding.process_allgather(np.array([[n, tokens.shape[1]]])).max(0)
     rows = sharding.named_sharding(self.mesh, ("act_batch", "act_seq"))
-    batch = sharding.named_sharding(self.mesh, ("act_batch",))
-    mine = sharding.process_rows(batch, self.batch_size)
+    mine = sharding.process_rows(batch_sharding(self.mesh), self.batch_size)
     out = []
     for block in _blocks(tokens, segments, per_process, int(most_rows), int(longest)):
       tokens_g, segments_g = (sharding.from_process_rows(x, rows, self.batch_size) for x in block)

@@ -20,7 +20,6 @@ the end (evaluation, plot) from the last checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -30,6 +29,7 @@ import jax
 import numpy as np
 
 from llama_jax import metrics as metrics_lib
+from llama_jax.checkpoint import atomic
 from llama_jax.checkpoint import orbax as ckpt_lib
 from llama_jax.train_state import TrainState
 
@@ -53,19 +53,20 @@ FINAL_FILE = "final.json"
 
 def read_final(workdir: str | os.PathLike) -> dict[str, Any] | None:
   """What a finished run recorded at its end, `{"step": N, "eval": {...}}` (the final
-  evaluation's metrics, without the `eval/` prefix), or None if the run has not finished."""
+  evaluation's metrics, without the `eval/` prefix), or None if the run has not finished
+  (or its record is damaged: the end is then redone)."""
   path = os.path.join(workdir, FINAL_FILE)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    return atomic.read_json(path)
+  except atomic.DamagedFileError as e:
+    log.warning("%s; the run's end will be redone", e)
+    return None
 
 
 def _write_final(workdir: str, step: int, final_eval: Mapping[str, float]) -> None:
-  path = os.path.join(workdir, FINAL_FILE)
-  with open(path + ".tmp", "w") as f:  # rename: a reader never sees half the record
-    json.dump({"step": step, "eval": dict(final_eval)}, f, indent=2)
-  os.replace(path + ".tmp", path)
+  atomic.write_json(os.path.join(workdir, FINAL_FILE), {"step": step, "eval": dict(final_eval)})
 
 
 class NonFiniteError(FloatingPointError):
