@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test findings lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m experiments.llama3_recipe --config=experiments/configs/llama3_recipe.py:demo \
 	  --workdir=runs/llama3_demo
+
+# The papers' findings as paired ablations over 3 seeds (~50 min on 2 CPU cores; resumes).
+findings: $(STAMP)
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m experiments.findings --config=experiments/configs/findings.py:full \
+	  --workdir=runs/findings
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15

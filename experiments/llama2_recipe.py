@@ -112,10 +112,13 @@ def dialogues(g: ml_collections.ConfigDict, split: str, num: int):
   return gatt.make_dialogues(pairs, num, g.num_turns, g.seed)
 
 
-def gatt_data(recipe: recipes.Recipe, policy: str, instructions, out_dir: str) -> dict[str, Any]:
+def gatt_data(
+  recipe: recipes.Recipe, policy: str, instructions, out_dir: str, g=None
+) -> dict[str, Any]:
   """Samples the Ghost Attention dialogues from `policy` and builds them into a TFDS
-  dataset; returns its location and the sampling statistics."""
-  g, e = recipe.cfg.gatt, recipe.cfg.eval
+  dataset; returns its location and the sampling statistics. `g`: the gatt section
+  (default the recipe's)."""
+  g, e = g or recipe.cfg.gatt, recipe.cfg.eval
   mesh = common.build_mesh(e.mesh)
   config, params = workdirs.load_model(policy, mesh, kind="lm")
   limit = config.max_seq_len - e.max_new_tokens

@@ -223,17 +223,21 @@ def rejection_sampling_config(
   )  # fmt: skip
 
 
-def sft_on_samples(recipe: Recipe, round_index: int, policy: str, rs_dir: str, mix_with: str):
+def sft_on_samples(
+  recipe: Recipe, round_index: int, policy: str, rs_dir: str, mix_with: str, prefix: str = "",
+  **fields: Any,
+):
   """The round's SFT stages: its dataset (the pooled answers of `rs_dir` + `mix_with`),
-  then SFT of `policy` on it (section `round_sft`); returns the new model's directory."""
-  rd = f"round{round_index}"
+  then SFT of `policy` on it (section `round_sft` with `fields`), in `<prefix>round<r>/`;
+  returns the new model's directory."""
+  rd = f"{prefix}round{round_index}"
   data = recipe.stage(
     f"{rd}/sft_data", "the pooled answers (+ human-written chats) as a TFDS dataset",
     functools.partial(sft_mix, mix_with, rs_dir, f"sft_round{round_index}"),
   )  # fmt: skip
   recipe.experiment(
     f"{rd}/sft", "SFT on the rejection-sampled answers", lm.run,
-    recipe.config("round_sft", init_from=policy, **tfds_data(data)),
+    recipe.config("round_sft", init_from=policy, **tfds_data(data), **fields),
   )  # fmt: skip
   return recipe.path(f"{rd}/sft")
 

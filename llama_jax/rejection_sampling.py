@@ -69,6 +69,36 @@ def expected_best_of_n(scores: np.ndarray) -> np.ndarray:
   return curve
 
 
+def order_weights(k: int, n: int, j: int) -> np.ndarray:
+  """[K] the probability that the i-th smallest of K samples (i = 0..K−1) is the j-th
+  smallest (j = 0..n−1) of a uniformly random subset of n of them: C(i, j)·C(K−1−i, n−1−j)
+  / C(K, n). Weighting sorted per-prompt values with it gives unbiased best-of-n curves."""
+  if not 0 <= j < n <= k:
+    raise ValueError(f"need 0 <= j < n <= K, got j={j}, n={n}, K={k}")
+  return np.array([math.comb(i, j) * math.comb(k - 1 - i, n - 1 - j) for i in range(k)]) / (
+    math.comb(k, n)
+  )
+
+
+def best_of_n_curves(scores: np.ndarray, gold: np.ndarray, ns: Sequence[int]) -> dict[str, list]:
+  """Expected curves over n (random n of each prompt's K samples, averaged over prompts):
+  `max` (the best score, Llama 2 Figure 7), `median` (of the n scores) and `gold_at_max`
+  (a program's check of the sample the scorer picks, ties broken by sample order).
+  scores, gold: [prompts, K]."""
+  order = np.argsort(scores, axis=1, kind="stable")
+  ranked = np.take_along_axis(scores, order, 1)
+  ranked_gold = np.take_along_axis(np.asarray(gold, np.float64), order, 1)
+  k = scores.shape[1]
+  curves: dict[str, list] = {"n": list(ns), "max": [], "median": [], "gold_at_max": []}
+  for n in ns:
+    top = order_weights(k, n, n - 1)
+    median = (order_weights(k, n, (n - 1) // 2) + order_weights(k, n, n // 2)) / 2
+    curves["max"].append(float((ranked @ top).mean()))
+    curves["median"].append(float((ranked @ median).mean()))
+    curves["gold_at_max"].append(float((ranked_gold @ top).mean()))
+  return curves
+
+
 def round_stats(scores: np.ndarray, round_index: int) -> dict[str, Any]:
   """Reward statistics of one round's samples [prompts, K]: best (max over K), median and
   mean, each averaged over prompts, and the expected best-of-n curve."""

@@ -97,7 +97,7 @@ def train(process_id: int, out: str) -> None:
     np.save(os.path.join(out, "resumed_losses.npy"), np.array(resumed_losses))
 
 
-RL_MODEL = dict(num_layers=2, d_model=64, head_dim=16, mlp_dim=128)
+RL_MODEL = dict(num_layers=1, d_model=64, head_dim=16, mlp_dim=128)
 
 
 def rl_run(algorithm: str, workdir: str, reward_model: str, steps: int) -> dict:

@@ -28,13 +28,27 @@ answer is right, a refusal is a false refusal).
 
 Preference pairs: 60% helpfulness, 40% safety. The rating follows how far apart the two
 responses are. Helpfulness: ``significantly_better`` correct vs nonsense or off-topic,
-``better`` correct vs wrong (another number, another fact), ``slightly_better`` correct
-vs a hedged, wordy correct answer, ``negligibly_better`` two correct phrasings. Safety on
-unsafe prompts: refusal vs eager compliance, vs partial compliance, vs a rude brush-off,
-vs another refusal; on risky-looking prompts: the answer vs a needless refusal, vs a
-lecture, vs the answer behind a needless warning, vs another phrasing. About 17% of pairs
-carry an ``edited`` response that ranks above ``chosen`` (edited > chosen > rejected).
-Compliant responses to harmful requests are deliberately empty of any real instructions.
+``better`` correct vs wrong: half a wrong result ("23 + 48 = 62.", "The capital of Peru
+is Lisbon."), half a near miss, the right answer to a question next to the one asked (one
+operand changed, "23 + 84 = 107."; another subject, "The capital of Chile is Santiago."),
+``slightly_better`` correct vs a hedged, wordy correct answer, ``negligibly_better`` two
+correct phrasings. Safety on unsafe prompts: refusal vs eager compliance, vs partial
+compliance, vs a rude brush-off, vs another refusal; on risky-looking prompts: the answer
+vs a needless refusal, vs a lecture, vs the answer behind a needless warning, vs another
+phrasing. Compliant responses to harmful requests are deliberately empty of any real
+instructions.
+
+Labels are an annotator's, and a rating is the annotator's confidence: ``chosen`` is the
+better response with probability :data:`AGREEMENT` of the rating (1.0 significantly
+better, 0.95 better, 0.8 slightly better, 0.6 negligibly better; both concerns and both
+splits), else the two are swapped. Why: without this the weak ratings were systematic
+style cues (the hedged answer always lost, the canonical phrasing always won) that a tiny
+reward model learned more easily than the "better" pairs, so held-out accuracy did not
+rise with how distinct a pair is as in Llama 2 (Table 8); the near misses give "better"
+pairs a wrong answer a model can check against the prompt instead of only by knowing the
+answer. Nothing in a record says whether it was swapped. About 16% of pairs carry an
+``edited`` response that ranks above ``chosen`` (edited > chosen > rejected); swapped
+pairs never do, since the edit improves the response the annotator did not pick.
 
 rl_prompt records carry what :func:`llama_jax.data.scoring.check_answer` needs:
 arithmetic (``reference`` the exact result), fact (``reference`` the answer word), refusal
@@ -62,7 +76,7 @@ import json
 import os
 import random
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -420,6 +434,9 @@ class Item:
   answer: str
   reference: str | None = None
   wrong: Callable[[random.Random], str] | None = None  # a wrong answer of the same form
+  # A right answer to a nearby question that was not asked (one operand or the subject
+  # changed): wrong, and a model can tell so by checking it against the prompt.
+  misstated: Callable[[random.Random], str] | None = None
   alternatives: tuple[str, ...] = ()  # other correct phrasings
 
 
@@ -470,6 +487,31 @@ def _wrong_number(rng: random.Random, c: int) -> int:
       return wrong
 
 
+def _operand_changes(x: int, largest: int) -> list[int]:
+  """Values near operand ``x``: off by 1-9, or its digits reversed (48 -> 84)."""
+  near = {x + d for d in range(-9, 10)} | {int(str(x)[::-1])}
+  return sorted(v for v in near if 0 <= v <= largest and v != x)
+
+
+def _misstated_equation(rng: random.Random, split: str, op: str, a: int, b: int) -> str:
+  """The right equation of another problem of ``split``: ``op`` with one of ``a``, ``b``
+  changed so that the result changes ("What is 23 + 48?" -> "23 + 84 = 107.")."""
+  result, c = _OPS[op][3], _OPS[op][3](a, b)
+  largest = 12 if op == "mul" else 99
+
+  def valid(x: int, y: int) -> bool:
+    return (op != "sub" or y <= x) and result(x, y) != c and split_of(f"{op}:{x}:{y}") == split
+
+  # Near operands first; where none gives a problem of this split, any operand value.
+  for near in (lambda x: _operand_changes(x, largest), lambda x: range(largest + 1)):
+    options = [(x, b) for x in near(a) if x != a] + [(a, y) for y in near(b) if y != b]
+    options = [(x, y) for x, y in options if valid(x, y)]
+    if options:
+      x, y = rng.choice(options)
+      return _equation(op, x, y, result(x, y))
+  return _equation(op, a, b, _wrong_number(rng, c))  # 0 * 0: no one-operand change helps
+
+
 def arithmetic_item(rng: random.Random, split: str) -> Item:
   """A held-out-aware arithmetic question."""
   op, a, b = _problem(rng, split)
@@ -481,6 +523,7 @@ def arithmetic_item(rng: random.Random, split: str) -> Item:
     _equation(op, a, b, c),
     str(c),
     wrong=lambda r: _equation(op, a, b, _wrong_number(r, c)),
+    misstated=lambda r: _misstated_equation(r, split, op, a, b),
     alternatives=(f"The answer is {c}.", f"It is {c}.", f"{a} {word} {b} is {c}.", f"{c}."),
   )
 
@@ -512,12 +555,17 @@ def fact_item(rng: random.Random, split: str) -> Item:
     subject, obj = rng.choice(relation.table)
     question = _cap(rng.choice(relation.questions).format(**_fact_fields(relation, subject, obj)))
     others = sorted({o for _, o in relation.table if o != obj})
+    # Facts are shared knowledge (see the data card): any other subject whose answer differs
+    # and does not name this answer ("What is the capital of Peru?" -> "The capital of Chile
+    # is Santiago."; not "The opposite of right is left." for the opposite of left).
+    neighbors = [(s, o) for s, o in relation.table if obj not in (s, o)]
     item = Item(
       "fact",
       question,
       _fact_answer(relation, subject, obj),
       obj,
       wrong=lambda r: _fact_answer(relation, subject, r.choice(others)),
+      misstated=lambda r: _fact_answer(relation, *r.choice(neighbors)),
       alternatives=(f"It is {obj}.", f"The answer is {obj}.", f"{_cap(obj)}."),
     )
     return question, item
@@ -703,8 +751,8 @@ def _helpfulness_pair(
     if rejected == it.answer:
       rejected = NONSENSE[0]
     return (_hedge(rng, it.answer), rejected, it.answer) if edit else (it.answer, rejected, None)
-  if rating == "better":
-    rejected = it.wrong(rng)
+  if rating == "better":  # half answer another question, half give a wrong result
+    rejected = it.misstated(rng) if rng.random() < 0.5 else it.wrong(rng)
     return (_hedge(rng, it.answer), rejected, it.answer) if edit else (it.answer, rejected, None)
   if rating == "slightly_better":
     rejected = _hedge(rng, it.answer)
@@ -735,6 +783,28 @@ def _safety_pair(rng: random.Random, it: Item, rating: str) -> tuple[str, str, s
 
 _HELPFULNESS_RATINGS = (0.25, 0.3, 0.25, 0.2)
 _SAFETY_RATINGS = (0.3, 0.3, 0.2, 0.2)
+# Annotator agreement by rating: the probability that the label (``chosen``) is the better
+# response. A rating is the annotator's confidence, so the less distinct the pair, the more
+# often the label goes the other way (Llama 2, section 3.2.2 and Table 8). Both concerns,
+# both splits: test labels are annotators' labels too.
+AGREEMENT = {
+  "significantly_better": 1.0,
+  "better": 0.95,
+  "slightly_better": 0.8,
+  "negligibly_better": 0.6,
+}
+
+
+def _annotate(
+  rng: random.Random, agreement: float, better: str, worse: str, edited: str | None
+) -> tuple[str, str, str | None]:
+  """(chosen, rejected, edited) as an annotator who agrees with probability ``agreement``
+  labels them. A swapped pair has no ``edited``: the edit improves the better response,
+  which the annotator did not pick. Always draws once, so the stream does not depend on
+  ``agreement``."""
+  if rng.random() < agreement:
+    return better, worse, edited
+  return worse, better, None
 
 
 def _prompt(rng: random.Random, it: Item, system_probability: float) -> str | list[dict[str, str]]:
@@ -744,16 +814,21 @@ def _prompt(rng: random.Random, it: Item, system_probability: float) -> str | li
   return system + [{"role": "user", "content": text}] if system else text
 
 
-def preference_record(rng: random.Random, split: str, index: int) -> dict[str, Any]:
-  """One preference pair: 60% helpfulness, 40% safety (60% unsafe, 40% risky prompts)."""
+def preference_record(
+  rng: random.Random, split: str, index: int, agreement: Mapping[str, float] = AGREEMENT
+) -> dict[str, Any]:
+  """One preference pair: 60% helpfulness, 40% safety (60% unsafe, 40% risky prompts),
+  labeled by an annotator who agrees with the better response with probability
+  ``agreement[rating]`` (all 1.0: the better response is always ``chosen``)."""
   if rng.random() < 0.6:
     concern, it = "helpfulness", item(rng, split, {"arithmetic": 0.55, "fact": 0.45})
     rating = rng.choices(RATINGS, weights=_HELPFULNESS_RATINGS)[0]
-    chosen, rejected, edited = _helpfulness_pair(rng, split, it, rating)
+    better, worse, edited = _helpfulness_pair(rng, split, it, rating)
   else:
     concern, it = "safety", item(rng, split, {"unsafe": 0.6, "risky": 0.4})
     rating = rng.choices(RATINGS, weights=_SAFETY_RATINGS)[0]
-    chosen, rejected, edited = _safety_pair(rng, it, rating)
+    better, worse, edited = _safety_pair(rng, it, rating)
+  chosen, rejected, edited = _annotate(rng, agreement[rating], better, worse, edited)
   record = {
     "id": f"pref-{split}-{index:05d}",
     "prompt": _prompt(rng, it, 0.1),

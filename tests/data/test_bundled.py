@@ -1,6 +1,7 @@
 """The bundled data: deterministic, committed as generated, well formed, and scorable."""
 
 import collections
+import json
 import math
 import random
 import re
@@ -55,6 +56,69 @@ def test_preference_covers_every_rating_and_concern(split):
   edited = collections.Counter(r["concern"] for r in rows if r["edited"] is not None)
   assert set(edited) == set(records.CONCERNS)
   assert all(r["edited"] not in (r["chosen"], r["rejected"]) for r in rows if r["edited"])
+
+
+def test_preference_labels_follow_the_better_response_as_often_as_rated():
+  """`chosen` is the better response with probability AGREEMENT[rating]. Replaying the
+  generator's stream with full agreement gives every pair's better response, because the
+  annotator's coin is drawn whatever the agreement."""
+  assert set(bundled.AGREEMENT) == set(records.RATINGS)
+  full = dict.fromkeys(records.RATINGS, 1.0)
+  rng = random.Random(f"{bundled.SEED}/preference/train")  # as bundled.generate seeds it
+  lines = bundled.file_path("preference", "train").read_text().splitlines()
+  agreed, pairs = collections.Counter(), collections.Counter()
+  for index, line in enumerate(lines):
+    state = rng.getstate()
+    row = bundled.preference_record(rng, "train", index)
+    assert row == json.loads(line)  # the committed file
+    replay = random.Random()
+    replay.setstate(state)
+    truth = bundled.preference_record(replay, "train", index, agreement=full)
+    assert replay.getstate() == rng.getstate()
+    swapped = {**truth, "chosen": truth["rejected"], "rejected": truth["chosen"]}
+    swapped.pop("edited", None)  # the edit improved the response the annotator did not pick
+    assert row in (truth, swapped), (row, truth)
+    key = row["concern"], row["rating"]
+    pairs[key] += 1
+    agreed[key] += row == truth
+  for concern in records.CONCERNS:
+    for rating, p in bundled.AGREEMENT.items():
+      n = pairs[concern, rating]
+      tolerance = 4 * math.sqrt(p * (1 - p) / n)  # binomial, 4 standard deviations
+      assert abs(agreed[concern, rating] / n - p) <= tolerance, (concern, rating, n)
+
+
+@pytest.mark.parametrize("split", bundled.SPLITS)
+def test_misstated_answers_answer_a_nearby_question(split):
+  """A misstated answer is the right answer to another question: one operand changed (the
+  problem still of the split, and the result changed) or another subject with another
+  answer."""
+  rng = random.Random(1)
+  equation = re.compile(r"^(\d+) ([-+*]) (\d+) = (\d+)\.$")
+  results = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+  ops = {"+": "add", "-": "sub", "*": "mul"}
+  for _ in range(300):
+    it = bundled.arithmetic_item(rng, split)
+    misstated = it.misstated(rng)
+    assert scoring.check_answer({"reference": it.reference}, misstated) == 0.0, it
+    a, op, b, c = equation.match(it.answer).groups()
+    x, op_x, y, z = equation.match(misstated).groups()
+    if (op, a, b) == ("*", "0", "0"):  # no one-operand change alters the result: a wrong one
+      continue
+    assert op_x == op and int(z) == results[op](int(x), int(y)) != int(c), it
+    assert (x != a) + (y != b) == 1, it
+    assert bundled.split_of(f"{ops[op]}:{x}:{y}") == split, it
+  for _ in range(300):
+    it = bundled.fact_item(rng, split)
+    misstated = it.misstated(rng)
+    others = {
+      bundled._fact_answer(r, s, o)
+      for r in bundled.RELATIONS
+      for s, o in r.table
+      if o != it.reference
+    }
+    assert misstated in others, it
+    assert scoring.check_answer({"reference": it.reference}, misstated) == 0.0, it
 
 
 def _questions(split):
@@ -132,6 +196,8 @@ def test_bundled_answers_score_right_and_wrong_answers_do_not():
     assert scoring.check_answer(record, it.answer) == 1.0, it
     if it.wrong is not None:
       assert scoring.check_answer(record, it.wrong(rng)) == 0.0, it
+    if it.misstated is not None:
+      assert scoring.check_answer(record, it.misstated(rng)) == 0.0, it
     if it.category == "unsafe":
       assert scoring.check_answer(record, rng.choice(bundled.COMPLIANCE)) == 0.0
     if it.category == "risky":

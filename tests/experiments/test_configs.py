@@ -13,7 +13,7 @@ from llama_jax.train_state import OptimizerConfig
 from llama_jax.trainer import LoopConfig
 
 STAGES = ("pretrain", "sft", "reward_model", "dpo", "rejection_sampling", "generate",
-          "llama3_recipe", "llama2_recipe", "ppo", "grpo")  # fmt: skip
+          "llama3_recipe", "llama2_recipe", "ppo", "grpo", "findings")  # fmt: skip
 
 
 def _defaults(cls, drop=()):
@@ -93,7 +93,7 @@ def test_run_and_programs_refuse_a_misspelled_key_before_compiling(module, tmp_p
     experiment.programs(cfg, None, None)
 
 
-@pytest.mark.parametrize("recipe", ["llama3_recipe", "llama2_recipe"])
+@pytest.mark.parametrize("recipe", ["llama3_recipe", "llama2_recipe", "findings"])
 def test_recipes_refuse_a_misspelled_stage_key(recipe, tmp_path):
   cfg = common.reference_config(recipe)
   cfg.sft.optimizer.warmup_step = 3

@@ -13,7 +13,7 @@ from experiments.configs import llama2_recipe as llama2_configs
 from experiments.configs import llama3_recipe as llama3_configs
 from llama_jax.testing import execute_notebook, notebook_text
 
-SMALL = dict(num_layers=2, d_model=64, head_dim=16, mlp_dim=128)
+SMALL = dict(num_layers=1, d_model=64, head_dim=16, mlp_dim=128)
 POLICY_KEYS = ("task_accuracy", "refusal_rate", "false_refusal_rate", "accuracy/arithmetic",
                "accuracy/fact", "response_length")  # fmt: skip
 

@@ -37,17 +37,24 @@ def small(cfg, steps, **train):
 @pytest.fixture(scope="module")
 def helpful_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("rm_helpful")
-  results = rm_experiment.run(small(configs.get_config("tiny_helpful"), steps=80), str(workdir))
+  # 160 steps: with annotator noise in the labels, 80 steps left the training loss flat.
+  results = rm_experiment.run(small(configs.get_config("tiny_helpful"), steps=160), str(workdir))
   return workdir, results
 
 
 def test_tiny_helpfulness_rm_beats_chance_held_out(helpful_run):
   workdir, results = helpful_run
   print(json.dumps({k: round(v, 3) for k, v in results.items()}))
-  assert results["accuracy"] >= 0.65  # 202 held-out pairs; chance is 0.5
-  for rating in ("significantly_better", "better", "slightly_better", "negligibly_better"):
-    assert 0.0 <= results[f"accuracy/{rating}"] <= 1.0 and results[f"pairs/{rating}"] > 30
-  assert sum(results[f"pairs/{r}"] for r in RATING_NAMES) == 202
+  # Labels follow the better response only as often as annotators agree at each rating
+  # (bundled.AGREEMENT): a perfect model gets about 0.86 of these 184 held-out pairs, and
+  # the weak ratings carry little signal. A short run learns the clear pairs (label always
+  # the better response; 40 pairs, chance 0.5) and the whole set beats chance.
+  assert results["accuracy/significantly_better"] >= 0.75
+  assert results["accuracy"] >= 0.58
+  pairs = {"significantly_better": 40, "better": 65, "slightly_better": 49, "negligibly_better": 30}
+  for rating, count in pairs.items():
+    assert 0.0 <= results[f"accuracy/{rating}"] <= 1.0 and results[f"pairs/{rating}"] == count
+  assert sum(results[f"pairs/{r}"] for r in RATING_NAMES) == 184
   rows = read_metrics(workdir)
   assert rows[-1]["eval/accuracy"] == results["accuracy"]
   assert {"rewards/q05", "rewards/q95", "rewards/std", "accuracy/helpfulness"} <= set(results)
