@@ -23,8 +23,10 @@ models under study; RMs are judged on held-out preference pairs.
                                                         Llama 2, section 3.2.3
 
 Stages live in DIR/base (pre-training, SFT), DIR/seed<s>/... and DIR/eval/...; a finished
-stage is not run again, so an interrupted run resumes. Writes DIR/findings.md,
-DIR/findings.png and DIR/findings.json.
+stage is not run again, so an interrupted run resumes, and a rerun with more `seeds` runs
+only the new seeds' stages (and a new average of the DPO runs). Writes DIR/findings.md,
+DIR/findings.png and DIR/findings.json, and DIR/report.md / report.png with every evaluated
+policy's held-out metrics and the stage times (`experiments.report`).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class Lab:
 
   def __init__(self, recipe: recipes.Recipe, sft: str):
     self.recipe, self.cfg, self.sft = recipe, recipe.cfg, sft
-    self.seeds = list(range(cfg_seeds(recipe.cfg)))
+    self.seeds = list(range(recipe.cfg.seeds))
 
   def config(self, section: str, seed: int, **fields: Any) -> ml_collections.ConfigDict:
     """`section`'s stage config with every seed it has set to `seed`."""
@@ -78,10 +80,9 @@ class Lab:
     return self.recipe.path(name)
 
 
-def cfg_seeds(cfg: ml_collections.ConfigDict) -> int:
+def check_seeds(cfg: ml_collections.ConfigDict) -> None:
   if cfg.seeds < 2:
     raise common.ConfigError(f"seeds={cfg.seeds}: an interval needs at least 2 (findings: 3+)")
-  return cfg.seeds
 
 
 def names(text: str) -> list[str]:
@@ -280,11 +281,11 @@ def dpo_findings(lab: Lab) -> list[ablation.Finding]:
   formatting_logp = float(np.mean(np.subtract(start["no_mask"], start["llama3"])))
   every = lab.cfg.dpo.train.eval_every
 
-  average_dir = lab.path("dpo_average")
   members = [r["dir"] for r in runs["llama3"]]
-  lab.recipe.stage("dpo_average", f"average the weights of the {len(members)} seeds' DPO runs",
+  name = f"dpo_average_{len(members)}"  # named by its members: more seeds, a new average
+  lab.recipe.stage(name, f"average the weights of the {len(members)} seeds' DPO runs",
                    functools.partial(average.run, members))  # fmt: skip
-  averaged = lab.evaluate("DPO average of the seeds' runs", average_dir)["task_accuracy"]
+  averaged = lab.evaluate(f"DPO average of {len(members)} runs", lab.path(name))["task_accuracy"]
   return [
     ablation.Finding(
       "DPO NLL term: log p(chosen)", "Llama 3, section 4.1.4",
@@ -448,8 +449,8 @@ def write_findings(workdir: str, title: str, findings: Sequence[ablation.Finding
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> list[ablation.Finding]:
   """Runs (or resumes) every ablation in `workdir`; returns the findings."""
   common.check_config(cfg, common.reference_config("findings"))
-  cfg_seeds(cfg)
-  recipe = recipes.Recipe(cfg, workdir, "Findings: " + cfg.name)
+  check_seeds(cfg)
+  recipe = recipes.Recipe(cfg, workdir, "Findings: " + cfg.name, safe=("seeds",))
   pretrained = cfg.init_from or recipe.path("base/pretrain")
   if not cfg.init_from:
     recipe.experiment("base/pretrain", "pre-training on the bundled corpus", lm.run,
@@ -467,6 +468,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> list[ablation.Finding]:
     ghost_attention(lab),
     *kl_penalty(lab, rms),
   ]
+  recipe.finish()  # report.md: every evaluated policy and the stage times
   if recipe.writer:
     markdown = write_findings(workdir, f"Findings: {cfg.name}", findings)
     print("\n" + markdown, flush=True)

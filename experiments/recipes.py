@@ -91,13 +91,17 @@ def _read_stage(done: Path) -> dict[str, Any] | None:
 class Recipe:
   """Runs stages under `workdir` and collects the report."""
 
-  def __init__(self, cfg: ml_collections.ConfigDict, workdir: str, title: str):
+  def __init__(
+    self, cfg: ml_collections.ConfigDict, workdir: str, title: str, safe: tuple[str, ...] = ()
+  ):
+    """`safe`: config keys that may change between runs of this workdir (the stages that
+    depend on them are named by their value, so no finished stage is reused wrongly)."""
     self.cfg, self.workdir = cfg, Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
     config_file = self.workdir / "recipe_config.json"
     config_json = cfg.to_json_best_effort(indent=2)
-    if config_file.exists() and json.loads(config_file.read_text()) != json.loads(config_json):
-      changes = common.config_changes(json.loads(config_file.read_text()), cfg, safe=())
+    saved = json.loads(config_file.read_text()) if config_file.exists() else None
+    if saved is not None and (changes := common.config_changes(saved, cfg, safe=safe)):
       raise common.ConfigChanged(
         f"{workdir} holds a recipe run with another config ({config_file}); finished stages "
         "would be reused as they are. Changed:\n  " + "\n  ".join(changes)

@@ -9,7 +9,8 @@ Fields
                   policy is checked on by programs)
   seeds           how many seeds every ablation runs (>= 2; the findings need >= 3). Seed s
                   sets train.seed, data.seed and the sampling seeds of every stage after SFT;
-                  the pre-trained and SFT models are shared by all seeds and arms.
+                  the pre-trained and SFT models are shared by all seeds and arms. The one
+                  field a workdir's run may change: more seeds reuse the finished ones.
   tasks           the rl_prompt tasks the sampling stages draw prompts from (the helpfulness
                   RM judges them; the gold check is `llama_jax.data.scoring.check_answer`)
   margins         the RM margin arms (Llama 2 Table 28); the first is the baseline, and the
@@ -26,8 +27,9 @@ Fields
                   the stage configs (experiments/configs/<stage>.py)
 
 Variants
-  full    the tiny model, 4 seeds: 12 RMs, best-of-16, two-round pooling, 12 DPO runs and
-          their average, Ghost Attention, 12 PPO runs; about 45 minutes on 2 CPU cores.
+  full    the tiny model, 6 seeds: 18 RMs, best-of-16, two-round pooling, 18 DPO runs and
+          their average, Ghost Attention, 18 PPO runs; about 42 minutes on 2 CPU cores
+          (2 for the shared models, 6-7 per seed).
   smoke   the tests' variant: 2 seeds, a one-layer model, a few steps per stage (every
           finding computed; the numbers mean nothing).
 """
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs import dpo, ppo, reward_model, sft
+from experiments.configs import dpo, llama2_recipe, ppo, reward_model, sft
 from experiments.configs.llama3_recipe import eval_section, quiet, tiny_stages
 
 
@@ -53,26 +55,15 @@ def full():
       "name": "tiny model, CPU",
       "tokenizer": "tiny:llama3",
       "init_from": "",
-      "seeds": 4,
+      "seeds": 6,
       "tasks": "arithmetic,fact",
       "eval": eval_section(num_prompts=150, batch_size=50),
       "margins": "none,small,large",
       "best_of_n": {"num_prompts": 64, "num_samples": 16, "ns": "1,2,4,8,16"},
       "pooling": {"prompt_stride": 48, "mix_with": ""},
-      "gatt": {
-        "instructions": "capitals,over,ahoy",
-        "mode": "rewrite",
-        "num_turns": 3,
-        "num_dialogues": 240,
-        "num_eval": 48,
-        "turns": "2,3,4",
-        "temperature": 0.7,
-        "seed": 0,
-        "data": {"source": "bundled", "name": "sft", "data_dir": ""},
-        "train_split": "train",
-        "eval_split": "test",
-        "mix_with": "bundled",
-      },
+      # The tiny Llama 2 recipe's Ghost Attention (always on here), checked at these turns.
+      "gatt": {k: v for k, v in llama2_recipe.tiny().gatt.items() if k != "enabled"}
+      | {"turns": "2,3,4"},
       "ppo_betas": "0,0.02,0.2",
     }
   )

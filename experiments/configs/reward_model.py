@@ -26,10 +26,11 @@ Variants
                      edited > chosen > rejected, no margin. CPU, minutes.
                      The tiny variants train from scratch unless --config.init_from points at a
                      tiny pretrain / SFT workdir: 400 steps of 32 rows, ~5 min each on 2 CPU
-                     cores. Held-out chosen > rejected accuracy measured on the bundled test
-                     split, from scratch / from the tiny pretrain workdir: helpful 0.757 /
-                     0.777 (202 pairs), safety 0.949 / 0.959 (98), llama3 0.783 / 0.830 (300
-                     prompts, all ratings); per-bucket figures in eval/accuracy/<rating>.
+                     cores. The bundled labels follow the better response only as often as
+                     annotators agree at each rating (`llama_jax.data.bundled.AGREEMENT`), so
+                     no RM scores above 0.86 on the 184 held-out helpfulness pairs; per-bucket
+                     accuracies are in eval/accuracy/<rating>, and `experiments.findings`
+                     measures them over seeds (README, "The papers' findings").
   llama2_7b_helpful  Llama 2-Chat 7B helpfulness / safety RMs, initialized from the chat model:
   llama2_7b_safety   lr 1e-5 cosine to 10%, 3% warmup, 512 pairs per batch, 1 epoch, seq
                      4096, margin "small". Target: one host of 8 × H100/A100 80GB (fsdp=8),

@@ -1,10 +1,13 @@
 """`experiments.findings` at smoke size: every finding is computed from real stage runs with
 a per-seed difference, an interval and a verdict; the report files are written; a rerun
-skips every finished stage and gives the same findings."""
+with another seed reuses every finished stage; any other change is refused."""
 
 import json
 import math
 
+import pytest
+
+from experiments import common
 from experiments import findings as findings_experiment
 from experiments.configs import findings as findings_configs
 from llama_jax import ablation
@@ -41,9 +44,30 @@ def test_findings_smoke_and_resume(tmp_path, capsys):
   saved = json.loads((workdir / "findings.json").read_text())
   assert [f["key"] for f in saved] == KEYS and saved[0]["interval"]["n"] == cfg.seeds
   assert (workdir / "findings.png").stat().st_size > 50_000
+  assert "Stage times" in (workdir / "report.md").read_text()
 
+  # Another seed: the finished seeds' stages are reused, only the new seed's run (and a new
+  # average of the DPO runs, which now has another member).
   capsys.readouterr()
-  again = findings_experiment.run(cfg, str(workdir))
+  cfg.seeds = 3
+  more = findings_experiment.run(cfg, str(workdir))
   log = capsys.readouterr().out
-  assert "finished in" not in log and "done in an earlier run" in log
-  assert [f.b_minus_a for f in again] == [f.b_minus_a for f in found]
+  ran = {line[3:].split(":")[0] for line in log.splitlines()
+         if line.startswith("== ") and ": finished in" in line}  # fmt: skip
+  new = ("seed2/", "eval/seed_2", "dpo_average_3", "eval/dpo_average_of_3")
+  assert ran and all(r.startswith(new) for r in ran), sorted(ran)
+  for before, after in zip(found, more, strict=True):
+    assert len(after.b_minus_a) == 3
+    if before.key != "averaging DPO runs":
+      assert after.b_minus_a[:2] == before.b_minus_a, before.key
+  cfg.dpo.dpo.beta = 0.5  # any other change is refused with the diff
+  with pytest.raises(common.ConfigChanged, match="dpo.dpo.beta: 0.1 -> 0.5"):
+    findings_experiment.run(cfg, str(workdir))
+
+
+def test_one_seed_is_refused_before_anything_is_written(tmp_path):
+  cfg = findings_configs.get_config("smoke")
+  cfg.seeds = 1
+  with pytest.raises(common.ConfigError, match="seeds=1: an interval needs at least 2"):
+    findings_experiment.run(cfg, str(tmp_path / "w"))
+  assert not (tmp_path / "w" / "recipe_config.json").exists()
