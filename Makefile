@@ -26,7 +26,7 @@ demo: $(STAMP)
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m experiments.llama3_recipe --config=experiments/configs/llama3_recipe.py:demo \
 	  --workdir=runs/llama3_demo
 
-# The papers' findings as paired ablations over 3 seeds (~50 min on 2 CPU cores; resumes).
+# The papers' findings as paired ablations over 6 seeds (~43 min on 2 CPU cores; resumes).
 findings: $(STAMP)
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m experiments.findings --config=experiments/configs/findings.py:full \
 	  --workdir=runs/findings
