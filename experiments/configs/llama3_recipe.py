@@ -20,7 +20,7 @@ Fields
                     tokenizer, init_from and the links between stages
 
 Variants
-  demo          `make demo`: the tiny model, one round, ~10 minutes on 2 CPU cores.
+  demo          `make demo`: the tiny model, one round, ~4 minutes on 2 CPU cores.
   smoke         the tests' variant: two rounds of a few steps each.
   llama3p1_8b   the same recipe on Llama 3.1 8B from the pre-trained checkpoint, 6 rounds:
                 the stage sections are the real configs of each stage (one host of
