@@ -80,9 +80,16 @@ class Lab:
     return self.recipe.path(name)
 
 
-def check_seeds(cfg: ml_collections.ConfigDict) -> None:
+def check_values(cfg: ml_collections.ConfigDict) -> None:
+  """Refuses values no finding can use, before anything runs."""
   if cfg.seeds < 2:
     raise common.ConfigError(f"seeds={cfg.seeds}: an interval needs at least 2 (findings: 3+)")
+  ns = [int(n) for n in names(cfg.best_of_n.ns)]
+  if not ns or ns[0] != 1 or ns != sorted(set(ns)) or ns[-1] > cfg.best_of_n.num_samples:
+    raise common.ConfigError(
+      f"best_of_n.ns={cfg.best_of_n.ns!r}: rising from 1 to at most num_samples "
+      f"({cfg.best_of_n.num_samples})"
+    )
 
 
 def names(text: str) -> list[str]:
@@ -449,7 +456,7 @@ def write_findings(workdir: str, title: str, findings: Sequence[ablation.Finding
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> list[ablation.Finding]:
   """Runs (or resumes) every ablation in `workdir`; returns the findings."""
   common.check_config(cfg, common.reference_config("findings"))
-  check_seeds(cfg)
+  check_values(cfg)
   recipe = recipes.Recipe(cfg, workdir, "Findings: " + cfg.name, safe=("seeds",))
   pretrained = cfg.init_from or recipe.path("base/pretrain")
   if not cfg.init_from:

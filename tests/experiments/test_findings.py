@@ -65,9 +65,15 @@ def test_findings_smoke_and_resume(tmp_path, capsys):
     findings_experiment.run(cfg, str(workdir))
 
 
-def test_one_seed_is_refused_before_anything_is_written(tmp_path):
+@pytest.mark.parametrize(
+  "field, value, match",
+  [("seeds", 1, "seeds=1: an interval needs at least 2"),
+   ("best_of_n.ns", "2,4", "best_of_n.ns='2,4': rising from 1"),
+   ("best_of_n.ns", "1,8", "at most num_samples")],
+)  # fmt: skip
+def test_unusable_values_are_refused_before_anything_is_written(tmp_path, field, value, match):
   cfg = findings_configs.get_config("smoke")
-  cfg.seeds = 1
-  with pytest.raises(common.ConfigError, match="seeds=1: an interval needs at least 2"):
+  cfg.update_from_flattened_dict({field: value})
+  with pytest.raises(common.ConfigError, match=match):
     findings_experiment.run(cfg, str(tmp_path / "w"))
   assert not (tmp_path / "w" / "recipe_config.json").exists()
