@@ -44,10 +44,11 @@ from absl import app, flags
 from experiments import average, common, dpo, llama2_recipe, lm, ppo, recipes
 from experiments import rejection_sampling as rs_experiment
 from experiments import reward_model as rm_experiment
-from llama_jax import ablation, evaluation, workdirs
+from llama_jax import ablation, workdirs
 from llama_jax import rejection_sampling as rs_lib
 from llama_jax.checkpoint import atomic
 from llama_jax.data import gatt, scoring
+from llama_jax.metrics import read_metrics
 
 FINDINGS_MD, FINDINGS_PNG, FINDINGS_JSON = "findings.md", "findings.png", "findings.json"
 RATINGS = ("negligibly_better", "slightly_better", "better", "significantly_better")
@@ -252,8 +253,8 @@ DPO_ARMS = {  # name -> the DPO fields it changes from Llama 3's (NLL 0.2, forma
 
 def logps_trajectory(run_dir: str, result: dict[str, Any]) -> list[float]:
   """Held-out mean log p(chosen) at the start and at every evaluation of a DPO run."""
-  rows = [json.loads(x) for x in Path(run_dir, "metrics.jsonl").read_text().splitlines() if x]
-  evals = {r["step"]: r["eval/logps/chosen"] for r in rows if "eval/logps/chosen" in r}
+  evals = {r["step"]: r["eval/logps/chosen"] for r in read_metrics(run_dir)
+           if "eval/logps/chosen" in r}  # fmt: skip
   return [result["initial"]["logps/chosen"]] + [evals[k] for k in sorted(evals)]
 
 
@@ -350,13 +351,10 @@ def follow_rates(lab: Lab, policy: str, out_dir: str) -> dict[str, float]:
     chats, chosen = gatt.eval_chats(
       llama2_recipe.dialogues(section, g.eval_split, g.num_eval), instructions
     )
-    answers = evaluation.answer_prompts(
-      config, params, lab.recipe.tokenizer, chats,
-      max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, mesh=mesh,
-    )  # fmt: skip
-    rates[turns] = gatt.follow_rate(answers, chosen)
-    samples += [{"turns": int(turns), "prompt": c, "response": a, "follows": i.check(a)}
-                for c, a, i in zip(chats, answers, chosen, strict=True)]  # fmt: skip
+    rates[turns], rows = recipes.follow_instructions(
+      config, params, lab.recipe.tokenizer, chats, chosen, e, mesh
+    )
+    samples += [{"turns": int(turns)} | row for row in rows]
   atomic.write_jsonl(Path(out_dir, recipes.SAMPLES_FILE), samples)
   return rates
 

@@ -175,14 +175,9 @@ class Recipe:
         max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, mesh=mesh, seed=e.seed,
       )  # fmt: skip
       if self._gatt_eval is not None:
-        chats, instructions = self._gatt_eval
-        answers = evaluation.answer_prompts(
-          config, params, self.tokenizer, chats,
-          max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, mesh=mesh,
-        )  # fmt: skip
-        metrics["gatt/follow_rate"] = gatt.follow_rate(answers, instructions)
-        samples += [{"prompt": c, "response": a, "follows": i.check(a)}
-                    for c, a, i in zip(chats, answers, instructions, strict=True)]  # fmt: skip
+        rate, rows = follow_instructions(config, params, self.tokenizer, *self._gatt_eval, e, mesh)
+        metrics["gatt/follow_rate"] = rate
+        samples += rows
       if self.writer:
         atomic.write_jsonl(Path(out_dir, SAMPLES_FILE), samples)
       log.info("%s: %s", label, metrics)
@@ -201,6 +196,19 @@ class Recipe:
     print("\n" + markdown, flush=True)
     print(f"\nReport: {self.workdir / report.REPORT_MD} and {self.workdir / report.REPORT_PNG}")
     return markdown
+
+
+def follow_instructions(config, params, tokenizer, chats, instructions, e, mesh):
+  """`(rate, samples)`: how often the greedy last answers to Ghost Attention's held-out
+  `chats` (`gatt.eval_chats`) follow their instructions, and a sample row per chat
+  (`e`: an `eval` section)."""
+  answers = evaluation.answer_prompts(
+    config, params, tokenizer, chats,
+    max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, mesh=mesh,
+  )  # fmt: skip
+  samples = [{"prompt": c, "response": a, "follows": i.check(a)}
+             for c, a, i in zip(chats, answers, instructions, strict=True)]  # fmt: skip
+  return gatt.follow_rate(answers, instructions), samples
 
 
 # ---------------------------------------------------------------------------- shared stages

@@ -61,12 +61,8 @@ def expected_best_of_n(scores: np.ndarray) -> np.ndarray:
   C(i − 1, n − 1) have the i-th smallest score as their maximum (Llama 2, Figure 7's curve).
   """
   _, k = scores.shape
-  ordered = np.sort(scores, axis=1)  # ascending: rank i = 1..K
-  curve = np.empty(k)
-  for n in range(1, k + 1):
-    weights = np.array([math.comb(i - 1, n - 1) for i in range(1, k + 1)]) / math.comb(k, n)
-    curve[n - 1] = float((ordered @ weights).mean())
-  return curve
+  ordered = np.sort(scores, axis=1)
+  return np.array([float((ordered @ order_weights(k, n, n - 1)).mean()) for n in range(1, k + 1)])
 
 
 def order_weights(k: int, n: int, j: int) -> np.ndarray:
