@@ -24,7 +24,7 @@ each on the same weights, data and shapes on both sides:
   text, log-prob scoring (the reference; llama_jax also the policy), one update (k3 KL, β
   `--grpo-beta`, ε 0.2, group-std advantages, token-mean loss = TRL `loss_type="dapo"`).
   TRL: `GRPOTrainer` with its default `transformers` generation; llama_jax:
-  `llama_jax.online.make_iteration` with the `steps.grpo` pieces and `generation` decoding.
+  `llama_jax.rl.online.make_iteration` with the `steps.grpo` pieces and `generation` decoding.
 - `lm` (llama_jax only): the LM step on the DPO batch's rows, the yardstick of the DPO step's
   cost (DPO with a precomputed reference should cost about one LM step).
 
@@ -468,9 +468,9 @@ class JaxSide:
   initial parameters for each workload (the steps donate their state)."""
 
   def __init__(self, path: str, args):
-    from llama_jax import sharding
-    from llama_jax import train_state as ts
     from llama_jax.checkpoint import load_hf_checkpoint
+    from llama_jax.parallel import sharding
+    from llama_jax.training import train_state as ts
 
     self.mesh = sharding.make_mesh(devices=jax.devices()[:1])
     self.config, self.params = load_hf_checkpoint(
@@ -487,13 +487,13 @@ class JaxSide:
     return jax.tree.map(lambda x: x.copy(), self.params)
 
   def state(self, model, params):
-    from llama_jax import train_state as ts
+    from llama_jax.training import train_state as ts
 
     return ts.init_train_state(model, self.tx, self.mesh, jax.random.PRNGKey(0), params=params)
 
   def jit(self, step, model, frozen_shardings=()):
-    from llama_jax import train_state as ts
     from llama_jax.steps.common import jit_train_step
+    from llama_jax.training import train_state as ts
 
     shardings = ts.state_shardings(model, self.tx, self.mesh)
     return jit_train_step(step, shardings, self.mesh, frozen_shardings=frozen_shardings)
@@ -514,7 +514,7 @@ def time_steps(step, state, batch, frozen, iters: int, parity) -> dict:
 
 
 def ours_dpo(side: JaxSide, pairs, reference: str, theirs: dict | None) -> dict:
-  from llama_jax import sharding
+  from llama_jax.parallel import sharding
   from llama_jax.steps import common as step_lib
   from llama_jax.steps import dpo as dpo_steps
 
@@ -564,7 +564,7 @@ def ours_lm(side: JaxSide, pairs) -> dict:
 
 
 def ours_reward(side: JaxSide, pairs, theirs: dict | None, head: np.ndarray) -> dict:
-  from llama_jax import reward_model
+  from llama_jax.model import reward_model
   from llama_jax.steps import common as step_lib
   from llama_jax.steps import reward as reward_steps
 
@@ -599,13 +599,14 @@ def ours_grpo(side: JaxSide, path: str, prompts: list[str], theirs: dict | None)
   first rollout; per iteration the time split and the tokens."""
   from jax.sharding import NamedSharding, PartitionSpec
 
-  from llama_jax import online, rollouts, sharding
-  from llama_jax import train_state as ts
   from llama_jax.generation import GenerationConfig, SamplingConfig, encode_prompt
-  from llama_jax.model import as_model
+  from llama_jax.model.llama import as_model
+  from llama_jax.parallel import sharding
+  from llama_jax.rl import online, rollouts
   from llama_jax.steps import common as step_lib
   from llama_jax.steps import grpo as grpo_steps
   from llama_jax.tokenizer.hf import HFTokenizer
+  from llama_jax.training import train_state as ts
 
   args, config, mesh = side.args, side.config, side.mesh
   k = args.generations
@@ -679,7 +680,7 @@ def grpo_parity(side, algorithm, ref_params, theirs, prompt_ids, seq_len: int, k
   """TRL's first rollout (tokens, advantages) through llama_jax's score function and train
   step from the initial weights: the loss, the gradient norm and the reference's per-token
   log-probs must agree with TRL's."""
-  from llama_jax import rollouts
+  from llama_jax.rl import rollouts
 
   tol = tolerances(side.args.dtype)
   r = theirs["rollout"]

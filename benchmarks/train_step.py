@@ -19,7 +19,7 @@ published peak (GPU / TPU), the FLOP/s XLA reaches on one matmul of the model's 
 [B·T, D] @ [D, F] (the practical ceiling on a CPU), and the ratios between them.
 
 `--no-baseline` skips PyTorch entirely (nothing imports torch or transformers), for GPU / TPU
-hosts; parameters then come from `llama_jax.sharding.init_params`. E.g. on an H100:
+hosts; parameters then come from `llama_jax.parallel.sharding.init_params`. E.g. on an H100:
 
     python -m benchmarks.train_step --preset llama3p2_1b --batch 8 --seq 2048 \\
         --dtype bfloat16 --remat dots_no_batch --attention cudnn --loss-chunk 512 --no-baseline
@@ -39,7 +39,7 @@ import time
 import jax
 import numpy as np
 
-from llama_jax.config import AttentionImpl, RematPolicy
+from llama_jax.model.config import AttentionImpl, RematPolicy
 
 
 def _make_batch(vocab_size: int, batch: int, seq: int) -> dict[str, np.ndarray]:
@@ -98,7 +98,7 @@ class _TorchBaseline:
 
     self.torch = torch
     self.model = model.train()
-    # Same decay mask as `llama_jax.train_state.weight_decay_mask`: none on the norm scales.
+    # Same decay mask as `llama_jax.training.train_state.weight_decay_mask`: none on the norm scales.
     decay = [p for name, p in model.named_parameters() if "norm" not in name]
     no_decay = [p for name, p in model.named_parameters() if "norm" in name]
     self.optimizer = torch.optim.AdamW(
@@ -147,11 +147,12 @@ def _hf_model(config):
 
 
 def main(argv=None):
-  from llama_jax import LlamaConfig, sharding
-  from llama_jax.metrics import device_peak_flops, mfu
+  from llama_jax import LlamaConfig
+  from llama_jax.parallel import sharding
   from llama_jax.steps.common import batch_sharding, jit_train_step
   from llama_jax.steps.lm import make_train_step
-  from llama_jax.train_state import (
+  from llama_jax.training.metrics import device_peak_flops, mfu
+  from llama_jax.training.train_state import (
     OptimizerConfig,
     init_train_state,
     make_optimizer,

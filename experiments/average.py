@@ -22,9 +22,10 @@ import jax
 from absl import app, flags
 
 from experiments import common
-from llama_jax import averaging, sharding, workdirs
 from llama_jax.checkpoint import orbax as ckpt_lib
-from llama_jax.checkpoint import save_hf_checkpoint
+from llama_jax.checkpoint import save_hf_checkpoint, workdirs
+from llama_jax.parallel import sharding
+from llama_jax.training import averaging
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from llama_jax import LlamaConfig, lora, sharding, workdirs
+from llama_jax import LlamaConfig
+from llama_jax.checkpoint import workdirs
 from llama_jax.checkpoint.orbax import DiskFullError
 from llama_jax.data import (
   PipelineConfig,
@@ -38,10 +39,12 @@ from llama_jax.data import (
   ranking,
 )
 from llama_jax.data.pipeline import probe_schema
-from llama_jax.model import Llama
+from llama_jax.model import lora
+from llama_jax.model.llama import Llama
+from llama_jax.parallel import sharding
 from llama_jax.tokenizer import Tokenizer, load_tokenizer, tiny_tokenizer
-from llama_jax.train_state import OptimizerConfig
-from llama_jax.trainer import LoopConfig, read_final
+from llama_jax.training.train_state import OptimizerConfig
+from llama_jax.training.trainer import LoopConfig, read_final
 
 log = logging.getLogger(__name__)
 

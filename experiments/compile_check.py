@@ -7,7 +7,7 @@
 Builds each stage's jitted functions exactly as its experiment module does (each stage's
 `programs(cfg, mesh, assumed)` calls the same `build_steps` as its `run`), with abstract
 state and batches from the config alone (no weights, data or tokenizer), lowers and compiles
-them for the topology's devices (`llama_jax.topologies`: TPUs and GPUs from this CPU host),
+them for the topology's devices (`llama_jax.parallel.topologies`: TPUs and GPUs from this CPU host),
 and prints one row per function: per-device argument / temporary / resident / total bytes
 against the chip's usable HBM, whether it fits, compile seconds, model TFLOPs per call and
 the time a call takes at 50% MFU (or, with `--target_step_s`, the MFU it would need).
@@ -36,8 +36,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import common
-from llama_jax import aot
-from llama_jax.topologies import Topology, get_topology
+from llama_jax.parallel import aot
+from llama_jax.parallel.topologies import Topology, get_topology
 
 GiB = aot.GiB
 # Config files -> the experiment module that runs them (each has `programs`).
@@ -184,7 +184,7 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   config_flags.DEFINE_config_file("config", None, "Experiment config file:variant.",
                                   lock_config=True)  # fmt: skip
-  flags.DEFINE_string("topology", "cpu-8", "Devices to compile for (llama_jax.topologies).")
+  flags.DEFINE_string("topology", "cpu-8", "Devices to compile for (llama_jax.parallel.topologies).")
   flags.DEFINE_integer("prompt_len", aot.Assumed.prompt_len, "Longest prompt of a generation "
                        "batch (generation and RL stages).")  # fmt: skip
   flags.DEFINE_integer("num_pairs", aot.Assumed.num_pairs, "DPO pairs (reference table rows).")

@@ -29,13 +29,13 @@ from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec
 
 from experiments import common
-from llama_jax import aot, sharding, workdirs
-from llama_jax import train_state as ts
-from llama_jax.checkpoint import atomic
+from llama_jax.checkpoint import atomic, workdirs
 from llama_jax.data import Indexed, make_pair_pipeline
+from llama_jax.parallel import aot, sharding
 from llama_jax.steps import common as step_lib
 from llama_jax.steps import dpo as dpo_steps
-from llama_jax.trainer import fit
+from llama_jax.training import train_state as ts
+from llama_jax.training.trainer import fit
 
 log = logging.getLogger(__name__)
 

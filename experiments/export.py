@@ -4,7 +4,7 @@
 
 `--workdir` is an experiment workdir holding an LM (pretrain, SFT, DPO, the policy of PPO or
 GRPO, an average); its newest checkpoint is exported, LoRA adapters merged into the weights
-(`llama_jax.lora.merge`), in the checkpoint's parameter dtype unless `--dtype` says otherwise.
+(`llama_jax.model.lora.merge`), in the checkpoint's parameter dtype unless `--dtype` says otherwise.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from absl import app, flags
 
 import llama_jax
 from experiments import common
-from llama_jax import sharding, workdirs
-from llama_jax.checkpoint import save_hf_checkpoint
+from llama_jax.checkpoint import save_hf_checkpoint, workdirs
+from llama_jax.parallel import sharding
 from llama_jax.tokenizer.loading import TINY_TOKENIZERS
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@
 Each finding flips one switch with everything else held: the same pre-trained and SFT model,
 the same data and, per seed, the same seeds in both arms. Every seed runs both arms; the
 per-seed difference B − A gets a 95% Student-t interval over the seeds and a verdict
-(`llama_jax.ablation`). Policies are judged by programs (`llama_jax.data.scoring`: task
+(`llama_jax.evaluation.ablation`). Policies are judged by programs (`llama_jax.data.scoring`: task
 accuracy on held-out prompts, malformed answers, instruction following), never by the reward
 models under study; RMs are judged on held-out preference pairs.
 
@@ -44,11 +44,11 @@ from absl import app, flags
 from experiments import average, common, dpo, llama2_recipe, lm, ppo, recipes
 from experiments import rejection_sampling as rs_experiment
 from experiments import reward_model as rm_experiment
-from llama_jax import ablation, workdirs
-from llama_jax import rejection_sampling as rs_lib
-from llama_jax.checkpoint import atomic
+from llama_jax.checkpoint import atomic, workdirs
 from llama_jax.data import gatt, scoring
-from llama_jax.metrics import read_metrics
+from llama_jax.evaluation import ablation
+from llama_jax.rl import rejection_sampling as rs_lib
+from llama_jax.training.metrics import read_metrics
 
 FINDINGS_MD, FINDINGS_PNG, FINDINGS_JSON = "findings.md", "findings.png", "findings.json"
 RATINGS = ("negligibly_better", "slightly_better", "better", "significantly_better")
@@ -442,7 +442,7 @@ def write_findings(workdir: str, title: str, findings: Sequence[ablation.Finding
   markdown = ablation.render_markdown(
     title, findings, "Each finding: the same data and seeds in both arms, one switch flipped; "
     "B − A per seed, its mean with a 95% Student-t interval over the seeds, and the verdict "
-    "(`llama_jax.ablation`). Policies are judged by programs on held-out prompts.",
+    "(`llama_jax.evaluation.ablation`). Policies are judged by programs on held-out prompts.",
   )  # fmt: skip
   atomic.write_text(Path(workdir, FINDINGS_MD), markdown)
   atomic.write_json(Path(workdir, FINDINGS_JSON), [f.to_json() for f in findings], indent=2)

@@ -5,7 +5,7 @@
 
 Writes DIR/samples.jsonl and DIR/generate_config.json; see experiments/configs/generate.py.
 With `reward.kind` set (check_answer, reward_model, llama2) every sample is scored by
-`llama_jax.scorers.build_scorer`, as rejection sampling, GRPO and PPO score theirs.
+`llama_jax.rl.scorers.build_scorer`, as rejection sampling, GRPO and PPO score theirs.
 """
 
 from __future__ import annotations
@@ -24,15 +24,16 @@ import numpy as np
 from absl import app, flags
 
 from experiments import common
-from llama_jax import aot, scorers, sharding
 from llama_jax.generation import (
   Generation,
   GenerationConfig,
   SamplingConfig,
   generate,
-  select_best,
 )
 from llama_jax.generation.decode import abstract_decode_args, make_decode_fn
+from llama_jax.parallel import aot, sharding
+from llama_jax.rl import scorers
+from llama_jax.rl.best_of_k import select_best
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ REWARD_FIELDS = ("reward_model", "helpful", "safety", "threshold", "whitening", 
 
 
 def build_scorer(cfg: ml_collections.ConfigDict, tokenizer, mesh) -> scorers.Scorer:
-  """The `reward` section (`configs.base.reward_section`) as a `llama_jax.scorers.Scorer`
+  """The `reward` section (`configs.base.reward_section`) as a `llama_jax.rl.scorers.Scorer`
   (`scorers.build_scorer`; the section's fields are its keyword arguments). Every
   generate-then-score stage (rejection sampling, GRPO, PPO) builds its scorer here."""
   options = {k: cfg[k] for k in REWARD_FIELDS if k in cfg}

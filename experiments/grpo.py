@@ -8,7 +8,7 @@
 The policy and the reference start from `init_from`. Each iteration samples
 `grpo.group_size` responses to `data.batch_size` prompts, scores them (`reward`: the scorer of
 `experiments.generate.build_scorer`, default the bundled prompts' answer check) and takes
-`train.num_minibatches` updates (`llama_jax.online.make_iteration`). Writes
+`train.num_minibatches` updates (`llama_jax.rl.online.make_iteration`). Writes
 DIR/metrics.jsonl (reward, objective/kl, clip fraction, entropy, response length, EOS rate,
 time split), metrics.png, TensorBoard events and checkpoints; a rerun resumes.
 """
@@ -25,10 +25,11 @@ from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec
 
 from experiments import common, online_rl
-from llama_jax import aot, online, rollouts, sharding
-from llama_jax import train_state as ts
+from llama_jax.parallel import aot, sharding
+from llama_jax.rl import online
 from llama_jax.steps import common as step_lib
 from llama_jax.steps import grpo as grpo_steps
+from llama_jax.training import train_state as ts
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
     cfg, model_cfg, mesh, assumed, cfg.grpo.group_size, resident=(state, ref)
   )
   rows_sh = step_lib.batch_sharding(mesh)
-  rows = aot.rows(rows_sh, num_rows, t, rollouts.ROW_FIELDS)
+  rows = aot.rows(rows_sh, num_rows, t, step_lib.ROW_FIELDS)
   scores = jax.ShapeDtypeStruct((num_rows,), np.float32, sharding=rows_sh)
   mb = num_rows // cfg.train.num_minibatches
   minibatch = aot.rows(

@@ -36,8 +36,9 @@ import ml_collections
 from absl import app, flags
 
 from experiments import common, lm, ppo, recipes, rejection_sampling, reward_model
-from llama_jax import evaluation, workdirs
+from llama_jax.checkpoint import workdirs
 from llama_jax.data import gatt
+from llama_jax.evaluation import policy as evaluation
 from llama_jax.generation import encode_prompt
 
 GATT_FILE = "gatt.jsonl"

@@ -1,7 +1,7 @@
 """The LM training run behind `experiments.pretrain` and `experiments.sft`.
 
 Builds the mesh, model (fresh or from `init_from`), optimizer, data pipelines and the
-jitted steps from a config, then hands them to `llama_jax.trainer.fit`.
+jitted steps from a config, then hands them to `llama_jax.training.trainer.fit`.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import numpy as np
 import optax
 
 from experiments import common
-from llama_jax import aot, sharding
-from llama_jax import train_state as ts
 from llama_jax.objectives import lm as lm_obj
+from llama_jax.parallel import aot, sharding
 from llama_jax.steps import common as step_lib
 from llama_jax.steps import lm as lm_steps
-from llama_jax.trainer import fit
+from llama_jax.training import train_state as ts
+from llama_jax.training.trainer import fit
 
 log = logging.getLogger(__name__)
 STAGE = "sft"  # the reference config (pretrain configs have the same keys)

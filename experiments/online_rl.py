@@ -1,5 +1,5 @@
 """What the online-RL launchers (`experiments.grpo`, `experiments.ppo`) share: config →
-library wiring only. The algorithms are `llama_jax.online`'s; each launcher builds its
+library wiring only. The algorithms are `llama_jax.rl.online`'s; each launcher builds its
 algorithm object and hands it to `train` here, which runs `online.train_online` with the
 configured policy, sampler, scorer, prompts and loop.
 """
@@ -16,8 +16,9 @@ from jax.sharding import Mesh
 
 from experiments import common, rejection_sampling
 from experiments import generate as generate_experiment
-from llama_jax import aot, online, rollouts, sharding
-from llama_jax.config import LlamaConfig
+from llama_jax.model.config import LlamaConfig
+from llama_jax.parallel import aot, sharding
+from llama_jax.rl import online, rollouts
 from llama_jax.tokenizer import Tokenizer
 
 

@@ -25,10 +25,13 @@ from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec
 
 from experiments import common, online_rl
-from llama_jax import aot, online, reward_model, rollouts, sharding, workdirs
-from llama_jax import train_state as ts
+from llama_jax.checkpoint import workdirs
+from llama_jax.model import reward_model
+from llama_jax.parallel import aot, sharding
+from llama_jax.rl import online
 from llama_jax.steps import common as step_lib
 from llama_jax.steps import ppo as ppo_steps
+from llama_jax.training import train_state as ts
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +109,11 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
   )
   rows_sh = step_lib.batch_sharding(mesh)
   float_fields = ("old_logp", "advantages", "old_values", "returns")
-  rows = aot.rows(rows_sh, num_rows, t, rollouts.ROW_FIELDS)
+  rows = aot.rows(rows_sh, num_rows, t, step_lib.ROW_FIELDS)
   scores = jax.ShapeDtypeStruct((num_rows,), np.float32, sharding=rows_sh)
   kl_coef = state.kl_coef
   mb = num_rows // cfg.train.num_minibatches
-  minibatch = aot.rows(rows_sh, mb, t, (*rollouts.ROW_FIELDS, *float_fields),
+  minibatch = aot.rows(rows_sh, mb, t, (*step_lib.ROW_FIELDS, *float_fields),
                        dtypes=dict.fromkeys(float_fields, np.float32))  # fmt: skip
   forward = model_cfg.flops_per_token(t) / 3 * t
   note = f"{mb} rows × {t}"

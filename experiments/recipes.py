@@ -5,7 +5,7 @@ A recipe is a sequence of stages, each an existing experiment (`experiments.sft`
 directory under the recipe's workdir. A finished stage leaves `stage.json` (its result and
 time) and is not run again, so an interrupted recipe resumes where it stopped (and a stage
 that was interrupted resumes from its own checkpoints). After each policy-changing stage
-the policy is evaluated by programs that do not use the reward models (`llama_jax.evaluation`);
+the policy is evaluated by programs that do not use the reward models (`llama_jax.evaluation.policy`);
 everything ends in the report (`experiments.report`).
 """
 
@@ -27,11 +27,13 @@ from jax.experimental import multihost_utils
 
 from experiments import common, dpo, lm, report
 from experiments import generate as generate_experiment
-from llama_jax import aot, evaluation, rollouts, sharding, workdirs
-from llama_jax.checkpoint import atomic
+from llama_jax.checkpoint import atomic, workdirs
 from llama_jax.data import builders, bundled, gatt
+from llama_jax.evaluation import policy as evaluation
+from llama_jax.parallel import aot, sharding
+from llama_jax.rl import rollouts
 from llama_jax.steps import common as step_lib
-from llama_jax.trainer import read_final
+from llama_jax.training.trainer import read_final
 
 log = logging.getLogger(__name__)
 

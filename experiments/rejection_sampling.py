@@ -13,8 +13,8 @@ this round's best sample and the earlier rounds' kept answers, the latter re-sco
 round's scorer so that every answer is judged by the same reward model (Llama 2 retrained its
 RMs between rounds). Llama 2 found that keeping only the latest round's samples let the model
 regress on capabilities it had before; pooling all rounds fixed it. The selection, pooling,
-re-scoring and statistics are `llama_jax.rejection_sampling`'s and the scorers
-`llama_jax.scorers`'; this module wires the config to them and reads and writes the files.
+re-scoring and statistics are `llama_jax.rl.rejection_sampling`'s and the scorers
+`llama_jax.rl.scorers`'; this module wires the config to them and reads and writes the files.
 
 Writes to DIR:
   samples.jsonl              every prompt's K responses, their scores and the best index
@@ -44,11 +44,13 @@ from jax.experimental import multihost_utils
 
 from experiments import common
 from experiments import generate as generate_experiment
-from llama_jax import aot, reward_model, rewards, rollouts, sharding
-from llama_jax import rejection_sampling as rs_lib
 from llama_jax.checkpoint import atomic
 from llama_jax.data import builders
-from llama_jax.generation import select_best
+from llama_jax.model import reward_model
+from llama_jax.parallel import aot, sharding
+from llama_jax.rl import rejection_sampling as rs_lib
+from llama_jax.rl import rewards, rollouts
+from llama_jax.rl.best_of_k import select_best
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +192,7 @@ def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 @common.locked_run
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """One rejection-sampling round into `workdir`; returns this round's statistics (see
-  `llama_jax.rejection_sampling.round_stats`, plus pool/* counts, check/* accuracies and
+  `llama_jax.rl.rejection_sampling.round_stats`, plus pool/* counts, check/* accuracies and
   tokens/s)."""
   common.check_config(cfg, common.reference_config("rejection_sampling"))
   sharding.initialize_distributed()

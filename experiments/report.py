@@ -6,7 +6,7 @@ The report is a dict with optional sections, each a list of rows (dicts):
                      accuracy/<task>), refusal_rate, false_refusal_rate, kl (to the SFT
                      model) and kl_stderr, response_length, gatt/follow_rate (Llama 2)
   reward_models      name, accuracy/<rating> and pairs/<rating>, accuracy/chosen_rejected
-  rejection_sampling `llama_jax.rejection_sampling.round_stats` rows
+  rejection_sampling `llama_jax.rl.rejection_sampling.round_stats` rows
   dpo                run, initial and final held-out DPO metrics
   ppo                run, start and end means of the iteration metrics
   gatt               data statistics of the Ghost Attention stage

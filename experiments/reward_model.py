@@ -5,10 +5,10 @@
 
 Builds the reward model (an LM's trunk from `init_from` with a fresh head, or a fresh tiny
 one), the ranking pipelines and the jitted steps from a config, then hands them to
-`llama_jax.trainer.fit`. Writes DIR/metrics.jsonl (eval/accuracy/<rating> is the per-bucket
+`llama_jax.training.trainer.fit`. Writes DIR/metrics.jsonl (eval/accuracy/<rating> is the per-bucket
 table), DIR/metrics.png, DIR/reward_scores.png (score histograms of the last evaluation),
 TensorBoard events and Orbax checkpoints of `{"lm", "head"}` parameters under
-DIR/checkpoints/ (`llama_jax.reward_model.load_reward_model` reads them); a rerun resumes.
+DIR/checkpoints/ (`llama_jax.checkpoint.workdirs.load_reward_model` reads them); a rerun resumes.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ import optax
 from absl import app, flags
 
 from experiments import common
-from llama_jax import aot, reward_model, sharding
-from llama_jax import metrics as metrics_lib
-from llama_jax import train_state as ts
 from llama_jax.data import ranking
+from llama_jax.model import reward_model
+from llama_jax.parallel import aot, sharding
 from llama_jax.steps import common as step_lib
 from llama_jax.steps import reward as reward_steps
-from llama_jax.trainer import fit
+from llama_jax.training import metrics as metrics_lib
+from llama_jax.training import train_state as ts
+from llama_jax.training.trainer import fit
 
 log = logging.getLogger(__name__)
 

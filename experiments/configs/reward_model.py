@@ -6,7 +6,7 @@
 Every variant reads preference records as packed ranking rows (`llama_jax.data.ranking`): the
 prompt once, then its responses best first, each seeing only the prompt and itself; a Llama 2
 pair is the 2-response case. The reward model is the LM's trunk with a fresh scalar head
-(`llama_jax.reward_model`); `init_from` empty trains the tiny model from scratch.
+(`llama_jax.model.reward_model`); `init_from` empty trains the tiny model from scratch.
 
 Sections beyond `experiments/configs/base.py`:
   data.concerns        comma-separated concerns to train and evaluate on ("" = all)

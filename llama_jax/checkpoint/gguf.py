@@ -27,7 +27,6 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.typing import DTypeLike
 
-from llama_jax import sharding as shd
 from llama_jax.checkpoint.meta import interleaved_to_half_split
 from llama_jax.checkpoint.params import (
   CheckpointError,
@@ -35,7 +34,8 @@ from llama_jax.checkpoint.params import (
   build_params,
   tensor_specs,
 )
-from llama_jax.config import LlamaConfig, RopeScaling
+from llama_jax.model.config import LlamaConfig, RopeScaling
+from llama_jax.parallel import sharding as shd
 
 _ARCH = "llama"
 

@@ -22,14 +22,14 @@ from jax.typing import DTypeLike
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from llama_jax import sharding as shd
 from llama_jax.checkpoint.params import (
   CheckpointError,
   build_params,
   iter_hf_tensors,
   read_json,
 )
-from llama_jax.config import LlamaConfig, RopeScaling
+from llama_jax.model.config import LlamaConfig, RopeScaling
+from llama_jax.parallel import sharding as shd
 
 # HF field -> LlamaConfig field.
 _FIELDS = {

@@ -17,10 +17,10 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.typing import DTypeLike
 
-from llama_jax import sharding as shd
 from llama_jax.checkpoint.params import CheckpointError, build_params, read_json
 from llama_jax.checkpoint.torch_pickle import LazyTensor, load_torch_file
-from llama_jax.config import LlamaConfig, RopeScaling
+from llama_jax.model.config import LlamaConfig, RopeScaling
+from llama_jax.parallel import sharding as shd
 
 _PARAMS_FIELDS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
                   "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope",

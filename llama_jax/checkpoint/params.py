@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from llama_jax import sharding as shd
-from llama_jax.config import LlamaConfig
+from llama_jax.model.config import LlamaConfig
+from llama_jax.parallel import sharding as shd
 
 
 class CheckpointError(ValueError):

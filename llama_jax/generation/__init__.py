@@ -1,5 +1,5 @@
 """Generation: KV-cache prefill and decode, sampling with log-probs, K samples per prompt on a
-shared prefix, best-of-K.
+shared prefix. (Best-of-K selection is `llama_jax.rl.best_of_k`.)
 
 Layers, from arrays to text:
 
@@ -8,18 +8,9 @@ Layers, from arrays to text:
 - `decode`: `GenerationConfig`, `generate_tokens(config, params, prompt_ids, key, gen,
   mesh=None)`: one compiled prefill + `while_loop` decode per prompt-length bucket.
 - `api`: `generate(config, params, tokenizer, prompts, ...)` for texts and chats.
-- `best_of_k`: `best_of_k(config, params, tokenizer, prompts, k, scorer, ...)` and
-  `select_best(scorer, records, candidates)`, with a `llama_jax.scorers.Scorer`.
 """
 
 from llama_jax.generation.api import Generation, Prompt, encode_prompt, generate, response_text
-from llama_jax.generation.best_of_k import (
-  BestOfK,
-  Scorer,
-  best_of_k,
-  score_candidates,
-  select_best,
-)
 from llama_jax.generation.decode import (
   GenerationConfig,
   GenerationOutput,
@@ -32,14 +23,11 @@ from llama_jax.generation.decode import (
 from llama_jax.generation.sampling import SamplingConfig, sample, sampling_logits
 
 __all__ = [
-  "BestOfK",
   "Generation",
   "GenerationConfig",
   "GenerationOutput",
   "Prompt",
   "SamplingConfig",
-  "Scorer",
-  "best_of_k",
   "bucket_length",
   "encode_prompt",
   "generate",
@@ -50,6 +38,4 @@ __all__ = [
   "sample",
   "sample_keys",
   "sampling_logits",
-  "score_candidates",
-  "select_best",
 ]

@@ -19,9 +19,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from llama_jax import sharding
 from llama_jax.generation.decode import GenerationConfig, generate_tokens
 from llama_jax.generation.sampling import SamplingConfig
+from llama_jax.parallel import sharding
 from llama_jax.tokenizer import Tokenizer, render_chat
 
 Message = Mapping[str, str]

@@ -35,10 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llama_jax import sharding
-from llama_jax.config import LlamaConfig
 from llama_jax.generation.sampling import SamplingConfig, sample
-from llama_jax.model import KVCache, as_model
+from llama_jax.model.config import LlamaConfig
+from llama_jax.model.llama import KVCache, as_model
+from llama_jax.parallel import sharding
 
 MIN_BUCKET = 16
 

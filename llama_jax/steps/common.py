@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llama_jax import lora, sharding
-from llama_jax.model import as_model
+from llama_jax.model import lora
+from llama_jax.model.llama import as_model
 from llama_jax.objectives import logprobs as lp
-from llama_jax.train_state import TrainState
+from llama_jax.parallel import sharding
+from llama_jax.training.train_state import TrainState
 
 Batch = Mapping[str, jax.Array]
 SumsFn = Callable[[Any, Batch], dict[str, jax.Array]]
@@ -237,3 +238,28 @@ def jit_eval_step(
     in_shardings=(params_shardings, batch_sharding(mesh, rules), *frozen_shardings),
     out_shardings=NamedSharding(mesh, PartitionSpec()),
   )
+
+
+# Fields of a rollout row (`llama_jax.rl.rollouts.rollout_rows`): what the RL steps read.
+ROW_FIELDS = ("tokens", "positions", "segment_ids", "targets", "response_mask")
+
+
+def make_logps_fn(
+  model: sharding.Model,
+  chunk_size: int = 0,
+  *,
+  mesh: Mesh | None = None,
+  rules: sharding.Rules = sharding.DEFAULT_RULES,
+  micro_batches: int = 1,
+):
+  """`logps(params, rows) -> (logp, entropy)`, each [B, T]: log-probs of the rows' targets
+  and the entropy of the model's distribution at each position (policy or reference),
+  `micro_batches` row-blocks at a time. Not jitted."""
+
+  def logps(params, rows: Batch):
+    rows = {k: rows[k] for k in ("tokens", "positions", "segment_ids", "targets")}
+    fn = lambda b: token_logprobs(model, params, b, chunk_size, with_entropy=True)
+    with sharding.activation_sharding(mesh, rules):
+      return map_microbatches(fn, rows, micro_batches)
+
+  return logps

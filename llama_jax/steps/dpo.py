@@ -38,10 +38,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from llama_jax import lora, sharding
-from llama_jax.model import as_model
+from llama_jax.model import lora
+from llama_jax.model.llama import as_model
 from llama_jax.objectives import dpo as dpo_obj
 from llama_jax.objectives import logprobs as lp
+from llama_jax.parallel import sharding
 from llama_jax.steps.common import (
   Batch,
   map_microbatches,
@@ -49,7 +50,7 @@ from llama_jax.steps.common import (
   sums_train_step,
   token_logprobs,
 )
-from llama_jax.train_state import TrainState
+from llama_jax.training.train_state import TrainState
 
 SIDES = ("chosen", "rejected")
 ROW_FIELDS = ("tokens", "positions", "segment_ids", "targets", "target_mask", "format_mask")

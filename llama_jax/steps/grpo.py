@@ -1,4 +1,4 @@
-"""Critic-free policy gradient's jitted pieces on rollout rows (`llama_jax.rollouts`, the K
+"""Critic-free policy gradient's jitted pieces on rollout rows (`llama_jax.rl.rollouts`, the K
 responses of a prompt adjacent): GRPO and its variants Dr. GRPO, RLOO and REINFORCE++, which
 differ only in their advantage estimator and loss aggregation (`GRPOConfig`).
 
@@ -16,13 +16,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from llama_jax import lora, sharding
-from llama_jax.model import as_model
+from llama_jax.model import lora
+from llama_jax.model.llama import as_model
 from llama_jax.objectives import grpo as grpo_obj
 from llama_jax.objectives import rl
 from llama_jax.objectives.kl import kl_estimate
-from llama_jax.rollouts import ROW_FIELDS, make_logps_fn
-from llama_jax.steps.common import Batch, sums_train_step, token_logprobs
+from llama_jax.parallel import sharding
+from llama_jax.steps.common import ROW_FIELDS, Batch, make_logps_fn, sums_train_step, token_logprobs
 
 FIELDS = (*ROW_FIELDS, "old_logp", "ref_logp", "advantages")
 

@@ -19,11 +19,11 @@ import jax
 import optax
 from jax.sharding import Mesh
 
-from llama_jax import sharding
-from llama_jax.model import as_model
+from llama_jax.model.llama import as_model
 from llama_jax.objectives import lm as lm_obj
+from llama_jax.parallel import sharding
 from llama_jax.steps.common import Batch, sum_microbatches, sums_train_step
-from llama_jax.train_state import TrainState
+from llama_jax.training.train_state import TrainState
 
 LM_FIELDS = ("tokens", "positions", "segment_ids", "targets", "target_mask")
 

@@ -1,13 +1,13 @@
-"""PPO's jitted pieces on rollout rows (`llama_jax.rollouts.rollout_rows`): scoring and
+"""PPO's jitted pieces on rollout rows (`llama_jax.rl.rollouts.rollout_rows`): scoring and
 advantages, the policy update and the value update, each its own function so it can be
-tested, profiled and sharded on its own (`llama_jax.online.PPO` plugs them into the driver).
+tested, profiled and sharded on its own (`llama_jax.rl.online.PPO` plugs them into the driver).
 
     score = jit(make_score_fn(policy_cfg, value_cfg, ppo))
     out, metrics = score(policy_params, ref_params, value_params, rows, scores, kl_coef)
     policy_step = make_policy_step(policy_cfg, optimizer, ppo)   # (state, minibatch)
     value_step = make_value_step(value_cfg, optimizer, ppo)      # (state, minibatch)
 
-The value model is a reward model (`llama_jax.reward_model`: trunk + scalar head) read at
+The value model is a reward model (`llama_jax.model.reward_model`: trunk + scalar head) read at
 every token instead of the last; Llama 2 initializes it from the reward model.
 """
 
@@ -20,14 +20,14 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from llama_jax import lora, reward_model, sharding
-from llama_jax.config import LlamaConfig
-from llama_jax.model import as_model
+from llama_jax.model import lora, reward_model
+from llama_jax.model.config import LlamaConfig
+from llama_jax.model.llama import as_model
 from llama_jax.objectives import ppo as ppo_obj
 from llama_jax.objectives import rl
 from llama_jax.objectives.kl import KINDS, kl_estimate
-from llama_jax.rollouts import ROW_FIELDS
-from llama_jax.steps.common import Batch, sums_train_step, token_logprobs
+from llama_jax.parallel import sharding
+from llama_jax.steps.common import ROW_FIELDS, Batch, sums_train_step, token_logprobs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ whole batch, so the update equals one step on all B rows.
 Evaluation: `make_eval_step` returns each row's rewards, `evaluate` gathers a full pass on
 the host, `eval_metrics` reports accuracy overall and per rating bucket (the shape of the
 Llama 2 tables) and reward mean / std / quantiles;
-`llama_jax.metrics.plot_score_distribution` draws the score histograms.
+`llama_jax.training.metrics.plot_score_distribution` draws the score histograms.
 """
 
 from __future__ import annotations
@@ -29,23 +29,40 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from llama_jax import metrics as metrics_lib
-from llama_jax import reward_model, sharding
 from llama_jax.data import ranking
 from llama_jax.data.records import CONCERNS
+from llama_jax.model import reward_model
 from llama_jax.objectives import reward as reward_obj
+from llama_jax.parallel import sharding
 from llama_jax.steps.common import Batch, map_microbatches, sums_train_step
-from llama_jax.train_state import TrainState
+from llama_jax.training import metrics as metrics_lib
+from llama_jax.training.train_state import TrainState
 
 RANKING_FIELDS = ("tokens", "segment_ids", "response_ids", "rating", "valid")
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def ranking_rewards(
+  model: sharding.Model,
+  params: Any,
+  tokens: jax.Array,  # [B, T]
+  segment_ids: jax.Array,  # [B, T]
+  response_ids: jax.Array,  # [B, T]
+  max_responses: int = ranking.MAX_RESPONSES,
+) -> tuple[jax.Array, jax.Array]:
+  """`(rewards [B, K], present [B, K])` of packed ranking rows (`llama_jax.data.ranking`):
+  one forward pass per row scores every response of its prompt."""
+  positions, mask, last = ranking.ranking_inputs(segment_ids, response_ids, max_responses)
+  rm = reward_model.as_reward_model(model)
+  scores = rm.apply({"params": params}, tokens, positions, segment_ids, mask)
+  return reward_model.gather_last(scores, last), last >= 0
 
 
 def row_rewards(
   model: sharding.Model, params: Any, batch: Batch, max_responses: int = ranking.MAX_RESPONSES
 ) -> tuple[jax.Array, jax.Array]:
   """`(rewards [B, K], present [B, K])`; padding rows (`valid` 0) have no responses."""
-  rewards, present = reward_model.ranking_rewards(
+  rewards, present = ranking_rewards(
     model, params, batch["tokens"], batch["segment_ids"], batch["response_ids"], max_responses
   )
   return rewards, present & (batch["valid"][:, None] != 0)
@@ -173,7 +190,7 @@ def eval_metrics(
   return out
 
 
-# Re-exported: the plot moved to `llama_jax.metrics` (plotting is no step's business).
+# Re-exported: the plot moved to `llama_jax.training.metrics` (plotting is no step's business).
 plot_score_distribution = metrics_lib.plot_score_distribution
 
 

@@ -20,12 +20,10 @@ from llama_jax.tokenizer.chat import (
   Llama3ChatFormat,
   PromptResponse,
   RenderedChat,
-  get_chat_format,
-  render_chat,
-  render_prompt_response,
 )
 from llama_jax.tokenizer.hf import HFTokenizer
 from llama_jax.tokenizer.loading import load_tokenizer, tiny_tokenizer
+from llama_jax.tokenizer.render import get_chat_format, render_chat, render_prompt_response
 from llama_jax.tokenizer.spm import (
   LLAMA2_TRAINER_OPTIONS,
   SentencePieceTokenizer,

@@ -24,10 +24,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from orbax.checkpoint._src.path import atomicity
 
-from llama_jax import sharding, trainer
 from llama_jax.checkpoint import CheckpointError, atomic, manifest
 from llama_jax.checkpoint import orbax as ckpt_lib
 from llama_jax.checkpoint.orbax import CheckpointManager, DiskFullError
+from llama_jax.parallel import sharding
+from llama_jax.training import trainer
 
 REPO = Path(__file__).resolve().parents[2]
 

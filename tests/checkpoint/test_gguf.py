@@ -13,7 +13,6 @@ import pytest
 import torch
 import transformers
 
-from llama_jax import sharding
 from llama_jax.checkpoint import (
   CheckpointError,
   gguf_tokenizer_metadata,
@@ -21,7 +20,8 @@ from llama_jax.checkpoint import (
   load_gguf_tokenizer,
 )
 from llama_jax.checkpoint.params import iter_hf_tensors
-from llama_jax.config import RopeScaling
+from llama_jax.model.config import RopeScaling
+from llama_jax.parallel import sharding
 from llama_jax.testing import HF_TINY, apply, hf_logits, smollm2_gguf_path, write_gguf
 
 TOKENS = np.random.RandomState(0).randint(0, 256, (2, 24))

@@ -12,7 +12,6 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from llama_jax import sharding
 from llama_jax.checkpoint import (
   CheckpointError,
   config_from_hf,
@@ -22,8 +21,9 @@ from llama_jax.checkpoint import (
 )
 from llama_jax.checkpoint.meta import ffn_hidden_dim
 from llama_jax.checkpoint.torch_pickle import load_torch_file
-from llama_jax.config import LlamaConfig, RopeScaling
-from llama_jax.model import KVCache
+from llama_jax.model.config import LlamaConfig, RopeScaling
+from llama_jax.model.llama import KVCache
+from llama_jax.parallel import sharding
 from llama_jax.testing import HF_TINY, apply, hf_logits, save_hf_tiny
 
 TOKENS = np.random.RandomState(0).randint(0, 256, (2, 40))

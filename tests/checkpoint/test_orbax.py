@@ -20,9 +20,10 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from llama_jax import LlamaConfig, sharding
+from llama_jax import LlamaConfig
 from llama_jax.checkpoint import CheckpointError
 from llama_jax.checkpoint.orbax import CheckpointManager, checkpoint_dir, load_params
+from llama_jax.parallel import sharding
 
 REPO = Path(__file__).resolve().parents[2]
 CFG = LlamaConfig.preset("tiny")
@@ -282,7 +283,7 @@ _INTERRUPTED_WRITER = textwrap.dedent(
   import jax, jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
   from orbax.checkpoint._src.path import atomicity
-  from llama_jax import sharding
+  from llama_jax.parallel import sharding
   from llama_jax.checkpoint.orbax import CheckpointManager
 
   directory, marker = sys.argv[1], sys.argv[2]

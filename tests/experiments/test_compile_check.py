@@ -16,10 +16,10 @@ import pytest
 
 from experiments import common
 from experiments import compile_check as cc
-from llama_jax import aot, sharding
-from llama_jax import train_state as ts
 from llama_jax.data import Indexed, make_pair_pipeline, ranking
-from llama_jax.topologies import get_topology
+from llama_jax.parallel import aot, sharding
+from llama_jax.parallel.topologies import get_topology
+from llama_jax.training import train_state as ts
 
 ASSUMED = aot.Assumed(prompt_len=40, num_pairs=640)
 STAGES = (

@@ -9,8 +9,8 @@ import pytest
 from experiments import common
 from experiments.configs import base
 from llama_jax.steps.dpo import DPOConfig
-from llama_jax.train_state import OptimizerConfig
-from llama_jax.trainer import LoopConfig
+from llama_jax.training.train_state import OptimizerConfig
+from llama_jax.training.trainer import LoopConfig
 
 STAGES = ("pretrain", "sft", "reward_model", "dpo", "rejection_sampling", "generate",
           "llama3_recipe", "llama2_recipe", "ppo", "grpo", "findings")  # fmt: skip

@@ -11,7 +11,7 @@ from experiments import dpo as dpo_experiment
 from experiments import lm
 from experiments.configs import dpo as dpo_configs
 from experiments.configs import sft as sft_configs
-from llama_jax.metrics import read_metrics
+from llama_jax.training.metrics import read_metrics
 
 SMALL = dict(num_layers=2, d_model=64, head_dim=16, mlp_dim=128)
 

@@ -10,7 +10,7 @@ import pytest
 from experiments import common
 from experiments import findings as findings_experiment
 from experiments.configs import findings as findings_configs
-from llama_jax import ablation
+from llama_jax.evaluation import ablation
 
 KEYS = [
   "RM accuracy by distinctness", "margin small vs none", "margin large vs none",

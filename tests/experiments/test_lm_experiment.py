@@ -11,11 +11,12 @@ import pytest
 
 from experiments import lm
 from experiments.configs import pretrain, sft
-from llama_jax import LlamaConfig, sharding
+from llama_jax import LlamaConfig
 from llama_jax.checkpoint import orbax as ckpt_lib
 from llama_jax.checkpoint import save_hf_checkpoint
-from llama_jax.metrics import read_metrics
-from llama_jax.trainer import NonFiniteError
+from llama_jax.parallel import sharding
+from llama_jax.training.metrics import read_metrics
+from llama_jax.training.trainer import NonFiniteError
 
 ROOT = Path(__file__).resolve().parents[2]
 

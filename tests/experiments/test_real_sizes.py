@@ -10,7 +10,7 @@ README's table.
 import pytest
 
 from experiments import targets
-from llama_jax import aot
+from llama_jax.parallel import aot
 
 pytestmark = pytest.mark.real_size
 

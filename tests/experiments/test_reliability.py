@@ -20,10 +20,10 @@ import pytest
 
 from experiments import common, lm
 from experiments.configs import pretrain
-from llama_jax import workdirs
 from llama_jax.checkpoint import orbax as ckpt_lib
-from llama_jax.metrics import read_metrics
-from llama_jax.trainer import read_final
+from llama_jax.checkpoint import workdirs
+from llama_jax.training.metrics import read_metrics
+from llama_jax.training.trainer import read_final
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 24

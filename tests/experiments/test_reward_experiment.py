@@ -12,15 +12,18 @@ from experiments import common
 from experiments import reward_model as rm_experiment
 from experiments.configs import reward_model as configs
 from experiments.configs.base import TINY_MODEL
-from llama_jax import LlamaConfig, attention, reward_model, rewards, sharding
-from llama_jax import train_state as ts
-from llama_jax.checkpoint import save_hf_checkpoint
+from llama_jax import LlamaConfig
+from llama_jax.checkpoint import save_hf_checkpoint, workdirs
 from llama_jax.data import bundled, ranking
-from llama_jax.metrics import read_metrics
-from llama_jax.model import init_params
+from llama_jax.model import attention, reward_model
+from llama_jax.model.llama import init_params
 from llama_jax.objectives.reward import RATING_NAMES
+from llama_jax.parallel import sharding
+from llama_jax.rl import rewards
 from llama_jax.testing import save_workdir
 from llama_jax.tokenizer import tiny_tokenizer
+from llama_jax.training import train_state as ts
+from llama_jax.training.metrics import read_metrics
 
 SMALL_MODEL = dict(num_layers=2, d_model=64, head_dim=16, mlp_dim=128)
 
@@ -89,7 +92,7 @@ def test_starts_from_an_lm_workdir_or_a_hf_directory(tmp_path):
   cfg.data.eval_split = ""
   cfg.optimizer.update(learning_rate=0.0, warmup_steps=0, schedule="constant")
   rm_experiment.run(cfg, str(tmp_path / "rm"))
-  config, params = reward_model.load_reward_model(str(tmp_path / "rm"))
+  config, params = workdirs.load_reward_model(str(tmp_path / "rm"))
   assert config == lm_cfg and set(params) == {"lm", "head"}
   assert_trees_equal(params["lm"], trunk)
   assert float(np.abs(params["head"]["kernel"]).max()) > 0

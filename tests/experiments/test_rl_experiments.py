@@ -14,10 +14,12 @@ from experiments import common, grpo, lm, online_rl, ppo
 from experiments.configs import grpo as grpo_configs
 from experiments.configs import ppo as ppo_configs
 from experiments.configs import sft as sft_configs
-from llama_jax import lora, sharding, workdirs
 from llama_jax.checkpoint import orbax as ckpt_lib
-from llama_jax.metrics import read_metrics
-from llama_jax.model import Llama
+from llama_jax.checkpoint import workdirs
+from llama_jax.model import lora
+from llama_jax.model.llama import Llama
+from llama_jax.parallel import sharding
+from llama_jax.training.metrics import read_metrics
 
 SMALL = dict(num_layers=2, d_model=64, head_dim=16, mlp_dim=128)
 

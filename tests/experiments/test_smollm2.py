@@ -16,11 +16,12 @@ from experiments.configs import generate as generate_configs
 from experiments.configs import grpo as grpo_configs
 from experiments.configs import sft as sft_configs
 from experiments.configs.base import use_smollm2
-from llama_jax import sharding, workdirs
+from llama_jax.checkpoint import workdirs
 from llama_jax.generation import generate as generate_api
-from llama_jax.metrics import read_metrics
+from llama_jax.parallel import sharding
 from llama_jax.testing import smollm2_gguf_path
 from llama_jax.tokenizer import load_tokenizer, render_chat
+from llama_jax.training.metrics import read_metrics
 
 # Opt-in (`pytest -m real_model`, ~4 min): each test peaks at ~13 GB of host memory (the 135M
 # model, its optimizer state and XLA:CPU buffers on 8 emulated devices), more than `make test`

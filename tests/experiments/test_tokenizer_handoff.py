@@ -9,10 +9,9 @@ import pytest
 
 from experiments import export, lm
 from experiments.configs import pretrain, sft
-from llama_jax import workdirs
-from llama_jax.checkpoint import load_hf_checkpoint
-from llama_jax.metrics import read_metrics
+from llama_jax.checkpoint import load_hf_checkpoint, workdirs
 from llama_jax.tokenizer import load_tokenizer, tiny_tokenizer
+from llama_jax.training.metrics import read_metrics
 
 SMALL = dict(num_layers=2, d_model=64, head_dim=16, mlp_dim=128)
 

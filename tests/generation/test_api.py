@@ -12,20 +12,18 @@ import pytest
 from experiments import common
 from experiments import generate as generate_exp
 from experiments.configs import generate as generate_configs
-from llama_jax import LlamaConfig, reward_model, rewards, sharding
-from llama_jax import train_state as ts
+from llama_jax import LlamaConfig
 from llama_jax.checkpoint import orbax as ckpt_lib
 from llama_jax.checkpoint import save_hf_checkpoint
-from llama_jax.generation import (
-  best_of_k,
-  generate,
-  response_text,
-  score_candidates,
-  select_best,
-)
-from llama_jax.model import init_params
+from llama_jax.generation import generate, response_text
+from llama_jax.model import reward_model
+from llama_jax.model.llama import init_params
+from llama_jax.parallel import sharding
+from llama_jax.rl import rewards
+from llama_jax.rl.best_of_k import best_of_k, score_candidates, select_best
 from llama_jax.testing import save_workdir
 from llama_jax.tokenizer import render_chat, tiny_tokenizer
+from llama_jax.training import train_state as ts
 
 ROOT = Path(__file__).resolve().parents[2]
 # One prompt bucket (64) for every call below, so they share one compiled decoder.

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from llama_jax import KVCache, sharding
+from llama_jax import KVCache
 from llama_jax.checkpoint import load_hf_checkpoint
 from llama_jax.generation import (
   GenerationConfig,
@@ -23,6 +23,7 @@ from llama_jax.generation import (
   sample_keys,
   sampling_logits,
 )
+from llama_jax.parallel import sharding
 from llama_jax.testing import apply, save_hf_tiny
 
 PARITY_TOL = 1e-4

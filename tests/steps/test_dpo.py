@@ -10,16 +10,17 @@ import numpy as np
 import pytest
 
 from experiments.configs.base import TINY_MODEL
-from llama_jax import LlamaConfig, sharding
-from llama_jax import train_state as ts
+from llama_jax import LlamaConfig
 from llama_jax.data import Indexed, PipelineConfig, bundled, make_pair_pipeline
-from llama_jax.model import Llama, init_params
+from llama_jax.model.llama import Llama, init_params
 from llama_jax.objectives import dpo as dpo_obj
 from llama_jax.objectives import logprobs as lp
+from llama_jax.parallel import sharding
 from llama_jax.steps import common as step_lib
 from llama_jax.steps import dpo as dpo_steps
 from llama_jax.steps import lm as lm_steps
 from llama_jax.tokenizer import tiny_tokenizer
+from llama_jax.training import train_state as ts
 
 PC, PR = np.array([-10.0, -20.0, -5.0]), np.array([-12.0, -15.0, -9.0])  # policy
 RC, RR = np.array([-11.0, -19.0, -6.0]), np.array([-11.0, -16.0, -8.0])  # reference
