@@ -69,7 +69,7 @@ def _time(fn, iters: int) -> float:
 def _models(args):
   """(config, params, torch model or None) with the same weights."""
   from llama_jax import LlamaConfig
-  from llama_jax.model.llama import init_params
+  from llama_jax.parallel.sharding import init_params
 
   config = LlamaConfig.preset(args.preset, dtype=args.dtype, param_dtype=args.dtype)
   if args.no_baseline:

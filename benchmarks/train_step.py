@@ -98,7 +98,7 @@ class _TorchBaseline:
 
     self.torch = torch
     self.model = model.train()
-    # Same decay mask as `llama_jax.training.train_state.weight_decay_mask`: none on the norm scales.
+    # Same decay mask as `train_state.weight_decay_mask`: none on the norm scales.
     decay = [p for name, p in model.named_parameters() if "norm" not in name]
     no_decay = [p for name, p in model.named_parameters() if "norm" in name]
     self.optimizer = torch.optim.AdamW(

@@ -184,7 +184,7 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   config_flags.DEFINE_config_file("config", None, "Experiment config file:variant.",
                                   lock_config=True)  # fmt: skip
-  flags.DEFINE_string("topology", "cpu-8", "Devices to compile for (llama_jax.parallel.topologies).")
+  flags.DEFINE_string("topology", "cpu-8", "Devices to compile for.")
   flags.DEFINE_integer("prompt_len", aot.Assumed.prompt_len, "Longest prompt of a generation "
                        "batch (generation and RL stages).")  # fmt: skip
   flags.DEFINE_integer("num_pairs", aot.Assumed.num_pairs, "DPO pairs (reference table rows).")

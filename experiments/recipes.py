@@ -5,7 +5,7 @@ A recipe is a sequence of stages, each an existing experiment (`experiments.sft`
 directory under the recipe's workdir. A finished stage leaves `stage.json` (its result and
 time) and is not run again, so an interrupted recipe resumes where it stopped (and a stage
 that was interrupted resumes from its own checkpoints). After each policy-changing stage
-the policy is evaluated by programs that do not use the reward models (`llama_jax.evaluation.policy`);
+the policy is evaluated by programs that do not use the reward models (`evaluation.policy`);
 everything ends in the report (`experiments.report`).
 """
 

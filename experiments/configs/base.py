@@ -18,7 +18,7 @@ data        source ("bundled" | "tfds"), name, data_dir (tfds), kind (text | sft
             train_split, eval_split ("" for none), seq_len, global batch_size, mode
             (pack | pad), seed, num_threads, worker_count, prefetch_batches, loss_on (sft:
             "" = the tokenizer's default, "last_assistant" as for Ghost Attention).
-optimizer   `llama_jax.training.train_state.OptimizerConfig` fields; total_steps 0 = train.num_steps.
+optimizer   `train_state.OptimizerConfig` fields; total_steps 0 = train.num_steps.
 train       num_steps, seed, grad_accum_steps, z_loss, loss_chunk_size (0: no chunking),
             log_every, eval_every (0: only at the end), checkpoint_every, keep_checkpoints,
             async_checkpoint, on_nonfinite (skip | raise), max_skipped, peak_flops (per

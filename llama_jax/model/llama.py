@@ -12,7 +12,7 @@ and decoding against a cache. The cache-free path (training, scoring, prefill) r
 kernel `LlamaConfig.attention_impl` names in the table of `llama_jax.model.attention`; decoding
 against a cache runs `attend_xla`.
 
-Every parameter carries logical axis names (see `llama_jax.parallel.sharding` for the table that maps
+Every parameter carries logical axis names (see `parallel.sharding` for the table that maps
 them to mesh axes), and the main activations are constrained with logical names prefixed
 `act_`. Query and kv heads that the mesh does not divide stay whole (`head_axis_sizes`).
 """
@@ -546,13 +546,3 @@ def as_model(model: nn.Module | LlamaConfig) -> nn.Module:
 def init_boxed(model: nn.Module | LlamaConfig, rng: jax.Array):
   """The model's parameters as `nn.Partitioned` boxes (logical axis names attached)."""
   return as_model(model).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _init(model: nn.Module, rng: jax.Array):
-  return init_boxed(model, rng)
-
-
-def init_params(model: nn.Module | LlamaConfig, rng: jax.Array):
-  """Unsharded, unboxed parameters (for tests and small models; see `sharding.init_params`)."""
-  return nn.meta.unbox(_init(as_model(model), rng))

@@ -37,7 +37,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.model.config import LlamaConfig
 from llama_jax.model.llama import Llama, init_boxed
-from llama_jax.model.llama import init_params as _init_params
 from llama_jax.model.lora import LoraConfig
 
 
@@ -105,11 +104,6 @@ def sequence_rewards(
 
 
 # --------------------------------------------------------------------------- parameters
-
-
-def init_params(config: LlamaConfig, rng: jax.Array):
-  """Fresh unsharded parameters (tests, small models); the head as in `from_lm_params`."""
-  return _init_params(RewardModel(config), rng)
 
 
 def init_head(config: LlamaConfig, rng: jax.Array) -> dict[str, jax.Array]:

@@ -294,13 +294,23 @@ def check_batch_fits_mesh(batch_size: int, mesh: Mesh, what: str = "batch_size")
     )
 
 
-def init_params(model: Model, rng: jax.Array, mesh: Mesh, rules: Rules = DEFAULT_RULES):
-  """Parameters initialized directly into their shardings.
+@functools.partial(jax.jit, static_argnums=0)
+def _init_unsharded(model: nn.Module, rng: jax.Array):
+  return nn.meta.unbox(init_boxed(model, rng))
 
-  The initializer is jit-compiled with `out_shardings`, so every device computes only its
-  own shards: a model larger than one device never exists on one device.
+
+def init_params(
+  model: Model, rng: jax.Array, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES
+):
+  """Fresh parameters of `model` (a module, e.g. `RewardModel(config)`, or a `LlamaConfig`).
+
+  With a `mesh`, the initializer is jit-compiled with `out_shardings`, so every device
+  computes only its own shards: a model larger than one device never exists on one device.
+  Without one, on the default device (tests, notebooks, small models).
   """
   model = as_model(model)
+  if mesh is None:
+    return _init_unsharded(model, rng)
   shardings = param_shardings(model, mesh, rules)
   with activation_sharding(mesh, rules):
     return jax.jit(lambda key: nn.meta.unbox(init_boxed(model, key)), out_shardings=shardings)(rng)

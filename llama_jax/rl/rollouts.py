@@ -5,7 +5,7 @@
     logp, entropy = jit(make_logps_fn(model))(params, rollout.rows)        # [B·R, T] each
     scores = scorers.score(scorer, rollout.records, rollout.texts)        # [B·R]
 
-`sample_rollout` + `steps.common.make_logps_fn` are the one path from prompts to per-token log-probs:
+`sample_rollout` + `make_logps_fn` are the one path from prompts to per-token log-probs:
 online RL scores its rollouts with them and `llama_jax.evaluation.policy.sampled_kl` its KL.
 
 A rollout row is one prompt followed by one sampled response, right-padded, in the layout

@@ -21,7 +21,7 @@ Batch = Mapping[str, jax.Array]
 SumsFn = Callable[[Any, Batch], dict[str, jax.Array]]
 
 
-def token_logprobs(
+def row_logprobs(
   model: sharding.Model,
   params: Any,
   rows: Batch,
@@ -258,7 +258,7 @@ def make_logps_fn(
 
   def logps(params, rows: Batch):
     rows = {k: rows[k] for k in ("tokens", "positions", "segment_ids", "targets")}
-    fn = lambda b: token_logprobs(model, params, b, chunk_size, with_entropy=True)
+    fn = lambda b: row_logprobs(model, params, b, chunk_size, with_entropy=True)
     with sharding.activation_sharding(mesh, rules):
       return map_microbatches(fn, rows, micro_batches)
 

@@ -46,9 +46,9 @@ from llama_jax.parallel import sharding
 from llama_jax.steps.common import (
   Batch,
   map_microbatches,
+  row_logprobs,
   sum_microbatches,
   sums_train_step,
-  token_logprobs,
 )
 from llama_jax.training.train_state import TrainState
 
@@ -106,7 +106,7 @@ def pair_logps(model: sharding.Model, params: Any, batch: Batch, dpo: DPOConfig)
   """[B, 2] summed log-probabilities of (chosen, rejected) under `params`."""
   rows = interleave(batch)
   logps = lp.sequence_logprobs(
-    token_logprobs(model, params, rows, dpo.loss_chunk_size), logp_mask(rows, dpo.mask_formatting)
+    row_logprobs(model, params, rows, dpo.loss_chunk_size), logp_mask(rows, dpo.mask_formatting)
   )
   return logps.reshape(-1, 2)
 
@@ -123,7 +123,7 @@ def loss_sums(
   sum + nll_coef · nll_scale · the NLL sum. `nll_scale` = pairs / chosen tokens of the whole
   batch turns the step's division by the pair count into a token mean for the NLL term."""
   rows = interleave(batch)
-  token = token_logprobs(model, params, rows, dpo.loss_chunk_size)  # [2B, T]
+  token = row_logprobs(model, params, rows, dpo.loss_chunk_size)  # [2B, T]
   logps = lp.sequence_logprobs(token, logp_mask(rows, dpo.mask_formatting)).reshape(-1, 2)
   ref = jax.lax.stop_gradient(reference_logps.astype(jnp.float32))
   sums = dpo_obj.dpo_sums(

@@ -22,7 +22,7 @@ from llama_jax.objectives import grpo as grpo_obj
 from llama_jax.objectives import rl
 from llama_jax.objectives.kl import kl_estimate
 from llama_jax.parallel import sharding
-from llama_jax.steps.common import ROW_FIELDS, Batch, make_logps_fn, sums_train_step, token_logprobs
+from llama_jax.steps.common import ROW_FIELDS, Batch, make_logps_fn, row_logprobs, sums_train_step
 
 FIELDS = (*ROW_FIELDS, "old_logp", "ref_logp", "advantages")
 
@@ -122,7 +122,7 @@ def make_train_step(
   loss/kl, policy/clipfrac, policy/approxkl, grad_norm, ...)."""
 
   def sums_fn(params, batch):
-    logp = token_logprobs(model, params, batch, grpo.loss_chunk_size)
+    logp = row_logprobs(model, params, batch, grpo.loss_chunk_size)
     return grpo_obj.grpo_sums(
       logp,
       batch["old_logp"],

@@ -27,7 +27,7 @@ from llama_jax.objectives import ppo as ppo_obj
 from llama_jax.objectives import rl
 from llama_jax.objectives.kl import KINDS, kl_estimate
 from llama_jax.parallel import sharding
-from llama_jax.steps.common import ROW_FIELDS, Batch, sums_train_step, token_logprobs
+from llama_jax.steps.common import ROW_FIELDS, Batch, row_logprobs, sums_train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,10 +88,10 @@ def make_score_fn(
   def score(policy_params, ref_params, value_params, rows: Batch, scores, kl_coef):
     mask = rows["response_mask"].astype(jnp.float32)
     with sharding.activation_sharding(mesh, rules):
-      logp, entropy = token_logprobs(
+      logp, entropy = row_logprobs(
         policy_model, policy_params, rows, ppo.loss_chunk_size, with_entropy=True
       )
-      ref_logp = token_logprobs(ref_model, ref_params, rows, ppo.loss_chunk_size)
+      ref_logp = row_logprobs(ref_model, ref_params, rows, ppo.loss_chunk_size)
       values = token_values(value_model, value_params, rows) * mask
     kl = kl_estimate(logp, ref_logp, ppo.kl_estimator) * mask
     rewards = ppo_obj.token_rewards(scores, kl, mask, beta=kl_coef)
@@ -127,7 +127,7 @@ def make_policy_step(
   (loss/policy, policy/clipfrac, policy/approxkl, policy/ratio, grad_norm, ...)."""
 
   def sums_fn(params, batch):
-    logp = token_logprobs(model, params, batch, ppo.loss_chunk_size)
+    logp = row_logprobs(model, params, batch, ppo.loss_chunk_size)
     return ppo_obj.policy_sums(
       logp, batch["old_logp"], batch["advantages"], batch["response_mask"], clip_eps=ppo.clip_eps
     )

@@ -195,7 +195,7 @@ def new_train_state(
   return make(params, rng)
 
 
-# Any model (`llama_jax.parallel.sharding.Model`: a linen module, or a `LlamaConfig` for `Llama(config)`).
+# Any model (`sharding.Model`: a linen module, or a `LlamaConfig` for `Llama(config)`).
 
 
 def state_shardings(

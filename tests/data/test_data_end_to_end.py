@@ -20,8 +20,7 @@ from llama_jax.data import (
   make_pipeline,
   make_tokenize_fn,
 )
-from llama_jax.model.llama import init_params
-from llama_jax.parallel.sharding import make_mesh
+from llama_jax.parallel.sharding import init_params, make_mesh
 from llama_jax.testing import apply
 from llama_jax.tokenizer import LLAMA3_CHAT, render_chat, render_prompt_response, tiny_tokenizer
 

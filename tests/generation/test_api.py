@@ -17,8 +17,8 @@ from llama_jax.checkpoint import orbax as ckpt_lib
 from llama_jax.checkpoint import save_hf_checkpoint
 from llama_jax.generation import generate, response_text
 from llama_jax.model import reward_model
-from llama_jax.model.llama import init_params
 from llama_jax.parallel import sharding
+from llama_jax.parallel.sharding import init_params
 from llama_jax.rl import rewards
 from llama_jax.rl.best_of_k import best_of_k, score_candidates, select_best
 from llama_jax.testing import save_workdir

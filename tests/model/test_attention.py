@@ -16,8 +16,9 @@ import pytest
 from llama_jax import KVCache, LlamaConfig
 from llama_jax.model.attention import KERNELS, attend, attend_splash, check_kernel
 from llama_jax.model.config import AttentionImpl
-from llama_jax.model.llama import Llama, attend_xla, init_params, segment_mask
+from llama_jax.model.llama import Llama, attend_xla, segment_mask
 from llama_jax.parallel import sharding
+from llama_jax.parallel.sharding import init_params
 from llama_jax.testing import apply
 
 F32_TOL = 1e-5

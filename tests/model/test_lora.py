@@ -23,9 +23,10 @@ from llama_jax.checkpoint import orbax as ckpt_lib
 from llama_jax.checkpoint import workdirs
 from llama_jax.data import Indexed, PipelineConfig, bundled, make_pair_pipeline
 from llama_jax.model import lora
-from llama_jax.model.llama import Llama, init_params
+from llama_jax.model.llama import Llama
 from llama_jax.model.reward_model import RewardModel
 from llama_jax.parallel import sharding
+from llama_jax.parallel.sharding import init_params
 from llama_jax.steps import common as step_lib
 from llama_jax.steps import dpo as dpo_steps
 from llama_jax.tokenizer import tiny_tokenizer

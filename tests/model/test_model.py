@@ -7,7 +7,8 @@ import pytest
 
 from llama_jax import KVCache, LlamaConfig
 from llama_jax.checkpoint import load_hf_checkpoint
-from llama_jax.model.llama import init_params, llama3_scale_frequencies, rope_inv_frequencies
+from llama_jax.model.llama import llama3_scale_frequencies, rope_inv_frequencies
+from llama_jax.parallel.sharding import init_params
 from llama_jax.testing import HF_TINY, apply, hf_logits, save_hf_tiny
 
 PARITY_TOL = 1e-4

@@ -12,9 +12,10 @@ from llama_jax import LlamaConfig
 from llama_jax.data import PipelineConfig, bundled, ranking
 from llama_jax.data.records import prompt_messages
 from llama_jax.model import reward_model
-from llama_jax.model.llama import Llama, init_params
+from llama_jax.model.llama import Llama
 from llama_jax.objectives import reward as obj
 from llama_jax.parallel import sharding
+from llama_jax.parallel.sharding import init_params
 from llama_jax.steps import common
 from llama_jax.steps import reward as reward_steps
 from llama_jax.tokenizer import render_prompt_response, tiny_tokenizer
@@ -28,7 +29,7 @@ T = 160
 
 @pytest.fixture(scope="module")
 def params():
-  return reward_model.init_params(CFG, jax.random.PRNGKey(0))
+  return sharding.init_params(reward_model.RewardModel(CFG), jax.random.PRNGKey(0))
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +177,7 @@ def batches():
 def run_steps(mesh, batches, accum=1):
   optimizer = ts.make_optimizer(OPT)
   shardings = ts.state_shardings(reward_model.RewardModel(STEP_CFG), optimizer, mesh)
-  params = reward_model.init_params(STEP_CFG, jax.random.PRNGKey(0))
+  params = sharding.init_params(reward_model.RewardModel(STEP_CFG), jax.random.PRNGKey(0))
   rm = reward_model.RewardModel(STEP_CFG)
   state = ts.init_train_state(rm, optimizer, mesh, jax.random.PRNGKey(0), params)
   step = reward_steps.make_train_step(

@@ -7,8 +7,8 @@ from jax.sharding import PartitionSpec as P
 
 from llama_jax import LlamaConfig
 from llama_jax.checkpoint import load_hf_checkpoint
-from llama_jax.model.llama import init_params as init_unsharded
 from llama_jax.parallel import sharding
+from llama_jax.parallel.sharding import init_params as init_unsharded
 from llama_jax.testing import apply, save_hf_tiny
 
 MESHES = [dict(data=1, fsdp=1, tensor=1), dict(data=8, fsdp=1), dict(fsdp=8),

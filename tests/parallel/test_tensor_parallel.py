@@ -19,8 +19,9 @@ from jax.sharding import PartitionSpec as P
 from llama_jax import LlamaConfig
 from llama_jax.generation import GenerationConfig, SamplingConfig, generate_tokens
 from llama_jax.generation.decode import cache_shardings
-from llama_jax.model.llama import init_params, positions_from_segments
+from llama_jax.model.llama import positions_from_segments
 from llama_jax.parallel import sharding
+from llama_jax.parallel.sharding import init_params
 from llama_jax.steps import common, lm
 from llama_jax.testing import apply
 from llama_jax.training import train_state as ts

@@ -15,11 +15,12 @@ import pytest
 from llama_jax import LlamaConfig
 from llama_jax.generation import GenerationConfig, SamplingConfig
 from llama_jax.model import lora, reward_model
-from llama_jax.model.llama import Llama, init_params
+from llama_jax.model.llama import Llama
 from llama_jax.objectives import grpo as grpo_obj
 from llama_jax.objectives import ppo as ppo_obj
 from llama_jax.objectives.kl import kl_estimate
 from llama_jax.parallel import sharding
+from llama_jax.parallel.sharding import init_params
 from llama_jax.rl import online, rollouts
 from llama_jax.rl.rollouts import sample_rollout
 from llama_jax.steps import common as step_lib
@@ -63,7 +64,7 @@ def test_rollout_rows_line_up_with_the_sampled_log_probs(setup):
 
   prompt_ids = [encode_prompt(tokenizer, r["prompt"], chat=True) for r in PROMPTS]
   out = jax.device_get(generate_tokens(config, params, prompt_ids, jax.random.key(3), gen))
-  logp = np.asarray(step_lib.token_logprobs(config, params, rows))
+  logp = np.asarray(step_lib.row_logprobs(config, params, rows))
   for i in range(8):
     mask = rows["response_mask"][i] == 1
     sampled = np.asarray(out.model_logprobs).reshape(8, -1)[i][: mask.sum()]
@@ -110,8 +111,8 @@ def test_one_ppo_policy_and_value_step_lower_their_losses(setup):
   ref = jax.tree.map(lambda x: x * 1.01, params)
   out, metrics = score(params, ref, vparams, rollout.rows, scores, 0.05)
   # The pieces agree with the objectives computed directly.
-  logp = step_lib.token_logprobs(config, params, rollout.rows)
-  ref_logp = step_lib.token_logprobs(config, ref, rollout.rows)
+  logp = step_lib.row_logprobs(config, params, rollout.rows)
+  ref_logp = step_lib.row_logprobs(config, ref, rollout.rows)
   kl = kl_estimate(logp, ref_logp, "k1") * mask
   rewards = ppo_obj.token_rewards(scores, kl, mask, beta=0.05)
   np.testing.assert_allclose(rewards.sum(1), scores - 0.05 * kl.sum(1), rtol=1e-5, atol=1e-6)
@@ -127,7 +128,7 @@ def test_one_ppo_policy_and_value_step_lower_their_losses(setup):
   batch = fixed_minibatch(setup, out)
 
   def policy_loss(p, b):
-    lp = step_lib.token_logprobs(config, p, b)
+    lp = step_lib.row_logprobs(config, p, b)
     return ppo_obj.policy_loss(lp, b["old_logp"], b["advantages"], b["response_mask"])[0]
 
   def value_loss(p, b):
@@ -191,7 +192,7 @@ def test_one_grpo_step_lowers_the_loss(setup):
   )
 
   def loss(p, b):
-    lp = step_lib.token_logprobs(config, p, b)
+    lp = step_lib.row_logprobs(config, p, b)
     return grpo_obj.grpo_loss(
       lp, b["old_logp"], b["ref_logp"], b["advantages"], b["response_mask"], beta=0.04
     )[0]

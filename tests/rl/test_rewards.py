@@ -106,7 +106,7 @@ def test_llama2_scorer_combines_then_whitens():
 def test_reward_scorer_scores_text_and_token_responses_like_the_model():
   cfg = LlamaConfig.preset("tiny", vocab_size=1280, initializer_range=0.1)
   tok = tiny_tokenizer("llama3")
-  params = reward_model.init_params(cfg, jax.random.PRNGKey(3))
+  params = sharding.init_params(reward_model.RewardModel(cfg), jax.random.PRNGKey(3))
   records = bundled.load("preference", "test")[:5]
   prompts = [r["prompt"] for r in records]
   responses = [r["chosen"] for r in records]

@@ -1,4 +1,4 @@
-"""`llama_jax.rl.scorers`: the one scorer signature `(records, prompts, responses) -> scores [N]`."""
+"""`rl.scorers`: the one scorer signature `(records, prompts, responses) -> scores [N]`."""
 
 import numpy as np
 import pytest

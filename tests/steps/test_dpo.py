@@ -12,10 +12,11 @@ import pytest
 from experiments.configs.base import TINY_MODEL
 from llama_jax import LlamaConfig
 from llama_jax.data import Indexed, PipelineConfig, bundled, make_pair_pipeline
-from llama_jax.model.llama import Llama, init_params
+from llama_jax.model.llama import Llama
 from llama_jax.objectives import dpo as dpo_obj
 from llama_jax.objectives import logprobs as lp
 from llama_jax.parallel import sharding
+from llama_jax.parallel.sharding import init_params
 from llama_jax.steps import common as step_lib
 from llama_jax.steps import dpo as dpo_steps
 from llama_jax.steps import lm as lm_steps

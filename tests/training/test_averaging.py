@@ -13,8 +13,8 @@ from experiments.configs.base import TINY_MODEL
 from llama_jax import LlamaConfig
 from llama_jax.checkpoint import save_hf_checkpoint, workdirs
 from llama_jax.model import reward_model
-from llama_jax.model.llama import init_params
 from llama_jax.parallel import sharding
+from llama_jax.parallel.sharding import init_params
 from llama_jax.testing import save_workdir
 from llama_jax.training import averaging
 from llama_jax.training import train_state as ts
