@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 from absl import app, flags
 
-from experiments import common
+from experiments import runs
 from llama_jax.checkpoint import orbax as ckpt_lib
 from llama_jax.checkpoint import save_hf_checkpoint, workdirs
 from llama_jax.parallel import sharding
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 AVERAGE_FILE = "average.json"
 
 
-@common.locked_run
+@runs.locked_run
 def run(
   inputs: Sequence[str],
   workdir: str,
@@ -70,9 +70,9 @@ def _floats(csv: str) -> list[float] | None:
 
 def main(argv):
   del argv
-  common.setup_logging()
+  runs.setup_logging()
   f = flags.FLAGS
-  with common.one_line_errors():
+  with runs.one_line_errors():
     run([p for p in f.inputs.split(",") if p], f.workdir, _floats(f.weights), f.hf_out)
 
 

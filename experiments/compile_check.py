@@ -35,7 +35,7 @@ import ml_collections  # noqa: E402
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments import common
+from experiments import runs, sections
 from llama_jax.parallel import aot
 from llama_jax.parallel.topologies import Topology, get_topology
 
@@ -100,9 +100,9 @@ def check(
   """Compiles every function of one stage config on `topology`; one `Row` each."""
   stage = stage or kind
   try:
-    mesh = common.build_mesh(cfg.mesh, topology.devices())
+    mesh = sections.build_mesh(cfg.mesh, topology.devices())
     programs = stage_programs(kind, cfg, mesh, assumed)
-  except common.ConfigError:
+  except sections.ConfigError:
     raise  # a misspelled key or a wrong type: the config is wrong everywhere, not just here
   except ValueError as e:  # the config does not fit the mesh: a row, not a crash
     return [Row(stage, topology.name, {}, None, error=str(e))]
@@ -128,7 +128,7 @@ def check_config(
   """`check` of a stage config, or of every stage of a recipe config (`name` is the config
   file's stem: sft, dpo, llama3_recipe, ...)."""
   if name.endswith("_recipe"):
-    common.check_config(cfg, common.reference_config(name))
+    sections.check_config(cfg, sections.reference_config(name))
     rows = []
     for section, kind, stage_cfg in recipe_stages(cfg):
       rows += check(kind, stage_cfg, topology, assumed, stage=section)
@@ -208,7 +208,7 @@ def write_json(path: str, rows: list[Row]) -> None:
 
 def main(argv) -> int:
   del argv
-  common.setup_logging()
+  runs.setup_logging()
   assumed = aot.Assumed(prompt_len=FLAGS.prompt_len, num_pairs=FLAGS.num_pairs)
   if FLAGS.targets:
     from experiments import targets

@@ -28,7 +28,7 @@ import optax
 from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec
 
-from experiments import common
+from experiments import data_sources, models, runs, sections
 from llama_jax.checkpoint import atomic, workdirs
 from llama_jax.data import Indexed, make_pair_pipeline
 from llama_jax.parallel import aot, sharding
@@ -53,7 +53,7 @@ PLOT_PANELS = (
 
 
 def dpo_config(cfg: ml_collections.ConfigDict) -> dpo_steps.DPOConfig:
-  return common.from_section(
+  return sections.from_section(
     dpo_steps.DPOConfig, cfg.dpo, loss_chunk_size=cfg.train.loss_chunk_size
   )
 
@@ -129,9 +129,9 @@ def build_steps(cfg, model_cfg, mesh, num_steps: int, reference: str | None = No
   config's) on `mesh`: what `run` trains with and `programs` compiles ahead of time."""
   dpo = dpo_config(cfg)
   reference = reference or cfg.dpo.reference
-  opt_cfg = common.train_optimizer_config(cfg, num_steps)
-  optimizer = ts.make_optimizer(opt_cfg, trainable=common.trainable(cfg))
-  model = common.build_model(cfg, model_cfg)  # the policy; the reference is plain `model_cfg`
+  opt_cfg = sections.train_optimizer_config(cfg, num_steps)
+  optimizer = ts.make_optimizer(opt_cfg, trainable=models.trainable(cfg))
+  model = models.build_model(cfg, model_cfg)  # the policy; the reference is plain `model_cfg`
   shardings = ts.state_shardings(model, optimizer, mesh)
   if reference == "precomputed":
     frozen_sharding = NamedSharding(mesh, PartitionSpec())
@@ -159,9 +159,9 @@ def build_steps(cfg, model_cfg, mesh, num_steps: int, reference: str | None = No
 def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list[aot.Program]:
   """Both reference modes' steps and the reference pass, with abstract arguments (for
   `experiments.compile_check`); the precomputed table has `assumed.num_pairs` rows."""
-  common.check_config(cfg, common.reference_config("dpo"))
-  model_cfg = common.model_config(cfg)
-  common.check_fits(model_cfg, cfg, None, mesh)
+  sections.check_config(cfg, sections.reference_config("dpo"))
+  model_cfg = sections.model_config(cfg)
+  models.check_fits(model_cfg, cfg, None, mesh)
   b, t = cfg.data.batch_size, cfg.data.seq_len
   side = aot.rows(step_lib.batch_sharding(mesh), b, t, dpo_steps.ROW_FIELDS, ("valid", "index"))
   batch = {s: side for s in dpo_steps.SIDES}
@@ -191,16 +191,16 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
   return out
 
 
-@common.locked_run
+@runs.locked_run
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) DPO in `workdir`; returns the held-out metrics before and after."""
-  common.check_config(cfg, common.reference_config("dpo"))
+  sections.check_config(cfg, sections.reference_config("dpo"))
   sharding.initialize_distributed()
-  tokenizer = common.build_tokenizer(cfg.tokenizer, cfg.init_from)
-  mesh = common.build_mesh(cfg.mesh)
-  model_cfg, params = common.load_model(cfg, mesh)
-  common.check_fits(model_cfg, cfg, tokenizer, mesh)
-  common.write_run_files(workdir, cfg, model_cfg)
+  tokenizer = models.build_tokenizer(cfg.tokenizer, cfg.init_from)
+  mesh = sections.build_mesh(cfg.mesh)
+  model_cfg, params = models.load_model(cfg, mesh)
+  models.check_fits(model_cfg, cfg, tokenizer, mesh)
+  runs.write_run_files(workdir, cfg, model_cfg)
   dpo = dpo_config(cfg)
   if params is None:
     log.warning("init_from is empty: DPO from randomly initialized weights (a smoke test)")
@@ -215,13 +215,15 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ref_params = jax.tree.map(lambda x: x.copy(), params)
 
   splits = {
-    "train": common.load_preference_records(cfg.data, cfg.data.train_split, cfg.data.train_ratings)
+    "train": data_sources.load_preference_records(
+      cfg.data, cfg.data.train_split, cfg.data.train_ratings
+    )
   }
   if cfg.data.eval_split:
-    splits["eval"] = common.load_preference_records(
+    splits["eval"] = data_sources.load_preference_records(
       cfg.data, cfg.data.eval_split, cfg.data.eval_ratings
     )
-  pipeline_cfg = common.pipeline_config(cfg.data)
+  pipeline_cfg = data_sources.pipeline_config(cfg.data)
   pipeline = lambda records, **kw: make_pair_pipeline(
     Indexed(records), tokenizer, pipeline_cfg, mesh=mesh, **kw
   )
@@ -254,7 +256,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   def init_state():
     state = ts.init_train_state(
       steps.model, steps.optimizer, mesh, jax.random.PRNGKey(cfg.train.seed),
-      params=common.add_adapters(cfg, steps.model, params, mesh),
+      params=models.add_adapters(cfg, steps.model, params, mesh),
     )
     if eval_fn is not None:  # the starting point, for the report (the policy is the reference)
       results["initial"] = eval_fn(state)
@@ -271,14 +273,14 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       train_step=lambda state, batch: steps.train_step(state, batch, frozen["train"]),
       train_iter=train_iter,
       workdir=workdir,
-      loop=common.loop_config(ml_collections.ConfigDict(train)),
+      loop=sections.loop_config(ml_collections.ConfigDict(train)),
       eval_fn=eval_fn,
       flops_per_token=model_cfg.flops_per_token(cfg.data.seq_len),
       peak_flops_per_device=cfg.train.peak_flops or None,
       meta={"model": model_cfg.to_dict(), "dpo": cfg.dpo.to_dict()},
       plot_panels=PLOT_PANELS,
     )
-  results = common.final_results(workdir, results)
+  results = runs.final_results(workdir, results)
   initial = Path(workdir, INITIAL_EVAL_FILE)
   if results and "initial" not in results and initial.exists():  # resumed: measured earlier
     results["initial"] = atomic.read_json(initial)
@@ -288,11 +290,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def main(argv):
   del argv
-  common.setup_logging()
-  with common.one_line_errors():
+  runs.setup_logging()
+  with runs.one_line_errors():
     run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  common.define_flags()  # here, not at import: tests import `run` beside other launchers
+  runs.define_flags()  # here, not at import: tests import `run` beside other launchers
   app.run(main)

@@ -17,7 +17,7 @@ from pathlib import Path
 from absl import app, flags
 
 import llama_jax
-from experiments import common
+from experiments import models, runs
 from llama_jax.checkpoint import save_hf_checkpoint, workdirs
 from llama_jax.parallel import sharding
 from llama_jax.tokenizer.loading import TINY_TOKENIZERS
@@ -47,7 +47,7 @@ def copy_tokenizer(source: str, out: Path) -> None:
     source = str(assets / TINY_TOKENIZERS[source.removeprefix("tiny:")])
   path = Path(source)
   if workdirs.is_gguf(path):
-    common.build_tokenizer(source).save(out)
+    models.build_tokenizer(source).save(out)
   elif path.is_file():
     shutil.copy(path, out / ("tokenizer.json" if path.suffix == ".json" else "tokenizer.model"))
   else:
@@ -59,7 +59,7 @@ def copy_tokenizer(source: str, out: Path) -> None:
 
 def main(argv):
   del argv
-  common.setup_logging()
+  runs.setup_logging()
   run(flags.FLAGS.workdir, flags.FLAGS.hf_out)
 
 

@@ -41,7 +41,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from experiments import average, common, dpo, llama2_recipe, lm, ppo, recipes
+from experiments import average, dpo, llama2_recipe, lm, ppo, recipes, runs, sections
 from experiments import rejection_sampling as rs_experiment
 from experiments import reward_model as rm_experiment
 from llama_jax.checkpoint import atomic, workdirs
@@ -84,10 +84,10 @@ class Lab:
 def check_values(cfg: ml_collections.ConfigDict) -> None:
   """Refuses values no finding can use, before anything runs."""
   if cfg.seeds < 2:
-    raise common.ConfigError(f"seeds={cfg.seeds}: an interval needs at least 2 (findings: 3+)")
+    raise sections.ConfigError(f"seeds={cfg.seeds}: an interval needs at least 2 (findings: 3+)")
   ns = [int(n) for n in names(cfg.best_of_n.ns)]
   if not ns or ns[0] != 1 or ns != sorted(set(ns)) or ns[-1] > cfg.best_of_n.num_samples:
-    raise common.ConfigError(
+    raise sections.ConfigError(
       f"best_of_n.ns={cfg.best_of_n.ns!r}: rising from 1 to at most num_samples "
       f"({cfg.best_of_n.num_samples})"
     )
@@ -343,7 +343,7 @@ def follow_rates(lab: Lab, policy: str, out_dir: str) -> dict[str, float]:
   (the instruction only in the system message) follows the instruction."""
   g, e = lab.cfg.gatt, lab.cfg.eval
   instructions = gatt.get_instructions(g.instructions)
-  mesh = common.build_mesh(e.mesh)
+  mesh = sections.build_mesh(e.mesh)
   config, params = workdirs.load_model(policy, mesh, kind="lm")
   rates, samples = {}, []
   for turns in names(g.turns):
@@ -450,10 +450,10 @@ def write_findings(workdir: str, title: str, findings: Sequence[ablation.Finding
   return markdown
 
 
-@common.locked_run
+@runs.locked_run
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> list[ablation.Finding]:
   """Runs (or resumes) every ablation in `workdir`; returns the findings."""
-  common.check_config(cfg, common.reference_config("findings"))
+  sections.check_config(cfg, sections.reference_config("findings"))
   check_values(cfg)
   recipe = recipes.Recipe(cfg, workdir, "Findings: " + cfg.name, safe=("seeds",))
   pretrained = cfg.init_from or recipe.path("base/pretrain")
@@ -482,11 +482,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> list[ablation.Finding]:
 
 def main(argv):
   del argv
-  common.setup_logging()
-  with common.one_line_errors():
+  runs.setup_logging()
+  with runs.one_line_errors():
     run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  common.define_flags()
+  runs.define_flags()
   app.run(main)

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from experiments import common
+from experiments import data_sources, models, runs, sections
 from llama_jax.generation import (
   Generation,
   GenerationConfig,
@@ -50,20 +50,20 @@ def build_scorer(cfg: ml_collections.ConfigDict, tokenizer, mesh) -> scorers.Sco
 
 
 def check_config(cfg: ml_collections.ConfigDict) -> None:
-  """`common.check_config` against the generate reference; a config of before the `reward`
+  """`sections.check_config` against the generate reference; a config of before the `reward`
   section (a top-level `scorer`) is told what replaced it."""
   if "scorer" in cfg:
-    raise common.ConfigError(
+    raise sections.ConfigError(
       f"config.scorer={cfg.scorer!r} is now config.reward.kind (with the reward section's "
       "reward-model fields; '' = no scores)"
     )
-  common.check_config(cfg, common.reference_config("generate"))
+  sections.check_config(cfg, sections.reference_config("generate"))
 
 
 def prompt_records(cfg: ml_collections.ConfigDict) -> list[dict[str, Any]]:
   """The configured prompts: those of `split` whose task is in `tasks` (comma-separated;
   "" = all), from index `start`, `num_prompts` of them (0 = all)."""
-  records = list(common.load_records(cfg, cfg.split))
+  records = list(data_sources.load_records(cfg, cfg.split))
   if tasks := [t.strip() for t in cfg.get("tasks", "").split(",") if t.strip()]:
     records = [r for r in records if r.get("task") in tasks]
     if not records:
@@ -129,7 +129,7 @@ def check_generation_config(cfg: ml_collections.ConfigDict, model_cfg, num_sampl
 def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list[aot.Program]:
   """The sampler of one batch of `data.batch_size` prompts (`experiments.compile_check`)."""
   check_config(cfg)
-  model_cfg = common.model_config(cfg)
+  model_cfg = sections.model_config(cfg)
   sharding.check_fits_mesh(model_cfg, mesh)
   gen = check_generation_config(cfg, model_cfg)
   return [generation_program(model_cfg, gen, cfg.data.batch_size, assumed.prompt_len, mesh)]
@@ -137,17 +137,17 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
 
 def load_policy(cfg: ml_collections.ConfigDict):
   """`(tokenizer, mesh, model_config, params)` of the model to sample from (`init_from`)."""
-  tokenizer = common.build_tokenizer(cfg.tokenizer, cfg.init_from)
-  mesh = common.build_mesh(cfg.mesh)
-  model_cfg, params = common.load_model(cfg, mesh)
-  common.check_tokenizer(model_cfg, tokenizer, cfg)
+  tokenizer = models.build_tokenizer(cfg.tokenizer, cfg.init_from)
+  mesh = sections.build_mesh(cfg.mesh)
+  model_cfg, params = models.load_model(cfg, mesh)
+  models.check_tokenizer(model_cfg, tokenizer, cfg)
   if params is None:
     log.warning("init_from is empty: sampling from randomly initialized weights")
     params = sharding.init_params(model_cfg, jax.random.key(cfg.generation.seed), mesh)
   return tokenizer, mesh, model_cfg, params
 
 
-@common.locked_run
+@runs.locked_run
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Samples responses to the configured prompts into `workdir/samples.jsonl`.
 
@@ -206,11 +206,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
 def main(argv):
   del argv
-  common.setup_logging()
-  with common.one_line_errors():
+  runs.setup_logging()
+  with runs.one_line_errors():
     run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  common.define_flags()  # here, not at import: tests import `run` next to other launchers
+  runs.define_flags()  # here, not at import: tests import `run` next to other launchers
   app.run(main)

@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec
 
-from experiments import common, online_rl
+from experiments import models, online_rl, runs, sections
 from llama_jax.parallel import aot, sharding
 from llama_jax.rl import online
 from llama_jax.steps import common as step_lib
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 def grpo_config(cfg: ml_collections.ConfigDict) -> grpo_steps.GRPOConfig:
   """The `grpo` section (with the train and generation settings it depends on)."""
-  return common.from_section(
+  return sections.from_section(
     grpo_steps.GRPOConfig, cfg.grpo, loss_chunk_size=cfg.train.loss_chunk_size,
     max_length=cfg.generation.max_new_tokens,
   )  # fmt: skip
@@ -46,9 +46,10 @@ def build_steps(cfg: ml_collections.ConfigDict, model_cfg, mesh) -> online.GRPO:
   """The optimizer and jitted functions of `cfg` on `mesh` as an `online.GRPO`: what `run`
   trains with and `programs` compiles ahead of time."""
   grpo = grpo_config(cfg)
-  opt_cfg = common.optimizer_config(cfg.optimizer, cfg.train.num_steps * cfg.train.num_minibatches)
-  optimizer = ts.make_optimizer(opt_cfg, trainable=common.trainable(cfg))
-  model = common.build_model(cfg, model_cfg)
+  num_updates = cfg.train.num_steps * cfg.train.num_minibatches
+  opt_cfg = sections.optimizer_config(cfg.optimizer, num_updates)
+  optimizer = ts.make_optimizer(opt_cfg, trainable=models.trainable(cfg))
+  model = models.build_model(cfg, model_cfg)
   shardings = ts.state_shardings(model, optimizer, mesh)
   step = grpo_steps.make_train_step(
     model, optimizer, grpo, mesh=mesh, grad_accum_steps=cfg.train.grad_accum_steps
@@ -71,8 +72,8 @@ def build_steps(cfg: ml_collections.ConfigDict, model_cfg, mesh) -> online.GRPO:
 def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list[aot.Program]:
   """One iteration's compiled functions with abstract arguments (`experiments.compile_check`):
   sampling, reward models, the policy's and the reference's log-probs, the update."""
-  common.check_config(cfg, common.reference_config("grpo"))
-  model_cfg = common.model_config(cfg)
+  sections.check_config(cfg, sections.reference_config("grpo"))
+  model_cfg = sections.model_config(cfg)
   online_rl.check_minibatches(cfg, mesh, cfg.grpo.group_size)
   sharding.check_fits_mesh(model_cfg, mesh)
   algorithm = build_steps(cfg, model_cfg, mesh)
@@ -104,14 +105,14 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
   ]  # fmt: skip
 
 
-@common.locked_run
+@runs.locked_run
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the critic-free algorithm of `cfg.grpo` in `workdir`; returns the first
   and last iterations' metrics (`online.summarize`)."""
   sharding.initialize_distributed()
-  common.check_config(cfg, common.reference_config("grpo"))
+  sections.check_config(cfg, sections.reference_config("grpo"))
   policy = online_rl.load_policy(cfg, cfg.grpo.group_size)
-  common.write_run_files(workdir, cfg, policy.config)
+  runs.write_run_files(workdir, cfg, policy.config)
   algorithm = build_steps(cfg, policy.config, policy.mesh)
   key = jax.random.PRNGKey(cfg.train.seed)
   return online_rl.train(
@@ -123,11 +124,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def main(argv):
   del argv
-  common.setup_logging()
-  with common.one_line_errors():
+  runs.setup_logging()
+  with runs.one_line_errors():
     run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  common.define_flags()
+  runs.define_flags()
   app.run(main)

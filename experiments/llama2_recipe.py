@@ -35,7 +35,16 @@ import jax
 import ml_collections
 from absl import app, flags
 
-from experiments import common, lm, ppo, recipes, rejection_sampling, reward_model
+from experiments import (
+  data_sources,
+  lm,
+  ppo,
+  recipes,
+  rejection_sampling,
+  reward_model,
+  runs,
+  sections,
+)
 from llama_jax.checkpoint import workdirs
 from llama_jax.data import gatt
 from llama_jax.evaluation import policy as evaluation
@@ -44,10 +53,10 @@ from llama_jax.generation import encode_prompt
 GATT_FILE = "gatt.jsonl"
 
 
-@common.locked_run
+@runs.locked_run
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the recipe in `workdir`; returns the report dict."""
-  common.check_config(cfg, common.reference_config("llama2_recipe"))
+  sections.check_config(cfg, sections.reference_config("llama2_recipe"))
   recipe = recipes.Recipe(cfg, workdir, "Llama 2 recipe: " + cfg.name)
   pretrained = recipes.pretrained_model(recipe)
   sft = recipe.path("sft")
@@ -109,7 +118,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def dialogues(g: ml_collections.ConfigDict, split: str, num: int):
   """`num` multi-turn dialogues of `g.num_turns` exchanges from the `g.data` sft split."""
-  pairs = gatt.exchanges(common.load_records(g.data, split))
+  pairs = gatt.exchanges(data_sources.load_records(g.data, split))
   return gatt.make_dialogues(pairs, num, g.num_turns, g.seed)
 
 
@@ -120,7 +129,7 @@ def gatt_data(
   dataset; returns its location and the sampling statistics. `g`: the gatt section
   (default the recipe's)."""
   g, e = g or recipe.cfg.gatt, recipe.cfg.eval
-  mesh = common.build_mesh(e.mesh)
+  mesh = sections.build_mesh(e.mesh)
   config, params = workdirs.load_model(policy, mesh, kind="lm")
   limit = config.max_seq_len - e.max_new_tokens
 
@@ -154,11 +163,11 @@ def gatt_data(
 
 def main(argv):
   del argv
-  common.setup_logging()
-  with common.one_line_errors():
+  runs.setup_logging()
+  with runs.one_line_errors():
     run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  common.define_flags()
+  runs.define_flags()
   app.run(main)

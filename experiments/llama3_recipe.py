@@ -32,13 +32,13 @@ from typing import Any
 import ml_collections
 from absl import app, flags
 
-from experiments import average, common, dpo, lm, recipes, rejection_sampling, reward_model
+from experiments import average, dpo, lm, recipes, rejection_sampling, reward_model, runs, sections
 
 
-@common.locked_run
+@runs.locked_run
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the recipe in `workdir`; returns the report dict."""
-  common.check_config(cfg, common.reference_config("llama3_recipe"))
+  sections.check_config(cfg, sections.reference_config("llama3_recipe"))
   recipe = recipes.Recipe(cfg, workdir, "Llama 3 recipe: " + cfg.name)
   pretrained = recipes.pretrained_model(recipe)
   sft = recipe.path("sft")
@@ -86,11 +86,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def main(argv):
   del argv
-  common.setup_logging()
-  with common.one_line_errors():
+  runs.setup_logging()
+  with runs.one_line_errors():
     run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  common.define_flags()
+  runs.define_flags()
   app.run(main)

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from experiments import common
+from experiments import data_sources, models, runs, sections
 from llama_jax.objectives import lm as lm_obj
 from llama_jax.parallel import aot, sharding
 from llama_jax.steps import common as step_lib
@@ -56,9 +56,9 @@ class LMSteps:
 def build_steps(cfg: ml_collections.ConfigDict, model_cfg, mesh) -> LMSteps:
   """The optimizer and the jitted train / eval steps of `cfg` on `mesh`: what `run` trains
   with and `programs` compiles ahead of time."""
-  opt_cfg = common.optimizer_config(cfg.optimizer, cfg.train.num_steps)
-  optimizer = ts.make_optimizer(opt_cfg, trainable=common.trainable(cfg))
-  model = common.build_model(cfg, model_cfg)
+  opt_cfg = sections.optimizer_config(cfg.optimizer, cfg.train.num_steps)
+  optimizer = ts.make_optimizer(opt_cfg, trainable=models.trainable(cfg))
+  model = models.build_model(cfg, model_cfg)
   shardings = ts.state_shardings(model, optimizer, mesh)
   train_step = lm_steps.make_train_step(
     model,
@@ -87,9 +87,9 @@ def build_steps(cfg: ml_collections.ConfigDict, model_cfg, mesh) -> LMSteps:
 def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list[aot.Program]:
   """The run's compiled functions with abstract arguments, for `experiments.compile_check`."""
   del assumed  # an LM batch is fully given by the config
-  common.check_config(cfg, common.reference_config(STAGE))
-  model_cfg = common.model_config(cfg)
-  common.check_fits(model_cfg, cfg, None, mesh)
+  sections.check_config(cfg, sections.reference_config(STAGE))
+  model_cfg = sections.model_config(cfg)
+  models.check_fits(model_cfg, cfg, None, mesh)
   steps = build_steps(cfg, model_cfg, mesh)
   b, t = cfg.data.batch_size, cfg.data.seq_len
   batch = aot.rows(step_lib.batch_sharding(mesh), b, t, lm_steps.LM_FIELDS)
@@ -99,21 +99,21 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
   )
 
 
-@common.locked_run
+@runs.locked_run
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the final evaluation metrics."""
-  common.check_config(cfg, common.reference_config(STAGE))
+  sections.check_config(cfg, sections.reference_config(STAGE))
   sharding.initialize_distributed()  # multi-host TPU / SLURM; a no-op on one process
-  tokenizer = common.build_tokenizer(cfg.tokenizer, cfg.init_from)
-  mesh = common.build_mesh(cfg.mesh)
-  model_cfg, params = common.load_model(cfg, mesh)
-  common.check_fits(model_cfg, cfg, tokenizer, mesh)
-  common.check_data_kind(cfg.data, tokenizer)
-  common.write_run_files(workdir, cfg, model_cfg)
+  tokenizer = models.build_tokenizer(cfg.tokenizer, cfg.init_from)
+  mesh = sections.build_mesh(cfg.mesh)
+  model_cfg, params = models.load_model(cfg, mesh)
+  models.check_fits(model_cfg, cfg, tokenizer, mesh)
+  data_sources.check_data_kind(cfg.data, tokenizer)
+  runs.write_run_files(workdir, cfg, model_cfg)
   log.info("Model: %s parameters on mesh %s", f"{model_cfg.num_params():,}", dict(mesh.shape))
 
   steps = build_steps(cfg, model_cfg, mesh)
-  eval_batches = common.make_eval_batches(cfg.data, tokenizer, mesh)
+  eval_batches = data_sources.make_eval_batches(cfg.data, tokenizer, mesh)
   eval_fn = None if eval_batches is None else make_eval_fn(eval_batches, steps.eval_step)
 
   results: dict[str, Any] = {}
@@ -122,22 +122,22 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     results.update(eval_fn(state))
     return results
 
-  with common.make_train_pipeline(cfg.data, tokenizer, mesh) as train_iter:
+  with data_sources.make_train_pipeline(cfg.data, tokenizer, mesh) as train_iter:
     state = fit(
       init_state=lambda: ts.init_train_state(
         steps.model, steps.optimizer, mesh, jax.random.PRNGKey(cfg.train.seed),
-        params=None if params is None else common.add_adapters(cfg, steps.model, params, mesh),
+        params=None if params is None else models.add_adapters(cfg, steps.model, params, mesh),
       ),
       abstract_state=steps.abstract_state,
       train_step=steps.train_step,
       train_iter=train_iter,
       workdir=workdir,
-      loop=common.loop_config(cfg.train),
+      loop=sections.loop_config(cfg.train),
       eval_fn=None if eval_fn is None else final_eval,
       flops_per_token=model_cfg.flops_per_token(cfg.data.seq_len),
       peak_flops_per_device=cfg.train.peak_flops or None,
       meta={"model": model_cfg.to_dict()},
     )
-  results = common.final_results(workdir, results)
+  results = runs.final_results(workdir, results)
   log.info("Finished at step %d: %s", int(state.step), results)
   return results

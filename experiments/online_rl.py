@@ -14,8 +14,8 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from experiments import common, rejection_sampling
 from experiments import generate as generate_experiment
+from experiments import models, rejection_sampling, sections
 from llama_jax.model.config import LlamaConfig
 from llama_jax.parallel import aot, sharding
 from llama_jax.rl import online, rollouts
@@ -86,7 +86,7 @@ def sampling_mesh(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Mesh:
   devices = [d for ds in by_process.values() for d in ds[: n // len(by_process)]]
   shape = {a: s[a] or 1 for a in ("data", "fsdp", "tensor")}  # an axis left 0 is 1 wide
   try:
-    return common.build_mesh(ml_collections.ConfigDict(shape), devices)
+    return sections.build_mesh(ml_collections.ConfigDict(shape), devices)
   except ValueError as e:
     raise ValueError(f"sampling_mesh: {e}") from e
 
@@ -97,7 +97,7 @@ def sampler(cfg: ml_collections.ConfigDict, model_cfg, tokenizer, mesh, num_samp
   gen = generate_experiment.generation_config(
     cfg, tokenizer.stop_ids, tokenizer.pad_id, num_samples
   )
-  model = common.build_model(cfg, model_cfg)  # samples with the policy's adapters, if any
+  model = models.build_model(cfg, model_cfg)  # samples with the policy's adapters, if any
   return online.Sampler(model, tokenizer, gen, chat=cfg.chat, mesh=sampling_mesh(cfg, mesh))
 
 
@@ -128,7 +128,7 @@ def train(
   )
   return online.train_online(
     iteration, init_state=init_state, abstract_state=algorithm.abstract_state(),
-    prompts=prompt_iterator(cfg), workdir=workdir, loop=common.loop_config(cfg.train),
+    prompts=prompt_iterator(cfg), workdir=workdir, loop=sections.loop_config(cfg.train),
     meta=meta, plot_panels=plot_panels,
   )  # fmt: skip
 

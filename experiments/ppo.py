@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec
 
-from experiments import common, online_rl
+from experiments import models, online_rl, runs, sections
 from llama_jax.checkpoint import workdirs
 from llama_jax.model import reward_model
 from llama_jax.parallel import aot, sharding
@@ -41,7 +41,7 @@ PLOT_PANELS = (*online.PLOT_PANELS, ("loss/value", "value/explained_variance"))
 def ppo_config(cfg: ml_collections.ConfigDict) -> ppo_steps.PPOConfig:
   """The `ppo` section (with the train settings it depends on)."""
   chunk = cfg.train.loss_chunk_size
-  return common.from_section(ppo_steps.PPOConfig, cfg.ppo, loss_chunk_size=chunk)
+  return sections.from_section(ppo_steps.PPOConfig, cfg.ppo, loss_chunk_size=chunk)
 
 
 def load_value_model(cfg: ml_collections.ConfigDict, policy: online_rl.Policy):
@@ -58,10 +58,10 @@ def build_steps(cfg: ml_collections.ConfigDict, model_cfg, value_cfg, mesh) -> o
   ppo = ppo_config(cfg)
   num_updates = cfg.train.num_steps * cfg.train.num_minibatches
   policy_opt = ts.make_optimizer(
-    common.optimizer_config(cfg.optimizer, num_updates), trainable=common.trainable(cfg)
+    sections.optimizer_config(cfg.optimizer, num_updates), trainable=models.trainable(cfg)
   )
-  value_opt = ts.make_optimizer(common.optimizer_config(cfg.value.optimizer, num_updates))
-  model = common.build_model(cfg, model_cfg)  # the policy (LoRA adapters if configured)
+  value_opt = ts.make_optimizer(sections.optimizer_config(cfg.value.optimizer, num_updates))
+  model = models.build_model(cfg, model_cfg)  # the policy (LoRA adapters if configured)
   policy_sh = ts.state_shardings(model, policy_opt, mesh)
   ref_sh = sharding.param_shardings(model_cfg, mesh)  # the reference: plain weights
   value_sh = ts.state_shardings(reward_model.RewardModel(value_cfg), value_opt, mesh)
@@ -97,8 +97,8 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
   """One iteration's compiled functions with abstract arguments (`experiments.compile_check`):
   sampling, reward models, scoring (policy, reference and value passes), both updates. The
   value model is assumed to have the policy's architecture (Llama 2: the helpfulness RM)."""
-  common.check_config(cfg, common.reference_config("ppo"))
-  model_cfg = common.model_config(cfg)
+  sections.check_config(cfg, sections.reference_config("ppo"))
+  model_cfg = sections.model_config(cfg)
   online_rl.check_minibatches(cfg, mesh, cfg.generation.num_samples)
   sharding.check_fits_mesh(model_cfg, mesh)
   algorithm = build_steps(cfg, model_cfg, model_cfg, mesh)
@@ -129,12 +129,12 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
   ]  # fmt: skip
 
 
-@common.locked_run
+@runs.locked_run
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) PPO in `workdir`; returns start vs end means of the iteration metrics."""
-  common.check_config(cfg, common.reference_config("ppo"))
+  sections.check_config(cfg, sections.reference_config("ppo"))
   policy = online_rl.load_policy(cfg, cfg.generation.num_samples)
-  common.write_run_files(workdir, cfg, policy.config)
+  runs.write_run_files(workdir, cfg, policy.config)
   value_cfg, value_params = load_value_model(cfg, policy)
   algorithm = build_steps(cfg, policy.config, value_cfg, policy.mesh)
   key = jax.random.PRNGKey(cfg.train.seed)
@@ -148,11 +148,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def main(argv):
   del argv
-  common.setup_logging()
-  with common.one_line_errors():
+  runs.setup_logging()
+  with runs.one_line_errors():
     run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  common.define_flags()
+  runs.define_flags()
   app.run(main)

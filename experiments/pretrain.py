@@ -8,15 +8,15 @@ DIR/checkpoints/; rerunning with the same workdir resumes.
 
 from absl import app, flags
 
-from experiments import common, lm
+from experiments import lm, runs
 
-common.define_flags()
+runs.define_flags()
 
 
 def main(argv):
   del argv
-  common.setup_logging()
-  with common.one_line_errors():
+  runs.setup_logging()
+  with runs.one_line_errors():
     lm.run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

@@ -25,7 +25,7 @@ import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
-from experiments import common, dpo, lm, report
+from experiments import dpo, lm, models, report, runs, sections
 from experiments import generate as generate_experiment
 from llama_jax.checkpoint import atomic, workdirs
 from llama_jax.data import builders, bundled, gatt
@@ -46,7 +46,7 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
   `eval` section plus the policy's `model`): answers to `batch_size` prompts, and the KL
   pass's log-probs of the policy and of the reference, which are on the devices together.
   (The KL's one temperature-1 sample per prompt compiles the same shapes as the answers.)"""
-  model_cfg = common.model_config(cfg)
+  model_cfg = sections.model_config(cfg)
   sharding.check_fits_mesh(model_cfg, mesh)
   section = ml_collections.ConfigDict({"generation": {
     "max_new_tokens": cfg.max_new_tokens, "num_samples": 1, "temperature": 0.0, "top_k": 0,
@@ -103,8 +103,8 @@ class Recipe:
     config_file = self.workdir / "recipe_config.json"
     config_json = cfg.to_json_best_effort(indent=2)
     saved = json.loads(config_file.read_text()) if config_file.exists() else None
-    if saved is not None and (changes := common.config_changes(saved, cfg, safe=safe)):
-      raise common.ConfigChanged(
+    if saved is not None and (changes := runs.config_changes(saved, cfg, safe=safe)):
+      raise runs.ConfigChanged(
         f"{workdir} holds a recipe run with another config ({config_file}); finished stages "
         "would be reused as they are. Changed:\n  " + "\n  ".join(changes)
         + "\nUse a new workdir, or delete this one to start over"
@@ -113,7 +113,7 @@ class Recipe:
     if self.writer:
       atomic.write_text(config_file, config_json)
     self.report: dict[str, Any] = {"title": title, "stages": []}
-    self.tokenizer = common.build_tokenizer(cfg.tokenizer)
+    self.tokenizer = models.build_tokenizer(cfg.tokenizer)
     self._eval_records = generate_experiment.prompt_records(cfg.eval.data)
     self._gatt_eval = None
 
@@ -167,7 +167,7 @@ class Recipe:
 
     def run(out_dir: str) -> dict[str, float]:
       e = self.cfg.eval
-      mesh = common.build_mesh(e.mesh)
+      mesh = sections.build_mesh(e.mesh)
       config, params = workdirs.load_model(policy_dir, mesh, kind="lm")
       ref = None
       if policy_dir != reference_dir:

@@ -42,8 +42,8 @@ import numpy as np
 from absl import app, flags
 from jax.experimental import multihost_utils
 
-from experiments import common
 from experiments import generate as generate_experiment
+from experiments import runs, sections
 from llama_jax.checkpoint import atomic
 from llama_jax.data import builders
 from llama_jax.model import reward_model
@@ -104,8 +104,8 @@ def scorer_programs(
 def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list[aot.Program]:
   """Sampling K answers per prompt and scoring them (`experiments.compile_check`): the
   policy and every reward model are on the devices together."""
-  common.check_config(cfg, common.reference_config("rejection_sampling"))
-  model_cfg = common.model_config(cfg)
+  sections.check_config(cfg, sections.reference_config("rejection_sampling"))
+  model_cfg = sections.model_config(cfg)
   sharding.check_fits_mesh(model_cfg, mesh)
   gen = generate_experiment.check_generation_config(cfg, model_cfg)
   policy = sharding.abstract_sharded_params(model_cfg, mesh)
@@ -189,12 +189,12 @@ def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 # --------------------------------------------------------------------------- the round
 
 
-@common.locked_run
+@runs.locked_run
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """One rejection-sampling round into `workdir`; returns this round's statistics (see
   `llama_jax.rl.rejection_sampling.round_stats`, plus pool/* counts, check/* accuracies and
   tokens/s)."""
-  common.check_config(cfg, common.reference_config("rejection_sampling"))
+  sections.check_config(cfg, sections.reference_config("rejection_sampling"))
   sharding.initialize_distributed()
   tokenizer, mesh, model_cfg, params = generate_experiment.load_policy(cfg)
   scorer = build_scorer(cfg.reward, tokenizer, mesh)
@@ -246,11 +246,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def main(argv):
   del argv
-  common.setup_logging()
-  with common.one_line_errors():
+  runs.setup_logging()
+  with runs.one_line_errors():
     run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  common.define_flags()
+  runs.define_flags()
   app.run(main)

@@ -24,7 +24,7 @@ import ml_collections
 import optax
 from absl import app, flags
 
-from experiments import common
+from experiments import data_sources, models, runs, sections
 from llama_jax.data import ranking
 from llama_jax.model import reward_model
 from llama_jax.parallel import aot, sharding
@@ -70,9 +70,9 @@ class RMSteps:
 def build_steps(cfg: ml_collections.ConfigDict, model_cfg, mesh, num_steps: int) -> RMSteps:
   """The optimizer and jitted steps of `cfg` on `mesh`: what `run` trains with and
   `programs` compiles ahead of time."""
-  opt_cfg = common.train_optimizer_config(cfg, num_steps)
-  optimizer = ts.make_optimizer(opt_cfg, trainable=common.trainable(cfg))
-  model = reward_model.RewardModel(model_cfg, lora=common.lora_config(cfg))
+  opt_cfg = sections.train_optimizer_config(cfg, num_steps)
+  optimizer = ts.make_optimizer(opt_cfg, trainable=models.trainable(cfg))
+  model = reward_model.RewardModel(model_cfg, lora=sections.lora_config(cfg))
   shardings = ts.state_shardings(model, optimizer, mesh)
   max_responses = ranking.MAX_RESPONSES if cfg.data.use_edited else 2
   train_step = reward_steps.make_train_step(
@@ -104,10 +104,10 @@ def model_config(cfg: ml_collections.ConfigDict, model_cfg):
 
 def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list[aot.Program]:
   """The run's compiled functions with abstract arguments (`experiments.compile_check`)."""
-  common.check_config(cfg, common.reference_config("reward_model"))
+  sections.check_config(cfg, sections.reference_config("reward_model"))
   del assumed
-  model_cfg = model_config(cfg, common.model_config(cfg))
-  common.check_fits(model_cfg, cfg, None, mesh)
+  model_cfg = model_config(cfg, sections.model_config(cfg))
+  models.check_fits(model_cfg, cfg, None, mesh)
   steps = build_steps(cfg, model_cfg, mesh, 1000)
   b, t = cfg.data.batch_size, cfg.data.seq_len
   batch = aot.rows(step_lib.batch_sharding(mesh), b, t, ("tokens", "segment_ids", "response_ids"),
@@ -118,32 +118,32 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
   )
 
 
-@common.locked_run
+@runs.locked_run
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the reward model in `workdir`; returns the final eval metrics."""
-  common.check_config(cfg, common.reference_config("reward_model"))
+  sections.check_config(cfg, sections.reference_config("reward_model"))
   sharding.initialize_distributed()
-  tokenizer = common.build_tokenizer(cfg.tokenizer, cfg.init_from)
-  mesh = common.build_mesh(cfg.mesh)
-  model_cfg, lm_params = common.load_model(cfg, mesh)
+  tokenizer = models.build_tokenizer(cfg.tokenizer, cfg.init_from)
+  mesh = sections.build_mesh(cfg.mesh)
+  model_cfg, lm_params = models.load_model(cfg, mesh)
   model_cfg = model_config(cfg, model_cfg)
-  common.check_fits(model_cfg, cfg, tokenizer, mesh)
-  common.write_run_files(workdir, cfg, model_cfg)
+  models.check_fits(model_cfg, cfg, tokenizer, mesh)
+  runs.write_run_files(workdir, cfg, model_cfg)
 
-  train_records = common.load_preference_records(
+  train_records = data_sources.load_preference_records(
     cfg.data, cfg.data.train_split, cfg.data.train_ratings
   )
   num_steps = cfg.train.num_steps or cfg.train.epochs * math.ceil(
     len(train_records) / cfg.data.batch_size
   )
   steps = build_steps(cfg, model_cfg, mesh, num_steps)
-  pipeline_cfg = common.pipeline_config(cfg.data)
+  pipeline_cfg = data_sources.pipeline_config(cfg.data)
   pipeline = lambda records, **kw: ranking.make_ranking_pipeline(
     records, tokenizer, pipeline_cfg, use_edited=cfg.data.use_edited, mesh=mesh, **kw
   )
   eval_fn = None
   if cfg.data.eval_split:
-    eval_records = common.load_preference_records(
+    eval_records = data_sources.load_preference_records(
       cfg.data, cfg.data.eval_split, cfg.data.eval_ratings
     )
     eval_fn = make_eval_fn(
@@ -160,7 +160,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   params = None
   if lm_params is not None:
     params = reward_model.from_lm_params(model_cfg, lm_params, head_rng, mesh)
-    params = common.add_adapters(cfg, steps.model, params, mesh)
+    params = models.add_adapters(cfg, steps.model, params, mesh)
     del lm_params  # the LM head is no longer referenced
   train = cfg.train.to_dict() | {"num_steps": num_steps}
   results: dict[str, Any] = {}
@@ -178,24 +178,24 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       train_step=steps.train_step,
       train_iter=train_iter,
       workdir=workdir,
-      loop=common.loop_config(ml_collections.ConfigDict(train)),
+      loop=sections.loop_config(ml_collections.ConfigDict(train)),
       eval_fn=None if eval_fn is None else final_eval,
       flops_per_token=reward_model.flops_per_token(model_cfg, cfg.data.seq_len),
       peak_flops_per_device=cfg.train.peak_flops or None,
       meta={"model": model_cfg.to_dict(), "reward_model": True},
     )
-  results = common.final_results(workdir, results)
+  results = runs.final_results(workdir, results)
   log.info("Finished at step %d: %s", int(state.step), results)
   return results
 
 
 def main(argv):
   del argv
-  common.setup_logging()
-  with common.one_line_errors():
+  runs.setup_logging()
+  with runs.one_line_errors():
     run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  common.define_flags()  # here, not at import: tests import `run` beside other launchers
+  runs.define_flags()  # here, not at import: tests import `run` beside other launchers
   app.run(main)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-from experiments import common, dpo, grpo, lm
+from experiments import dpo, grpo, lm, models, runs
 from experiments.configs import dpo as dpo_configs
 from experiments.configs import grpo as grpo_configs
 from experiments.configs import sft as sft_configs
@@ -59,7 +59,7 @@ def evaluate(model_path: str, reference: str, records, seed: int) -> dict[str, f
   mesh = sharding.make_mesh()
   config, params = workdirs.load_model(model_path, mesh, kind="lm")
   ref = None if model_path == reference else workdirs.load_model(reference, mesh, kind="lm")[1]
-  tokenizer = common.build_tokenizer("", model_path)
+  tokenizer = models.build_tokenizer("", model_path)
   metrics, _ = evaluation.evaluate_policy(
     config, params, tokenizer, records, ref_params=ref, max_new_tokens=48, batch_size=16,
     mesh=mesh, seed=seed,
@@ -76,7 +76,7 @@ def stage_config(stage: str, seed: int, steps_scale: float):
   return cfg
 
 
-@common.locked_run
+@runs.locked_run
 def run(workdir: str, seeds: Sequence[int], stages: Sequence[str], eval_prompts: int = 48,
         steps_scale: float = 1.0) -> dict[str, Any]:
   """Trains and evaluates every (stage, seed); returns what `study.json` holds."""
@@ -148,7 +148,7 @@ def plot(path: Path, study, stages, seeds) -> None:
 
 def main(argv):
   del argv
-  common.setup_logging()
+  runs.setup_logging()
   f = flags.FLAGS
   run(f.workdir, [int(s) for s in f.seeds.split(",")], f.stages.split(","), f.eval_prompts,
       f.steps_scale)  # fmt: skip

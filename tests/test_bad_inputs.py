@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments import common
+from experiments import models
 from experiments.configs import sft
 from llama_jax import LlamaConfig
 from llama_jax.checkpoint import CheckpointError, checkpoint_dir, workdirs
@@ -65,7 +65,7 @@ def test_init_from_with_malformed_config_json_names_file_line_and_column(tmp_pat
   with pytest.raises(CheckpointError, match=(
       rf"^init_from='{re.escape(str(tmp_path))}/hf': {re.escape(str(tmp_path))}/hf/config.json: "
       rf"not valid JSON: Expecting ',' delimiter at line {line}, column 3$")):
-    common.load_model(_cfg(tmp_path / "hf"), mesh)
+    models.load_model(_cfg(tmp_path / "hf"), mesh)
 
 
 def test_init_from_keeps_an_exception_type_whatever_its_constructor(tmp_path, mesh):
@@ -75,9 +75,9 @@ def test_init_from_keeps_an_exception_type_whatever_its_constructor(tmp_path, me
   (tmp_path / "run" / "model_config.json").write_text('{"vocab_size": 256,}')
   with pytest.raises(json.JSONDecodeError, match=(  # the note carries init_from
       rf"(?s)Expecting property name .*line 1 column 20.*init_from='{re.escape(str(tmp_path))}")):
-    common.load_model(_cfg(tmp_path / "run"), mesh)
+    models.load_model(_cfg(tmp_path / "run"), mesh)
   with pytest.raises(FileNotFoundError, match=r"^init_from='.*nowhere': .*nowhere is neither"):
-    common.load_model(_cfg(tmp_path / "nowhere"), mesh)
+    models.load_model(_cfg(tmp_path / "nowhere"), mesh)
 
 
 

@@ -129,7 +129,8 @@ def test_the_layer_check_catches_a_climb_and_a_cycle():
 # shared helper and imports no launcher.
 COMPOSITIONS = {"experiments.recipes", "experiments.llama2_recipe", "experiments.llama3_recipe",
                 "experiments.findings", "experiments.smollm2_study"}  # fmt: skip
-HELPERS = {"experiments", "experiments.common", "experiments.runs", "experiments.targets",
+HELPERS = {"experiments", "experiments.runs", "experiments.sections", "experiments.models",
+           "experiments.data_sources", "experiments.targets",
            "experiments.report", "experiments.online_rl"}  # fmt: skip
 
 

@@ -10,7 +10,7 @@ tokenizer   "tiny:llama3" / "tiny:llama2" (bundled) or a tokenizer.model / token
 init_from   "" (fresh init), a Hugging Face checkpoint directory, or an experiment workdir
             (its `model_config.json` and newest Orbax checkpoint).
 resume      "auto": a workdir that holds a run continues it if the config is the same up to
-            the fields safe to change (`experiments.common.SAFE_TO_CHANGE`: num_steps, the
+            the fields safe to change (`experiments.runs.SAFE_TO_CHANGE`: num_steps, the
             logging/checkpoint cadence, the mesh), and is refused with a diff otherwise;
             "override": continue with the changed config (the old one is kept beside it).
 mesh        data × fsdp × tensor device counts; one may be -1 (the remaining devices).

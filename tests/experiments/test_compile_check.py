@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import common
 from experiments import compile_check as cc
+from experiments import data_sources, models, sections
 from llama_jax.data import Indexed, make_pair_pipeline, ranking
 from llama_jax.parallel import aot, sharding
 from llama_jax.parallel.topologies import get_topology
@@ -92,9 +92,9 @@ def test_state_bytes_match_a_real_sharded_state(cpu8):
   """The bytes the report charges a device for an abstract state are what a real state of
   that config holds on a device (fsdp-sharded parameters and moments)."""
   cfg = config("sft", "tiny")
-  mesh = common.build_mesh(cfg.mesh, cpu8.devices())
-  model_cfg = common.model_config(cfg)
-  optimizer = ts.make_optimizer(common.optimizer_config(cfg.optimizer, 100))
+  mesh = sections.build_mesh(cfg.mesh, cpu8.devices())
+  model_cfg = sections.model_config(cfg)
+  optimizer = ts.make_optimizer(sections.optimizer_config(cfg.optimizer, 100))
   real = ts.init_train_state(model_cfg, optimizer, mesh, jax.random.key(0))
   held = sharding.bytes_per_device(real)
   assert aot.shard_bytes(ts.abstract_train_state(model_cfg, optimizer, mesh)) == max(held.values())
@@ -102,7 +102,7 @@ def test_state_bytes_match_a_real_sharded_state(cpu8):
 
 def _batch_arg(name, variant):
   cfg = config(name, variant)
-  mesh = common.build_mesh(cfg.mesh)
+  mesh = sections.build_mesh(cfg.mesh)
   programs = cc.stage_programs(name, cfg, mesh, ASSUMED)
   return cfg, mesh, next(p for p in programs if p.name.startswith("train_step")).args[1]
 
@@ -121,18 +121,19 @@ def _assert_spec_matches(spec, real):
 def test_abstract_batches_match_the_pipelines():
   """What the check compiles against is what the data pipelines feed the real run."""
   cfg, mesh, spec = _batch_arg("sft", "tiny")
-  tokenizer = common.build_tokenizer(cfg.tokenizer)
-  with common.make_train_pipeline(cfg.data, tokenizer, mesh) as it:
+  tokenizer = models.build_tokenizer(cfg.tokenizer)
+  with data_sources.make_train_pipeline(cfg.data, tokenizer, mesh) as it:
     _assert_spec_matches(spec, next(iter(it)))
 
   cfg, mesh, spec = _batch_arg("dpo", "tiny")
-  records = Indexed(common.load_preference_records(cfg.data, "train", ""))
-  with make_pair_pipeline(records, tokenizer, common.pipeline_config(cfg.data), mesh=mesh) as it:
+  records = Indexed(data_sources.load_preference_records(cfg.data, "train", ""))
+  pipeline = data_sources.pipeline_config(cfg.data)
+  with make_pair_pipeline(records, tokenizer, pipeline, mesh=mesh) as it:
     _assert_spec_matches(spec, next(iter(it)))
 
   cfg, mesh, spec = _batch_arg("reward_model", "tiny_llama3")
-  records = common.load_preference_records(cfg.data, "train", "")
-  with ranking.make_ranking_pipeline(records, tokenizer, common.pipeline_config(cfg.data),
+  records = data_sources.load_preference_records(cfg.data, "train", "")
+  with ranking.make_ranking_pipeline(records, tokenizer, data_sources.pipeline_config(cfg.data),
                                      use_edited=cfg.data.use_edited, mesh=mesh) as it:  # fmt: skip
     _assert_spec_matches(spec, next(iter(it)))
 
@@ -186,7 +187,7 @@ def compile_for_chip(topology: str, plugin: str, kernel: str):
       pytest.skip("lowering cuDNN attention needs nvidia-cudnn-cu12")
   cfg = config("sft", "tiny", **{"model.attention_impl": kernel, "model.head_dim": 128,
                                  "model.num_layers": 2, "model.dtype": "bfloat16"})  # fmt: skip
-  mesh = common.build_mesh(cfg.mesh, get_topology(topology).devices())
+  mesh = sections.build_mesh(cfg.mesh, get_topology(topology).devices())
   program = next(p for p in cc.stage_programs("sft", cfg, mesh, ASSUMED)
                  if p.name == "train_step")  # fmt: skip
   with aot.no_compilation_cache():
@@ -236,7 +237,7 @@ def test_a_program_the_tpu_compiler_refuses_is_a_row_with_its_size():
   cfg = config("sft", "llama3p1_8b", **{"model.attention_impl": "xla",
                                         "train.grad_accum_steps": 1})  # fmt: skip
   chips = get_topology("v5p-8")
-  mesh = common.build_mesh(cfg.mesh, chips.devices())
+  mesh = sections.build_mesh(cfg.mesh, chips.devices())
   train = next(p for p in cc.stage_programs("sft", cfg, mesh, ASSUMED) if p.name == "train_step")
   report = aot.compile_program(train, chips.chip.usable_bytes)
   assert not report.fits and "RESOURCE_EXHAUSTED" in report.error

@@ -6,7 +6,7 @@ import importlib
 import ml_collections
 import pytest
 
-from experiments import common
+from experiments import sections
 from experiments.configs import base
 from llama_jax.steps.dpo import DPOConfig
 from llama_jax.training.train_state import OptimizerConfig
@@ -31,8 +31,8 @@ def test_sections_are_derived_from_the_dataclass_defaults():
     _defaults(DPOConfig, drop=("loss_chunk_size",)) | {"nll_coef": 0.2}
   )
   # Each section builds its dataclass as is.
-  common.optimizer_config(cfg.optimizer, 10_000)
-  common.loop_config(cfg.train)
+  sections.optimizer_config(cfg.optimizer, 10_000)
+  sections.loop_config(cfg.train)
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -43,11 +43,11 @@ def test_every_variant_has_the_reference_keys(stage):
     module.get_config("no such variant")
   variants = [v.strip(" '[]") for v in str(e.value).split("known: ")[1].split(",")]
   for variant in variants:
-    common.check_config(module.get_config(variant), common.reference_config(stage))
+    sections.check_config(module.get_config(variant), sections.reference_config(stage))
 
 
 def _sft(**updates):
-  cfg = common.reference_config("sft").to_dict()
+  cfg = sections.reference_config("sft").to_dict()
   for path, value in updates.items():
     section, key = path.split(".")
     cfg[section][key] = value
@@ -56,11 +56,11 @@ def _sft(**updates):
 
 def test_unknown_key_names_section_key_and_closest():
   cfg = _sft(**{"optimizer.learning_rte": 1e-4})
-  with pytest.raises(common.ConfigError, match=r"config.optimizer has no key 'learning_rte'; "
+  with pytest.raises(sections.ConfigError, match=r"config.optimizer has no key 'learning_rte'; "
                      r"did you mean 'learning_rate'\?"):  # fmt: skip
-    common.check_config(cfg, common.reference_config("sft"))
-  with pytest.raises(common.ConfigError, match="config.model has no key 'num_layer'"):
-    common.check_config(_sft(**{"model.num_layer": 2}), common.reference_config("sft"))
+    sections.check_config(cfg, sections.reference_config("sft"))
+  with pytest.raises(sections.ConfigError, match="config.model has no key 'num_layer'"):
+    sections.check_config(_sft(**{"model.num_layer": 2}), sections.reference_config("sft"))
 
 
 @pytest.mark.parametrize(
@@ -72,32 +72,32 @@ def test_unknown_key_names_section_key_and_closest():
 def test_value_types_follow_the_reference(path, value, ok):
   cfg = _sft(**{path: value})
   if ok:
-    common.check_config(cfg, common.reference_config("sft"))
+    sections.check_config(cfg, sections.reference_config("sft"))
   else:
-    with pytest.raises(common.ConfigError, match=f"config.{path}="):
-      common.check_config(cfg, common.reference_config("sft"))
+    with pytest.raises(sections.ConfigError, match=f"config.{path}="):
+      sections.check_config(cfg, sections.reference_config("sft"))
 
 
 @pytest.mark.parametrize("module", ["lm", "dpo", "reward_model", "rejection_sampling", "generate"])
 def test_run_and_programs_refuse_a_misspelled_key_before_compiling(module, tmp_path):
   stage = {"lm": "sft"}.get(module, module)
-  cfg = common.reference_config(stage)
+  cfg = sections.reference_config(stage)
   cfg.train = cfg.get("train") or ml_collections.ConfigDict()
   cfg.mesh.fsdq = 2
   experiment = importlib.import_module(f"experiments.{module}")
   with pytest.raises(
-    common.ConfigError, match="config.mesh has no key 'fsdq'; did you mean 'fsdp'"
+    sections.ConfigError, match="config.mesh has no key 'fsdq'; did you mean 'fsdp'"
   ):
     experiment.run(cfg, str(tmp_path))
-  with pytest.raises(common.ConfigError, match="'fsdq'"):
+  with pytest.raises(sections.ConfigError, match="'fsdq'"):
     experiment.programs(cfg, None, None)
 
 
 @pytest.mark.parametrize("recipe", ["llama3_recipe", "llama2_recipe", "findings"])
 def test_recipes_refuse_a_misspelled_stage_key(recipe, tmp_path):
-  cfg = common.reference_config(recipe)
+  cfg = sections.reference_config(recipe)
   cfg.sft.optimizer.warmup_step = 3
-  with pytest.raises(common.ConfigError, match="config.sft.optimizer has no key 'warmup_step'"):
+  with pytest.raises(sections.ConfigError, match="config.sft.optimizer has no key 'warmup_step'"):
     importlib.import_module(f"experiments.{recipe}").run(cfg, str(tmp_path))
 
 
@@ -106,6 +106,6 @@ def test_recipe_sections_have_their_stage_keys(recipe):
   """Each stage a recipe runs gets its section, which its stage's `run` checks."""
   from experiments import compile_check
 
-  for section, kind, stage in compile_check.recipe_stages(common.reference_config(recipe)):
+  for section, kind, stage in compile_check.recipe_stages(sections.reference_config(recipe)):
     if kind != "evaluation":  # the recipe's own `eval` section, checked with the recipe
-      common.check_config(stage, common.reference_config(kind), f"config.{section}")
+      sections.check_config(stage, sections.reference_config(kind), f"config.{section}")

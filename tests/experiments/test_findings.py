@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from experiments import common
 from experiments import findings as findings_experiment
+from experiments import runs, sections
 from experiments.configs import findings as findings_configs
 from llama_jax.evaluation import ablation
 
@@ -61,7 +61,7 @@ def test_findings_smoke_and_resume(tmp_path, capsys):
     if before.key != "averaging DPO runs":
       assert after.b_minus_a[:2] == before.b_minus_a, before.key
   cfg.dpo.dpo.beta = 0.5  # any other change is refused with the diff
-  with pytest.raises(common.ConfigChanged, match="dpo.dpo.beta: 0.1 -> 0.5"):
+  with pytest.raises(runs.ConfigChanged, match="dpo.dpo.beta: 0.1 -> 0.5"):
     findings_experiment.run(cfg, str(workdir))
 
 
@@ -74,6 +74,6 @@ def test_findings_smoke_and_resume(tmp_path, capsys):
 def test_unusable_values_are_refused_before_anything_is_written(tmp_path, field, value, match):
   cfg = findings_configs.get_config("smoke")
   cfg.update_from_flattened_dict({field: value})
-  with pytest.raises(common.ConfigError, match=match):
+  with pytest.raises(sections.ConfigError, match=match):
     findings_experiment.run(cfg, str(tmp_path / "w"))
   assert not (tmp_path / "w" / "recipe_config.json").exists()

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import common, lm
+from experiments import lm, runs
 from experiments.configs import pretrain
 from llama_jax.checkpoint import orbax as ckpt_lib
 from llama_jax.checkpoint import workdirs
@@ -169,7 +169,7 @@ def test_a_changed_config_is_refused_with_a_diff_before_anything_is_written(tmp_
   changed = small(steps=2)
   changed.data.batch_size = 16
   changed.optimizer.learning_rate = 1e-3
-  with pytest.raises(common.ConfigChanged) as refused:
+  with pytest.raises(runs.ConfigChanged) as refused:
     lm.run(changed, str(tmp_path))
   message = str(refused.value)
   assert "data.batch_size: 8 -> 16" in message and "optimizer.learning_rate" in message

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import common
+from experiments import models
 from experiments import reward_model as rm_experiment
 from experiments.configs import reward_model as configs
 from experiments.configs.base import TINY_MODEL
@@ -100,7 +100,7 @@ def test_starts_from_an_lm_workdir_or_a_hf_directory(tmp_path):
   # A Hugging Face directory gives the same trunk.
   save_hf_checkpoint(tmp_path / "hf", lm_cfg, lm_params)
   cfg.init_from = str(tmp_path / "hf")
-  hf_cfg, hf_params = common.load_model(cfg, mesh)
+  hf_cfg, hf_params = models.load_model(cfg, mesh)
   hf_rm = reward_model.from_lm_params(hf_cfg, hf_params, jax.random.PRNGKey(0), mesh)
   assert_trees_equal(hf_rm["lm"], trunk)
 

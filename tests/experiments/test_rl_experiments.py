@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import common, grpo, lm, online_rl, ppo
+from experiments import grpo, lm, online_rl, ppo, sections
 from experiments.configs import grpo as grpo_configs
 from experiments.configs import ppo as ppo_configs
 from experiments.configs import sft as sft_configs
@@ -135,7 +135,7 @@ def test_sampling_on_its_own_mesh_gives_the_shared_mesh_results(sft_workdir, tmp
   assert all(r["time/weight_sync"] < 1e-3 for r in shared)  # nothing is copied
   cfg = rl_config(grpo_configs, sft_workdir, batch_size=8)
   cfg.mesh.update(data=1, fsdp=8, tensor=1)
-  mesh = common.build_mesh(cfg.mesh)
+  mesh = sections.build_mesh(cfg.mesh)
   assert online_rl.sampling_mesh(cfg, mesh) is mesh
   for name, sampling in (("data8", dict(data=8)), ("half", dict(data=2, tensor=2, num_devices=4))):
     cfg.sampling_mesh.update(**sampling)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from experiments import common, dpo, export, generate, grpo, lm
+from experiments import dpo, export, generate, grpo, lm, models
 from experiments.configs import dpo as dpo_configs
 from experiments.configs import generate as generate_configs
 from experiments.configs import grpo as grpo_configs
@@ -44,7 +44,7 @@ def test_greedy_chat_answers_from_the_gguf_file(gguf, tmp_path):
   rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
   assert len(rows) == 4 and all(r["responses"][0].strip() for r in rows)
   # Short questions: the instruct model answers them, and stops at <|im_end|>.
-  tokenizer = common.build_tokenizer("", gguf)
+  tokenizer = models.build_tokenizer("", gguf)
   config, params = workdirs.load_model(gguf, sharding.make_mesh())
   questions = [(f"What is {a} + {b}? Answer with the number only.", a + b)
                for a, b in ((2, 3), (7, 5), (10, 4), (6, 6))]  # fmt: skip

@@ -59,7 +59,7 @@ def test_llama3_model_fine_tuned_with_the_llama2_tokenizer_is_refused_before_any
   """The finding (issue 19): a model pretrained with the Llama 3 tokenizer fine-tuned with
   the Llama 2 one trained on wrong special ids (loss 7.85 instead of 3.6). Through the SFT
   launcher, from the pretraining workdir or its Hugging Face export, the run is refused
-  before anything is written to its workdir (`common.check_tokenizer`)."""
+  before anything is written to its workdir (`models.check_tokenizer`)."""
   init_from = pretrained
   if through == "hf_export":
     init_from = tmp_path / "hf"

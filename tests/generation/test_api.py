@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import common
 from experiments import generate as generate_exp
+from experiments import models, runs, sections
 from experiments.configs import generate as generate_configs
 from llama_jax import LlamaConfig
 from llama_jax.checkpoint import orbax as ckpt_lib
@@ -152,10 +152,10 @@ def small_config(init_from: str):
 def checkpoints(tmp_path_factory):
   """The same random tiny weights as an experiment workdir and as a Hugging Face dir."""
   cfg = small_config("")
-  model_cfg, _ = common.load_model(cfg, mesh=None)
+  model_cfg, _ = models.load_model(cfg, mesh=None)
   params = init_params(model_cfg, jax.random.key(1))
   workdir = tmp_path_factory.mktemp("trained")
-  (workdir / common.MODEL_CONFIG_FILE).write_text(json.dumps(model_cfg.to_dict()))
+  (workdir / runs.MODEL_CONFIG_FILE).write_text(json.dumps(model_cfg.to_dict()))
   with ckpt_lib.CheckpointManager(ckpt_lib.checkpoint_dir(workdir)) as manager:
     manager.save(1, {"params": params}, force=True)
   hf_dir = tmp_path_factory.mktemp("hf")
@@ -180,7 +180,7 @@ def test_generate_experiment_from_a_workdir(checkpoints, tmp_path):
   direct = generate(
     model_cfg, params, tiny_tokenizer("llama3"), [r["prompt"] for r in rows],
     max_new_tokens=8, num_samples=2, key=jax.random.fold_in(jax.random.key(0), 0),
-    mesh=common.build_mesh(cfg.mesh),
+    mesh=sections.build_mesh(cfg.mesh),
   )  # fmt: skip
   assert [r["responses"] for r in rows] == direct.texts
 
@@ -234,5 +234,5 @@ def test_generate_experiment_without_a_scorer_and_with_a_bad_kind(checkpoints, t
     generate_exp.run(cfg, str(tmp_path))
   old = small_config(str(workdir))  # a config of before the reward section
   old.scorer = "check_answer"
-  with pytest.raises(common.ConfigError, match="scorer='check_answer' is now config.reward.kind"):
+  with pytest.raises(sections.ConfigError, match="scorer='check_answer' is now config.reward.kind"):
     generate_exp.run(old, str(tmp_path))
