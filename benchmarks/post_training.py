@@ -165,10 +165,10 @@ def reward_of_text(text: str) -> float:
 
 def margins(pairs, table: str) -> np.ndarray:
   """Llama 2's margin of each pair's rating (float32 [B]; 0 for table "none")."""
-  from llama_jax.objectives import reward as reward_obj
+  from llama_jax.objectives import reward_model as rm_obj
 
   codes = np.asarray([p["rating"] for p in pairs], np.int32)
-  return np.asarray(reward_obj.margins_for_ratings(codes, table), np.float32)
+  return np.asarray(rm_obj.margins_for_ratings(codes, table), np.float32)
 
 
 # --------------------------------------------------------------------------- llama_jax batches
@@ -480,7 +480,7 @@ class JaxSide:
       learning_rate=args.lr, schedule="constant", warmup_steps=0, b1=0.9, b2=0.95, eps=1e-5,
       weight_decay=0.1, grad_clip=1.0,
     )  # fmt: skip
-    self.tx = ts.make_optimizer(opt)
+    self.opt, self.tx = opt, ts.make_optimizer(opt)
     self.args = args
 
   def fresh_params(self):
@@ -566,7 +566,7 @@ def ours_lm(side: JaxSide, pairs) -> dict:
 def ours_reward(side: JaxSide, pairs, theirs: dict | None, head: np.ndarray) -> dict:
   from llama_jax.model import reward_model
   from llama_jax.steps import common as step_lib
-  from llama_jax.steps import reward as reward_steps
+  from llama_jax.steps import reward_model as rm_steps
 
   args, config, mesh = side.args, side.config, side.mesh
   model = reward_model.RewardModel(config)
@@ -576,7 +576,7 @@ def ours_reward(side: JaxSide, pairs, theirs: dict | None, head: np.ndarray) -> 
     head.astype(np.float32), params["head"]["kernel"].sharding
   )
   step = side.jit(
-    reward_steps.make_train_step(model, side.tx, mesh=mesh, margins=args.margins, max_responses=2),
+    rm_steps.make_train_step(model, side.tx, mesh=mesh, margins=args.margins, max_responses=2),
     model,
   )
   batch = jax.device_put(ranking_batch(pairs), step_lib.batch_sharding(mesh))
@@ -597,36 +597,20 @@ def ours_reward(side: JaxSide, pairs, theirs: dict | None, head: np.ndarray) -> 
 def ours_grpo(side: JaxSide, path: str, prompts: list[str], theirs: dict | None) -> dict:
   """llama_jax's GRPO iteration (`online.make_iteration`), after the parity check on TRL's
   first rollout; per iteration the time split and the tokens."""
-  from jax.sharding import NamedSharding, PartitionSpec
-
   from llama_jax.generation import GenerationConfig, SamplingConfig, encode_prompt
   from llama_jax.model.llama import as_model
-  from llama_jax.parallel import sharding
+  from llama_jax.rl import grpo as grpo_lib
   from llama_jax.rl import online, rollouts
-  from llama_jax.steps import common as step_lib
-  from llama_jax.steps import grpo as grpo_steps
   from llama_jax.tokenizer.hf import HFTokenizer
-  from llama_jax.training import train_state as ts
 
   args, config, mesh = side.args, side.config, side.mesh
   k = args.generations
   tokenizer = HFTokenizer.from_dir(path)
   model = as_model(config)
-  grpo = grpo_steps.GRPOConfig(
+  grpo = grpo_lib.GRPOConfig(
     group_size=k, beta=args.grpo_beta, clip_eps=0.2, scale="std", aggregation="token_mean"
   )
-  shardings = ts.state_shardings(model, side.tx, mesh)
-  rows_sh, rep = step_lib.batch_sharding(mesh), NamedSharding(mesh, PartitionSpec())
-  score = jax.jit(
-    grpo_steps.make_score_fn(model, grpo, mesh=mesh),
-    in_shardings=(shardings.params, sharding.param_shardings(config, mesh), rows_sh, rows_sh),
-    out_shardings=(rows_sh, rep),
-  )
-  algorithm = online.GRPO(
-    model=model, optimizer=side.tx, mesh=mesh, score_fn=score,
-    train_step=step_lib.jit_train_step(grpo_steps.make_train_step(model, side.tx, grpo, mesh=mesh),
-                                       shardings, mesh),
-  )  # fmt: skip
+  algorithm = grpo_lib.build(model, mesh, grpo, side.opt)
   ref_params = side.fresh_params()
   prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
   seq_len = rollouts.row_length(prompt_ids, args.new_tokens, 64)
@@ -696,7 +680,7 @@ def grpo_parity(side, algorithm, ref_params, theirs, prompt_ids, seq_len: int, k
     seq_len=seq_len,
   )  # fmt: skip
   state = algorithm.init_state(side.fresh_params(), jax.random.PRNGKey(0))
-  out, _ = algorithm.score(state, ref_params, rows, np.zeros(n, np.float32))
+  out, _ = algorithm.advantages(state, ref_params, rows, np.zeros(n, np.float32))
   out = jax.device_get(out)
   mask = rows["response_mask"].astype(np.float32)
   minibatch = rows | {

@@ -5,12 +5,13 @@
     python -m experiments.compile_check --targets [--readme=README.md]   # every shipped target
 
 Builds each stage's jitted functions exactly as its experiment module does (each stage's
-`programs(cfg, mesh, assumed)` calls the same `build_steps` as its `run`), with abstract
-state and batches from the config alone (no weights, data or tokenizer), lowers and compiles
-them for the topology's devices (`llama_jax.parallel.topologies`: TPUs and GPUs from this CPU host),
-and prints one row per function: per-device argument / temporary / resident / total bytes
-against the chip's usable HBM, whether it fits, compile seconds, model TFLOPs per call and
-the time a call takes at 50% MFU (or, with `--target_step_s`, the MFU it would need).
+`programs(cfg, mesh, assumed)` calls the same library builder as its `run`, e.g.
+`llama_jax.steps.dpo.build`), with abstract state and batches from the config alone (no
+weights, data or tokenizer), lowers and compiles them for the topology's devices
+(`llama_jax.parallel.topologies`: TPUs and GPUs from this CPU host), and prints one row per
+function: per-device argument / temporary / resident / total bytes against the chip's usable
+HBM, whether it fits, compile seconds, model TFLOPs per call and the time a call takes at 50%
+MFU (or, with `--target_step_s`, the MFU it would need).
 Recipe configs are checked stage by stage. Exits 1 if anything does not fit.
 """
 
@@ -27,6 +28,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ import ml_collections  # noqa: E402
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments import runs, sections
+from experiments import runs, sections, targets
 from llama_jax.parallel import aot
 from llama_jax.parallel.topologies import Topology, get_topology
 
@@ -176,6 +178,63 @@ def markdown(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
   return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+# --------------------------------------------------------------------------- the targets
+
+
+def check_target(target: targets.Target, assumed: aot.Assumed) -> list[Row]:
+  """`check_config` of a shipped target (`experiments.targets.TARGETS`) on its topology."""
+  return check_config(target.config, target.load(), get_topology(target.topology), assumed)
+
+
+def _step_flops(rows: list[Row]) -> float:
+  """FLOPs of the stage's training step (its generation call for sampling-only stages)."""
+  reports = [r.report for r in rows if r.report]
+  steps = [r for r in reports if "train_step" in r.name or r.name == "policy_step"]
+  return (steps or reports or [None])[0].flops if reports else 0.0
+
+
+def summary_rows(target: targets.Target, rows: list[Row]) -> list[tuple[str, ...]]:
+  """One row per stage of a target: its largest function against the HBM."""
+  out = []
+  for stage in dict.fromkeys(r.stage for r in rows):
+    mine = [r for r in rows if r.stage == stage]
+    mesh = "×".join(str(mine[0].mesh.get(a, "?")) for a in ("data", "fsdp", "tensor"))
+    reports = [r.report for r in mine if r.report]
+    if not reports:
+      out.append((target.name, target.topology, stage, mesh, "config refused", "no", "—", "—"))
+      continue
+    peak = max(reports, key=lambda r: r.total_bytes)
+    fits = "yes" if all(r.fits for r in mine) else "NO"
+    out.append((
+      target.name, target.topology, stage, mesh,
+      f"{peak.total_bytes / GiB:.1f} / {peak.hbm_bytes / GiB:.1f} ({peak.name})", fits,
+      f"{sum(r.compile_seconds for r in reports):.0f}", tflops(_step_flops(mine)),
+    ))  # fmt: skip
+  return out
+
+
+def check_targets(assumed: aot.Assumed, readme: str = "", json_path: str = "", only: str = ""):
+  """Checks every shipped target (or those whose name or topology contains `only`); prints
+  each one's table, then the summary (also into the README's table with `readme`). 1 if any
+  does not fit, else 0."""
+  summary, all_rows = [], []
+  for target in [t for t in targets.TARGETS if only in f"{t.name} {t.topology}"]:
+    t0 = time.perf_counter()
+    rows = check_target(target, assumed)
+    topology = get_topology(target.topology)
+    print(f"\n## {target.name} on {target.topology} ({time.perf_counter() - t0:.0f} s)\n")
+    print(markdown(HEADER, [table_row(r, topology) for r in rows]), flush=True)
+    summary += summary_rows(target, rows)
+    all_rows += rows
+  table = markdown(targets.SUMMARY_HEADER, summary)
+  print("\n" + table)
+  if readme:
+    targets.write_readme(readme, table)
+  if json_path:
+    write_json(json_path, all_rows)
+  return 0 if all(r.fits for r in all_rows) else 1
+
+
 # --------------------------------------------------------------------------- the command
 
 FLAGS = flags.FLAGS
@@ -211,9 +270,7 @@ def main(argv) -> int:
   runs.setup_logging()
   assumed = aot.Assumed(prompt_len=FLAGS.prompt_len, num_pairs=FLAGS.num_pairs)
   if FLAGS.targets:
-    from experiments import targets
-
-    return targets.main(assumed, FLAGS.readme, FLAGS.json, FLAGS.only)
+    return check_targets(assumed, FLAGS.readme, FLAGS.json, FLAGS.only)
   if FLAGS.config is None:
     raise app.UsageError("--config is required (or --targets)")
   topology = get_topology(FLAGS.topology)

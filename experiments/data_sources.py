@@ -4,6 +4,7 @@ concern and rating, and the train / eval pipelines."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import ml_collections
 
@@ -18,6 +19,7 @@ from llama_jax.data import (
   ranking,
 )
 from llama_jax.data.pipeline import probe_schema
+from llama_jax.rl.rollouts import select_prompts
 from llama_jax.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -79,3 +81,16 @@ def make_eval_batches(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, mesh
   records = load_records(cfg, cfg.eval_split)
   tokenize = tokenize_fn(cfg, tokenizer)
   return lambda: make_eval_pipeline(records, tokenize, pipeline_config(cfg), mesh=mesh)
+
+
+def prompt_records(cfg: ml_collections.ConfigDict) -> list[dict[str, Any]]:
+  """The `data` section's prompts (`rollouts.select_prompts`): those of `split` whose task is
+  in `tasks` (comma-separated; "" = all), from index `start`, `num_prompts` of them (0 =
+  all)."""
+  records = load_records(cfg, cfg.split)
+  tasks = _names(cfg.get("tasks", ""))
+  try:
+    return select_prompts(records, tasks=tasks, start=cfg.get("start", 0),
+                          num_prompts=cfg.num_prompts)  # fmt: skip
+  except ValueError as e:
+    raise ValueError(f"data.{e} in split {cfg.split!r}") from None

@@ -3,17 +3,18 @@
     python -m experiments.dpo --config=experiments/configs/dpo.py:tiny --workdir=DIR \
       --config.init_from=SFT_WORKDIR [--config.dpo.nll_coef=0.0]
 
-The policy starts from `init_from` (an SFT workdir or Hugging Face directory); the reference
-is `dpo.reference_from` (default: the same model). With `dpo.reference="precomputed"` one pass
-of the reference over the train and eval records fills `DIR/reference_logps.npz` before
-training (reused on resume) and the reference is then dropped from memory; with "in_step" it
-stays and runs inside each step. Writes DIR/metrics.jsonl (rewards/*, logps/*, nll and their
-eval/ versions), metrics.png, TensorBoard events and Orbax checkpoints; a rerun resumes.
+Config -> `llama_jax.steps.dpo.build` -> `llama_jax.training.trainer.fit` -> the workdir's
+files. The policy starts from `init_from` (an SFT workdir or Hugging Face directory); the
+reference is `dpo.reference_from` (default: the same model). With
+`dpo.reference="precomputed"` one pass of the reference over the train and eval records fills
+`DIR/reference_logps.npz` before training (reused on resume) and the reference is then
+dropped from memory; with "in_step" it stays and runs inside each step. Writes
+DIR/metrics.jsonl (rewards/*, logps/*, nll and their eval/ versions), metrics.png,
+TensorBoard events and Orbax checkpoints; a rerun resumes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -24,9 +25,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import optax
-from absl import app, flags
-from jax.sharding import NamedSharding, PartitionSpec
 
 from experiments import data_sources, models, runs, sections
 from llama_jax.checkpoint import atomic, workdirs
@@ -34,7 +32,6 @@ from llama_jax.data import Indexed, make_pair_pipeline
 from llama_jax.parallel import aot, sharding
 from llama_jax.steps import common as step_lib
 from llama_jax.steps import dpo as dpo_steps
-from llama_jax.training import train_state as ts
 from llama_jax.training.trainer import fit
 
 log = logging.getLogger(__name__)
@@ -67,13 +64,14 @@ def fingerprint(records: list[dict[str, Any]], reference: str, dpo: dpo_steps.DP
 
 
 def reference_tables(
-  cfg, model_cfg, dpo, ref_params, splits: dict[str, list], pipeline, mesh, workdir: str
+  cfg, algorithm: dpo_steps.DPO, ref_params, splits: dict[str, list], pipeline, workdir: str
 ) -> dict[str, np.ndarray]:
-  """Per split, the reference log-prob table [N, 2]: read from DIR/reference_logps.npz when
-  it was made from the same records and reference, else computed and stored."""
+  """Per split, the reference log-prob table [N, 2] (`algorithm.reference_step` over one
+  evaluation pass): read from DIR/reference_logps.npz when it was made from the same records
+  and reference, else computed and stored."""
   path = Path(workdir) / REFERENCE_FILE
   reference = cfg.dpo.reference_from or cfg.init_from
-  prints = {s: fingerprint(r, reference, dpo) for s, r in splits.items()}
+  prints = {s: fingerprint(r, reference, algorithm.config) for s, r in splits.items()}
   if path.exists():
     try:
       stored = atomic.load_npz(path)
@@ -88,11 +86,12 @@ def reference_tables(
       return {s: stored[s] for s in splits}
     if stored is not None:
       log.warning("%s was made from other records or another reference; recomputing", path)
-  ref_step = reference_step(cfg, model_cfg, dpo, mesh)
   tables = {}
   for split, records in splits.items():
     with pipeline(records, evaluation=True) as batches:
-      tables[split] = dpo_steps.reference_logps_table(ref_step, ref_params, batches, len(records))
+      tables[split] = dpo_steps.reference_logps_table(
+        algorithm.reference_step, ref_params, batches, len(records)
+      )
     log.info("Reference log-probs of %d %s pairs: chosen mean %.2f, rejected mean %.2f",
              len(records), split, *tables[split].mean(0))  # fmt: skip
   if jax.process_index() == 0:
@@ -101,58 +100,18 @@ def reference_tables(
   return tables
 
 
-def reference_step(cfg, model_cfg, dpo: dpo_steps.DPOConfig, mesh):
-  """The jitted pass that fills the reference table, a train micro-batch at a time."""
-  return step_lib.jit_eval_step(
-    dpo_steps.make_reference_step(
-      model_cfg, dpo, mesh=mesh, micro_batches=cfg.train.grad_accum_steps
-    ),
-    sharding.param_shardings(model_cfg, mesh),
+def build(
+  cfg: ml_collections.ConfigDict, model_cfg, mesh, num_steps: int, reference: str | None = None
+) -> dpo_steps.DPO:
+  """`cfg`'s DPO on `mesh` (`steps.dpo.build`) in reference mode `reference` (default the
+  config's): what `run` trains and `programs` compiles."""
+  return dpo_steps.build(
+    models.build_model(cfg, model_cfg),  # the policy; the reference is the plain model
     mesh,
-  )
-
-
-@dataclasses.dataclass(frozen=True)
-class DPOSteps:
-  """The compiled functions of a DPO run (`build_steps`)."""
-
-  model: Any  # the policy module (LoRA adapters if configured)
-  optimizer: optax.GradientTransformation
-  abstract_state: ts.TrainState
-  train_step: Any  # jitted (state, batch, table or reference params) -> (state, metrics)
-  eval_step: Any  # jitted (params, batch, table or reference params) -> sums
-  frozen_sharding: Any  # of the table (replicated) or of the reference parameters
-
-
-def build_steps(cfg, model_cfg, mesh, num_steps: int, reference: str | None = None) -> DPOSteps:
-  """The optimizer and jitted steps of `cfg` (reference mode `reference`, default the
-  config's) on `mesh`: what `run` trains with and `programs` compiles ahead of time."""
-  dpo = dpo_config(cfg)
-  reference = reference or cfg.dpo.reference
-  opt_cfg = sections.train_optimizer_config(cfg, num_steps)
-  optimizer = ts.make_optimizer(opt_cfg, trainable=models.trainable(cfg))
-  model = models.build_model(cfg, model_cfg)  # the policy; the reference is plain `model_cfg`
-  shardings = ts.state_shardings(model, optimizer, mesh)
-  if reference == "precomputed":
-    frozen_sharding = NamedSharding(mesh, PartitionSpec())
-  else:
-    frozen_sharding = sharding.param_shardings(model_cfg, mesh)
-  accum = cfg.train.grad_accum_steps
-  train_step = dpo_steps.make_train_step(
-    model, optimizer, dpo, reference=reference, mesh=mesh, grad_accum_steps=accum,
-    learning_rate_fn=ts.learning_rate_schedule(opt_cfg),
-  )  # fmt: skip
-  eval_step = dpo_steps.make_eval_step(
-    model, dpo, reference=reference, mesh=mesh, micro_batches=accum
-  )
-  frozen = (frozen_sharding,)
-  return DPOSteps(
-    model=model,
-    optimizer=optimizer,
-    abstract_state=ts.abstract_train_state(model, optimizer, mesh),
-    train_step=step_lib.jit_train_step(train_step, shardings, mesh, frozen_shardings=frozen),
-    eval_step=step_lib.jit_eval_step(eval_step, shardings.params, mesh, frozen_shardings=frozen),
-    frozen_sharding=frozen_sharding,
+    dpo_config(cfg),
+    sections.train_optimizer_config(cfg, num_steps),
+    reference=reference or cfg.dpo.reference,
+    grad_accum_steps=cfg.train.grad_accum_steps,
   )
 
 
@@ -167,52 +126,46 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
   batch = {s: side for s in dpo_steps.SIDES}
   forward = model_cfg.flops_per_token(t) / 3 * 2 * b * t  # one pass over both sides
   note = f"{b} pairs × {t}"
-  ref_params = sharding.abstract_sharded_params(model_cfg, mesh)
   out = []
   for reference in dpo_steps.REFERENCES:
-    steps = build_steps(cfg, model_cfg, mesh, 1000, reference)
-    state = steps.abstract_state
+    algorithm = build(cfg, model_cfg, mesh, 1000, reference)
+    state = algorithm.abstract_state()
+    frozen = algorithm.abstract_reference(assumed.num_pairs)
     if reference == "precomputed":
-      table = jax.ShapeDtypeStruct(
-        (assumed.num_pairs, 2), np.float32, sharding=steps.frozen_sharding
-      )
       out.append(aot.Program(
-        "reference_logps", reference_step(cfg, model_cfg, dpo_config(cfg), mesh),
-        (ref_params, batch), forward, note=note))  # fmt: skip
-      frozen, ref_flops = table, 0.0
+        "reference_logps", algorithm.reference_step,
+        (algorithm.abstract_reference_params(), batch), forward, note=note))  # fmt: skip
+      ref_flops = 0.0
     else:
-      frozen, ref_flops = ref_params, forward
+      ref_flops = forward
     out += [
-      aot.Program(f"train_step[{reference}]", steps.train_step, (state, batch, frozen),
+      aot.Program(f"train_step[{reference}]", algorithm.train_step, (state, batch, frozen),
                   3 * forward + ref_flops, note=note),
-      aot.Program(f"eval_step[{reference}]", steps.eval_step, (state.params, batch, frozen),
+      aot.Program(f"eval_step[{reference}]", algorithm.eval_step, (state.params, batch, frozen),
                   forward + ref_flops, resident=state.opt_state, note=note),
     ]  # fmt: skip
   return out
 
 
+def reference_params(cfg: ml_collections.ConfigDict, model_cfg, params, mesh):
+  """The reference's parameters: `dpo.reference_from`'s, else the policy's own (the same
+  arrays when they are read once before training, else a copy: steps donate the policy's)."""
+  if cfg.dpo.reference_from and cfg.dpo.reference_from != cfg.init_from:
+    return workdirs.load_model(cfg.dpo.reference_from, mesh, kind="lm", dtype=model_cfg.dtype)[1]
+  if cfg.dpo.reference == "precomputed":
+    return params  # read once, before the first step donates the policy's arrays
+  return jax.tree.map(lambda x: x.copy(), params)
+
+
 @runs.locked_run
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) DPO in `workdir`; returns the held-out metrics before and after."""
-  sections.check_config(cfg, sections.reference_config("dpo"))
-  sharding.initialize_distributed()
-  tokenizer = models.build_tokenizer(cfg.tokenizer, cfg.init_from)
-  mesh = sections.build_mesh(cfg.mesh)
-  model_cfg, params = models.load_model(cfg, mesh)
-  models.check_fits(model_cfg, cfg, tokenizer, mesh)
-  runs.write_run_files(workdir, cfg, model_cfg)
-  dpo = dpo_config(cfg)
+  start = runs.start_run(cfg, workdir, "dpo")
+  model_cfg, mesh, tokenizer, params = start.model_config, start.mesh, start.tokenizer, start.params
   if params is None:
     log.warning("init_from is empty: DPO from randomly initialized weights (a smoke test)")
     params = sharding.init_params(model_cfg, jax.random.key(cfg.train.seed), mesh)
-  if cfg.dpo.reference_from and cfg.dpo.reference_from != cfg.init_from:
-    _, ref_params = workdirs.load_model(
-      cfg.dpo.reference_from, mesh, kind="lm", dtype=model_cfg.dtype
-    )
-  elif cfg.dpo.reference == "precomputed":
-    ref_params = params  # read once, before the first step donates the policy's arrays
-  else:
-    ref_params = jax.tree.map(lambda x: x.copy(), params)
+  ref_params = reference_params(cfg, model_cfg, params, mesh)
 
   splits = {
     "train": data_sources.load_preference_records(
@@ -227,37 +180,32 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   pipeline = lambda records, **kw: make_pair_pipeline(
     Indexed(records), tokenizer, pipeline_cfg, mesh=mesh, **kw
   )
-  replicated = NamedSharding(mesh, PartitionSpec())
-  if cfg.dpo.reference == "precomputed":
-    tables = reference_tables(cfg, model_cfg, dpo, ref_params, splits, pipeline, mesh, workdir)
-    frozen = {s: jax.device_put(t, replicated) for s, t in tables.items()}
-    del ref_params  # the reference is no longer needed in memory
-  else:
-    frozen = dict.fromkeys(splits, ref_params)
-
   num_steps = cfg.train.num_steps or cfg.train.epochs * math.ceil(
     len(splits["train"]) / cfg.data.batch_size
   )
-  steps = build_steps(cfg, model_cfg, mesh, num_steps)
+  algorithm = build(cfg, model_cfg, mesh, num_steps)
+  if algorithm.reference == "precomputed":
+    tables = reference_tables(cfg, algorithm, ref_params, splits, pipeline, workdir)
+    reference = {s: algorithm.place_table(t) for s, t in tables.items()}
+    del ref_params  # the reference is no longer needed in memory
+  else:
+    reference = dict.fromkeys(splits, ref_params)
+
   results: dict[str, Any] = {}
   eval_fn = None
   if "eval" in splits:
-    eval_step = steps.eval_step
 
     def eval_fn(state) -> dict[str, float]:
       with pipeline(splits["eval"], evaluation=True) as batches:
-        metrics = dpo_steps.evaluate(eval_step, state.params, batches, frozen["eval"], dpo)
+        metrics = algorithm.evaluate(state.params, batches, reference["eval"])
       results.update(metrics)
       return metrics
 
   log.info("DPO: %s parameters on mesh %s, %d steps, %s", f"{model_cfg.num_params():,}",
-           dict(mesh.shape), num_steps, dpo)  # fmt: skip
+           dict(mesh.shape), num_steps, algorithm.config)  # fmt: skip
 
   def init_state():
-    state = ts.init_train_state(
-      steps.model, steps.optimizer, mesh, jax.random.PRNGKey(cfg.train.seed),
-      params=models.add_adapters(cfg, steps.model, params, mesh),
-    )
+    state = algorithm.init_state(params, jax.random.PRNGKey(cfg.train.seed))
     if eval_fn is not None:  # the starting point, for the report (the policy is the reference)
       results["initial"] = eval_fn(state)
       if jax.process_index() == 0:
@@ -269,8 +217,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   with pipeline(splits["train"]) as train_iter:
     state = fit(
       init_state=init_state,
-      abstract_state=steps.abstract_state,
-      train_step=lambda state, batch: steps.train_step(state, batch, frozen["train"]),
+      abstract_state=algorithm.abstract_state(),
+      train_step=lambda state, batch: algorithm.train_step(state, batch, reference["train"]),
       train_iter=train_iter,
       workdir=workdir,
       loop=sections.loop_config(ml_collections.ConfigDict(train)),
@@ -288,13 +236,5 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return results
 
 
-def main(argv):
-  del argv
-  runs.setup_logging()
-  with runs.one_line_errors():
-    run(flags.FLAGS.config, flags.FLAGS.workdir)
-
-
 if __name__ == "__main__":
-  runs.define_flags()  # here, not at import: tests import `run` beside other launchers
-  app.run(main)
+  runs.launch(run)

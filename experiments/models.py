@@ -9,12 +9,14 @@ from typing import Any
 import jax
 import ml_collections
 
-from experiments.sections import lora_config, model_overrides
+from experiments.sections import build_mesh, lora_config, model_overrides
 from llama_jax import LlamaConfig
 from llama_jax.checkpoint import workdirs
 from llama_jax.model import lora
 from llama_jax.model.llama import Llama
 from llama_jax.parallel import sharding
+from llama_jax.rl import policy as policy_lib
+from llama_jax.rl.policy import Policy
 from llama_jax.tokenizer import Tokenizer, load_tokenizer, tiny_tokenizer
 
 log = logging.getLogger(__name__)
@@ -148,4 +150,17 @@ def check_fits(
     )
   sharding.check_batch_fits_mesh(
     cfg.data.batch_size // accum, mesh, f"micro-batch data.batch_size / {accum}"
+  )
+
+
+def load_policy(cfg: ml_collections.ConfigDict, *, reference: bool = False) -> Policy:
+  """The policy a sampling stage starts from (`llama_jax.rl.policy.load_policy`): the model of
+  `init_from` (none: the preset with random weights) with the configured tokenizer, on the
+  configured mesh; `reference`: with a frozen copy (online RL)."""
+  tokenizer = build_tokenizer(cfg.tokenizer, cfg.init_from)
+  mesh = build_mesh(cfg.mesh)
+  model_cfg, params = load_model(cfg, mesh)
+  check_tokenizer(model_cfg, tokenizer, cfg)
+  return policy_lib.load_policy(
+    tokenizer, mesh, model_cfg, params, seed=cfg.generation.seed, reference=reference
   )

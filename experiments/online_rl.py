@@ -1,92 +1,87 @@
 """What the online-RL launchers (`experiments.grpo`, `experiments.ppo`) share: config →
-library wiring only. The algorithms are `llama_jax.rl.online`'s; each launcher builds its
-algorithm object and hands it to `train` here, which runs `online.train_online` with the
-configured policy, sampler, scorer, prompts and loop.
+library wiring only. The algorithms are built by the library (`llama_jax.rl.grpo.build`,
+`llama_jax.rl.ppo.build`); each launcher hands its algorithm to `train` here, which runs
+`online.train_online` with the configured policy, sampler, scorer, prompts and loop.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from experiments import generate as generate_experiment
-from experiments import models, rejection_sampling, sections
-from llama_jax.model.config import LlamaConfig
+from experiments import data_sources, models, runs, sections
+from llama_jax.generation.decode import decode_program, model_stop_ids
 from llama_jax.parallel import aot, sharding
-from llama_jax.rl import online, rollouts
-from llama_jax.tokenizer import Tokenizer
-
-
-@dataclasses.dataclass(frozen=True)
-class Policy:
-  """The policy an online-RL run starts from (`init_from`), its frozen reference and what
-  both run on."""
-
-  tokenizer: Tokenizer
-  mesh: Mesh
-  config: LlamaConfig
-  params: Any
-  ref_params: Any  # a copy: the policy's arrays are donated to its first update
+from llama_jax.rl import online, rollouts, scorers
+from llama_jax.rl import policy as policy_lib
 
 
 def check_minibatches(cfg: ml_collections.ConfigDict, mesh, samples_per_prompt: int) -> None:
-  """The rollout rows must split into minibatches and micro-batches that divide the mesh."""
-  rows = cfg.data.batch_size * samples_per_prompt
-  if rows % cfg.train.num_minibatches:
-    raise ValueError(
-      f"data.batch_size × samples = {rows} rows do not split into "
-      f"train.num_minibatches={cfg.train.num_minibatches}"
-    )
-  minibatch = rows // cfg.train.num_minibatches
-  sharding.check_batch_fits_mesh(minibatch, mesh, "minibatch rows")
-  sharding.check_batch_fits_mesh(
-    minibatch // cfg.train.grad_accum_steps, mesh, "micro-batch rows (train.grad_accum_steps)"
-  )
+  """The rollout rows (`data.batch_size` × samples) must split into `train.num_minibatches`
+  minibatches and `train.grad_accum_steps` micro-batches that divide the mesh."""
+  try:
+    online.check_minibatches(
+      cfg.data.batch_size * samples_per_prompt, cfg.train.num_minibatches, mesh,
+      cfg.train.grad_accum_steps,
+    )  # fmt: skip
+  except ValueError as e:
+    raise ValueError(f"data.batch_size × {samples_per_prompt} samples, train: {e}") from None
 
 
-def load_policy(cfg: ml_collections.ConfigDict, samples_per_prompt: int) -> Policy:
-  """The policy of `init_from` and a copy as the reference. Checks that the model and the
-  minibatches fit the mesh before anything compiles."""
-  tokenizer, mesh, model_cfg, params = generate_experiment.load_policy(cfg)
-  sharding.check_fits_mesh(model_cfg, mesh)
-  sharding.check_fits_mesh(model_cfg, sampling_mesh(cfg, mesh))
-  check_minibatches(cfg, mesh, samples_per_prompt)
-  ref_params = jax.tree.map(lambda x: x.copy(), params)
-  return Policy(tokenizer, mesh, model_cfg, params, ref_params)
+def optimizer_config(cfg: ml_collections.ConfigDict, section: ml_collections.ConfigDict):
+  """An `optimizer` section as an `OptimizerConfig` counted in updates (total_steps 0: every
+  update of the run, `train.num_minibatches` per iteration)."""
+  num_updates = cfg.train.num_steps * cfg.train.num_minibatches
+  return sections.optimizer_config(section, num_updates)
+
+
+def run_shape(cfg: ml_collections.ConfigDict) -> dict[str, int]:
+  """The builders' run-shape arguments (`rl.grpo.build`, `rl.ppo.build`) from `train`."""
+  return {
+    "num_minibatches": cfg.train.num_minibatches,
+    "grad_accum_steps": cfg.train.grad_accum_steps,
+  }
+
+
+def start(
+  cfg: ml_collections.ConfigDict, workdir: str, stage: str, samples_per_prompt: int
+) -> policy_lib.Policy:
+  """The run's start (`runs.start_run`: config check, tokenizer, mesh, model, run files)
+  with the online checks (the model fits the training and sampling meshes, the rollout
+  splits into minibatches), and the policy with its frozen reference (random weights if
+  `init_from` is empty)."""
+
+  def check(model_cfg, cfg, tokenizer, mesh):
+    models.check_tokenizer(model_cfg, tokenizer, cfg)
+    sharding.check_fits_mesh(model_cfg, mesh)
+    sharding.check_fits_mesh(model_cfg, sampling_mesh(cfg, mesh))
+    check_minibatches(cfg, mesh, samples_per_prompt)
+
+  run = runs.start_run(cfg, workdir, stage, check=check)
+  return policy_lib.load_policy(
+    run.tokenizer, run.mesh, run.model_config, run.params, seed=cfg.generation.seed,
+    reference=True,
+  )  # fmt: skip
 
 
 def prompt_iterator(cfg: ml_collections.ConfigDict) -> rollouts.PromptIterator:
   """The configured prompts, `data.batch_size` per iteration, reshuffled every epoch."""
-  records = generate_experiment.prompt_records(cfg.data)
+  records = data_sources.prompt_records(cfg.data)
   return rollouts.PromptIterator(records, cfg.data.batch_size, seed=cfg.data.seed)
 
 
 def sampling_mesh(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Mesh:
-  """The `sampling_mesh` section over the training mesh's devices: `mesh` itself when all its
-  axes are 0, else a mesh of that shape (an axis left 0 is 1; one may be -1) over
-  `num_devices` of them (0 = all), an equal share of each process's so that every process
-  samples."""
+  """The `sampling_mesh` section over the training mesh's devices (`online.sampling_mesh`):
+  `mesh` itself when all its axes are 0."""
   s = cfg.sampling_mesh
   if not (s.data or s.fsdp or s.tensor):
     return mesh
-  by_process: dict[int, list[jax.Device]] = {}
-  for d in sorted(mesh.devices.flat, key=lambda d: (d.process_index, d.id)):
-    by_process.setdefault(d.process_index, []).append(d)
-  n = s.num_devices or mesh.devices.size
-  if n % len(by_process) or not 0 < n <= mesh.devices.size:
-    raise ValueError(
-      f"sampling_mesh.num_devices={s.num_devices}: expected 0 or a multiple of the "
-      f"{len(by_process)} processes up to the mesh's {mesh.devices.size} devices"
-    )
-  devices = [d for ds in by_process.values() for d in ds[: n // len(by_process)]]
-  shape = {a: s[a] or 1 for a in ("data", "fsdp", "tensor")}  # an axis left 0 is 1 wide
   try:
-    return sections.build_mesh(ml_collections.ConfigDict(shape), devices)
+    return online.sampling_mesh(mesh, {a: s[a] for a in ("data", "fsdp", "tensor")},
+                                s.num_devices)  # fmt: skip
   except ValueError as e:
     raise ValueError(f"sampling_mesh: {e}") from e
 
@@ -94,9 +89,7 @@ def sampling_mesh(cfg: ml_collections.ConfigDict, mesh: Mesh) -> Mesh:
 def sampler(cfg: ml_collections.ConfigDict, model_cfg, tokenizer, mesh, num_samples: int):
   """The configured rollout sampler (`online.Sampler`), `num_samples` responses per prompt,
   on the `sampling_mesh` (by default the training `mesh`)."""
-  gen = generate_experiment.generation_config(
-    cfg, tokenizer.stop_ids, tokenizer.pad_id, num_samples
-  )
+  gen = sections.generation_config(cfg, tokenizer.stop_ids, tokenizer.pad_id, num_samples)
   model = models.build_model(cfg, model_cfg)  # samples with the policy's adapters, if any
   return online.Sampler(model, tokenizer, gen, chat=cfg.chat, mesh=sampling_mesh(cfg, mesh))
 
@@ -106,7 +99,7 @@ def train(
   workdir: str,
   algorithm: online.Algorithm,
   init_state: Callable[[], Any],
-  policy: Policy,
+  policy: policy_lib.Policy,
   *,
   num_samples: int,
   meta: Mapping[str, Any],
@@ -120,9 +113,8 @@ def train(
   iteration = online.make_iteration(
     algorithm,
     sampler(cfg, policy.config, tokenizer, mesh, num_samples),
-    generate_experiment.build_scorer(cfg.reward, tokenizer, mesh),
+    scorers.scorer_from_section(cfg.reward, tokenizer, mesh=mesh),
     policy.ref_params,
-    num_minibatches=cfg.train.num_minibatches,
     no_eos_penalty=no_eos_penalty,
     seed=cfg.train.seed,
   )
@@ -137,16 +129,19 @@ def rollout_programs(cfg, model_cfg, mesh, assumed: aot.Assumed, num_samples: in
   """Sampling `num_samples` responses to each of `data.batch_size` prompts and scoring them
   with the `reward` section's models (`experiments.compile_check`); returns `(programs, rows,
   seq_len, reward-model params)`."""
-  gen = generate_experiment.check_generation_config(cfg, model_cfg, num_samples)
-  rms = rejection_sampling.reward_model_params(cfg.reward, model_cfg, mesh)
+  gen = sections.generation_config(cfg, model_stop_ids(model_cfg), num_samples=num_samples)
+  rms = scorers.reward_model_params(cfg.reward.kind, model_cfg, mesh)
   seq_len = rollouts.row_length([[0] * assumed.prompt_len], gen.max_new_tokens, 64)
   smesh = sampling_mesh(cfg, mesh)
   sharding.check_fits_mesh(model_cfg, smesh)
   # On a mesh of its own the sampler holds a copy of the weights beside everything else
   # (counted on every device: the devices may be shared).
   copy = () if smesh is mesh else sharding.abstract_sharded_params(model_cfg, smesh)
-  generate = generate_experiment.generation_program(
+  generate = decode_program(
     model_cfg, gen, cfg.data.batch_size, assumed.prompt_len, smesh, resident=(resident, rms, copy)
   )
-  scoring = rejection_sampling.scorer_programs(cfg.reward, model_cfg, mesh, seq_len, resident)
+  scoring = scorers.reward_model_programs(
+    cfg.reward.kind, cfg.reward.batch_size, model_cfg, mesh, seq_len, resident
+  )
   return [generate, *scoring], cfg.data.batch_size * num_samples, seq_len, rms
+

@@ -25,11 +25,12 @@ import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
-from experiments import dpo, lm, models, report, runs, sections
-from experiments import generate as generate_experiment
+from experiments import data_sources, dpo, lm, models, report, runs, sections
 from llama_jax.checkpoint import atomic, workdirs
 from llama_jax.data import builders, bundled, gatt
 from llama_jax.evaluation import policy as evaluation
+from llama_jax.generation import GenerationConfig, SamplingConfig
+from llama_jax.generation.decode import decode_program, model_stop_ids
 from llama_jax.parallel import aot, sharding
 from llama_jax.rl import rollouts
 from llama_jax.steps import common as step_lib
@@ -48,14 +49,10 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
   (The KL's one temperature-1 sample per prompt compiles the same shapes as the answers.)"""
   model_cfg = sections.model_config(cfg)
   sharding.check_fits_mesh(model_cfg, mesh)
-  section = ml_collections.ConfigDict({"generation": {
-    "max_new_tokens": cfg.max_new_tokens, "num_samples": 1, "temperature": 0.0, "top_k": 0,
-    "top_p": 1.0, "prompt_bucket": 0}})  # fmt: skip
-  gen = generate_experiment.check_generation_config(section, model_cfg)
+  greedy = SamplingConfig(temperature=0.0)
+  gen = GenerationConfig(cfg.max_new_tokens, 1, greedy, stop_ids=model_stop_ids(model_cfg))
   ref = sharding.abstract_sharded_params(model_cfg, mesh)
-  answers = generate_experiment.generation_program(
-    model_cfg, gen, cfg.batch_size, assumed.prompt_len, mesh, resident=ref
-  )
+  answers = decode_program(model_cfg, gen, cfg.batch_size, assumed.prompt_len, mesh, resident=ref)
   shards = sharding.batch_shards(mesh)
   n = -(-cfg.batch_size // shards) * shards
   t = rollouts.row_length([[0] * assumed.prompt_len], cfg.max_new_tokens, 64)
@@ -114,7 +111,7 @@ class Recipe:
       atomic.write_text(config_file, config_json)
     self.report: dict[str, Any] = {"title": title, "stages": []}
     self.tokenizer = models.build_tokenizer(cfg.tokenizer)
-    self._eval_records = generate_experiment.prompt_records(cfg.eval.data)
+    self._eval_records = data_sources.prompt_records(cfg.eval.data)
     self._gatt_eval = None
 
   def path(self, name: str) -> str:

@@ -39,17 +39,15 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
 from jax.experimental import multihost_utils
 
-from experiments import generate as generate_experiment
-from experiments import runs, sections
+from experiments import data_sources, models, runs, sections
 from llama_jax.checkpoint import atomic
 from llama_jax.data import builders
-from llama_jax.model import reward_model
+from llama_jax.generation.decode import decode_program, model_stop_ids
 from llama_jax.parallel import aot, sharding
 from llama_jax.rl import rejection_sampling as rs_lib
-from llama_jax.rl import rewards, rollouts
+from llama_jax.rl import rollouts, scorers
 from llama_jax.rl.best_of_k import select_best
 
 log = logging.getLogger(__name__)
@@ -62,59 +60,24 @@ PLOT_FILE = "rejection_sampling.png"
 TFDS_DIR = "tfds"
 
 
-# --------------------------------------------------------------------------- scoring
-
-
-# The `reward` section as a scorer: one helper for every generate-then-score stage.
-build_scorer = generate_experiment.build_scorer
-
-
-def reward_model_params(cfg: ml_collections.ConfigDict, model_cfg, mesh) -> dict[str, Any]:
-  """Abstract parameters of the reward models the `reward` section loads, by field name
-  (none for check_answer). Their architecture is assumed to be the policy's (Llama 2 and 3
-  initialize their RMs from the chat model or the pre-trained one)."""
-  fields = {"reward_model": ("reward_model",), "llama2": ("helpful", "safety")}.get(cfg.kind, ())
-  shapes = reward_model.abstract_params(model_cfg)
-  placed = aot.abstract(shapes, sharding.param_shardings(reward_model.RewardModel(model_cfg), mesh))
-  return dict.fromkeys(fields, placed)
-
-
-def scorer_programs(
-  cfg: ml_collections.ConfigDict, model_cfg, mesh, seq_len: int, resident=()
-) -> list[aot.Program]:
-  """The reward models' scoring pass over `reward.batch_size` rows of `seq_len` tokens (as
-  `rewards.RewardScorer` pads them), once per RM; the other RMs count as resident."""
-  rms = reward_model_params(cfg, model_cfg, mesh)
-  if not rms:
-    return []
-  sharding.check_batch_fits_mesh(cfg.batch_size, mesh, "reward.batch_size")
-  rows = sharding.named_sharding(mesh, ("act_batch", "act_seq"))
-  batch = aot.rows(rows, cfg.batch_size, seq_len, ("tokens", "segment_ids"))
-  score = rewards.make_score_fn(model_cfg, mesh)
-  flops = reward_model.flops_per_token(model_cfg, seq_len) / 3 * cfg.batch_size * seq_len
-  out = []
-  for name, params in rms.items():
-    others = [p for n, p in rms.items() if n != name]
-    out.append(aot.Program(f"score[{name}]", score, (params, batch["tokens"],
-               batch["segment_ids"]), flops, resident=(others, resident),
-               note=f"{cfg.batch_size} × {seq_len}"))  # fmt: skip
-  return out
-
-
 def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list[aot.Program]:
   """Sampling K answers per prompt and scoring them (`experiments.compile_check`): the
   policy and every reward model are on the devices together."""
   sections.check_config(cfg, sections.reference_config("rejection_sampling"))
   model_cfg = sections.model_config(cfg)
   sharding.check_fits_mesh(model_cfg, mesh)
-  gen = generate_experiment.check_generation_config(cfg, model_cfg)
+  gen = sections.generation_config(cfg, model_stop_ids(model_cfg))
   policy = sharding.abstract_sharded_params(model_cfg, mesh)
-  generate = generate_experiment.generation_program(
+  reward = cfg.reward
+  generate = decode_program(
     model_cfg, gen, cfg.data.batch_size, assumed.prompt_len, mesh,
-    resident=reward_model_params(cfg.reward, model_cfg, mesh),
+    resident=scorers.reward_model_params(reward.kind, model_cfg, mesh),
   )  # fmt: skip
   seq_len = rollouts.row_length([[0] * assumed.prompt_len], gen.max_new_tokens, 64)
-  return [generate, *scorer_programs(cfg.reward, model_cfg, mesh, seq_len, resident=policy)]
+  scoring = scorers.reward_model_programs(
+    reward.kind, reward.batch_size, model_cfg, mesh, seq_len, resident=policy
+  )
+  return [generate, *scoring]
 
 
 # --------------------------------------------------------------------------- files
@@ -196,16 +159,18 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   tokens/s)."""
   sections.check_config(cfg, sections.reference_config("rejection_sampling"))
   sharding.initialize_distributed()
-  tokenizer, mesh, model_cfg, params = generate_experiment.load_policy(cfg)
-  scorer = build_scorer(cfg.reward, tokenizer, mesh)
+  policy = models.load_policy(cfg)
+  scorer = scorers.scorer_from_section(cfg.reward, policy.tokenizer, mesh=policy.mesh)
   earlier, earlier_stats = read_pool([p.strip() for p in cfg.pool_from.split(",") if p.strip()])
   round_index = cfg.round or 1 + max((s["round"] for s in earlier_stats), default=0)
 
-  records = generate_experiment.prompt_records(cfg.data)
+  records = data_sources.prompt_records(cfg.data)
+  gen = sections.generation_config(cfg, policy.tokenizer.stop_ids, policy.tokenizer.pad_id)
   samples, current, all_scores, num_tokens, seconds = [], {}, [], 0, 0.0
-  for batch, out, batch_seconds in generate_experiment.sample_batches(
-    cfg, model_cfg, params, tokenizer, records, mesh
-  ):
+  for batch, out, batch_seconds in rollouts.sample_batches(
+    policy.config, policy.params, policy.tokenizer, records, gen,
+    batch_size=cfg.data.batch_size, seed=cfg.generation.seed, chat=cfg.chat, mesh=policy.mesh,
+  ):  # fmt: skip
     seconds += batch_seconds
     num_tokens += int(out.mask.sum())
     selection = select_best(scorer, batch, out.texts, out)
@@ -244,13 +209,5 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return stats
 
 
-def main(argv):
-  del argv
-  runs.setup_logging()
-  with runs.one_line_errors():
-    run(flags.FLAGS.config, flags.FLAGS.workdir)
-
-
 if __name__ == "__main__":
-  runs.define_flags()
-  app.run(main)
+  runs.launch(run)

@@ -1,6 +1,7 @@
 """A run's life in its workdir, shared by the launchers: flags and logging, the workdir lock,
+the run's start (`start_run`: config check, mesh, tokenizer, model, fit checks, run files),
 the run files (`experiment_config.json`, `model_config.json`, tokenizer, LoRA config), the
-refusal of a changed config, and one-line errors."""
+refusal of a changed config, one-line errors and a launcher's `__main__` (`launch`)."""
 
 from __future__ import annotations
 
@@ -13,20 +14,23 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
-from absl import flags
+from absl import app, flags
+from jax.sharding import Mesh
 from ml_collections import config_flags
 
-from experiments.models import tokenizer_spec
+from experiments import models, sections
 from experiments.sections import ConfigError, lora_config
 from llama_jax import LlamaConfig
 from llama_jax.checkpoint import workdirs
 from llama_jax.checkpoint.orbax import DiskFullError
 from llama_jax.parallel import sharding
+from llama_jax.tokenizer import Tokenizer
 from llama_jax.training.trainer import read_final
 
 log = logging.getLogger(__name__)
@@ -167,8 +171,63 @@ def write_run_files(workdir: str, cfg: ml_collections.ConfigDict, model_cfg: Lla
   Path(workdir, EXPERIMENT_CONFIG_FILE).write_text(cfg.to_json_best_effort(indent=2))
   Path(workdir, MODEL_CONFIG_FILE).write_text(json.dumps(model_cfg.to_dict(), indent=2))
   if cfg.get("tokenizer") is not None:
-    workdirs.save_tokenizer(workdir, tokenizer_spec(cfg.tokenizer, cfg.get("init_from", "")))
+    workdirs.save_tokenizer(workdir, models.tokenizer_spec(cfg.tokenizer, cfg.get("init_from", "")))
   adapters = lora_config(cfg)
   if adapters is not None:
     text = json.dumps(dataclasses.asdict(adapters), indent=2)
     Path(workdir, workdirs.LORA_CONFIG_FILE).write_text(text)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunStart:
+  """What a run starts from (`start_run`): the tokenizer, the mesh, the model's config and
+  the parameters of `init_from` (None: the run starts from fresh weights)."""
+
+  tokenizer: Tokenizer
+  mesh: Mesh
+  model_config: LlamaConfig
+  params: Any
+
+
+FitCheck = Callable[[LlamaConfig, ml_collections.ConfigDict, Tokenizer, Mesh], None]
+
+
+def start_run(
+  cfg: ml_collections.ConfigDict,
+  workdir: str,
+  stage: str,
+  *,
+  model_config: Callable[[LlamaConfig], LlamaConfig] | None = None,
+  check: FitCheck = models.check_fits,
+) -> RunStart:
+  """A training run's start, the same for every launcher: refuses unknown config keys (the
+  reference config of `stage`), joins the multi-host job, builds the tokenizer and the mesh,
+  loads the model of `init_from` (or the preset's config, params None), adapts its config
+  (`model_config`, e.g. the attention a reward model's rows need), runs `check(model_config,
+  cfg, tokenizer, mesh)` (by default `models.check_fits`: tokenizer, sequence length, mesh
+  and batch) and writes the run files (`write_run_files`, which refuses a changed config),
+  all before anything compiles."""
+  sections.check_config(cfg, sections.reference_config(stage))
+  sharding.initialize_distributed()  # multi-host TPU / SLURM; a no-op on one process
+  tokenizer = models.build_tokenizer(cfg.tokenizer, cfg.init_from)
+  mesh = sections.build_mesh(cfg.mesh)
+  model_cfg, params = models.load_model(cfg, mesh)
+  if model_config is not None:
+    model_cfg = model_config(model_cfg)
+  check(model_cfg, cfg, tokenizer, mesh)
+  write_run_files(workdir, cfg, model_cfg)
+  return RunStart(tokenizer, mesh, model_cfg, params)
+
+
+def launch(run: Callable[[ml_collections.ConfigDict, str], Any]) -> None:
+  """A launcher's `__main__`: `--config` / `--workdir` (defined here, not at import: tests
+  import several launchers), logging, and `run(config, workdir)` with one-line errors."""
+  define_flags()
+
+  def main(argv):
+    del argv
+    setup_logging()
+    with one_line_errors():
+      run(flags.FLAGS.config, flags.FLAGS.workdir)
+
+  app.run(main)

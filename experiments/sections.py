@@ -16,6 +16,7 @@ import jax
 import ml_collections
 
 from llama_jax import LlamaConfig
+from llama_jax.generation import GenerationConfig, SamplingConfig
 from llama_jax.model import lora
 from llama_jax.parallel import sharding
 from llama_jax.training.train_state import OptimizerConfig
@@ -127,3 +128,20 @@ def train_optimizer_config(cfg: ml_collections.ConfigDict, num_steps: int) -> Op
 
 def loop_config(cfg: ml_collections.ConfigDict) -> LoopConfig:
   return from_section(LoopConfig, cfg)
+
+
+def generation_config(
+  cfg: ml_collections.ConfigDict, stop_ids=(), pad_id: int = 0, num_samples: int | None = None
+) -> GenerationConfig:
+  """The `generation` section of `cfg` as a `GenerationConfig` (`num_samples` overrides its
+  own; the stop and pad ids are the tokenizer's, or for a compile check, where the ids do not
+  change shapes or memory, the model's EOS ids and 0)."""
+  g = cfg.generation
+  return GenerationConfig(
+    max_new_tokens=g.max_new_tokens,
+    num_samples=num_samples or g.num_samples,
+    sampling=from_section(SamplingConfig, g),
+    stop_ids=stop_ids,
+    pad_id=pad_id,
+    prompt_bucket=g.prompt_bucket,
+  )

@@ -130,7 +130,7 @@ def test_the_layer_check_catches_a_climb_and_a_cycle():
 COMPOSITIONS = {"experiments.recipes", "experiments.llama2_recipe", "experiments.llama3_recipe",
                 "experiments.findings", "experiments.smollm2_study"}  # fmt: skip
 HELPERS = {"experiments", "experiments.runs", "experiments.sections", "experiments.models",
-           "experiments.data_sources", "experiments.targets",
+           "experiments.data_sources", "experiments.lm", "experiments.targets",
            "experiments.report", "experiments.online_rl"}  # fmt: skip
 
 

@@ -26,34 +26,63 @@ train       num_steps, seed, grad_accum_steps, z_loss, loss_chunk_size (0: no ch
 lora        rank (0: train every weight), alpha (updates scaled by alpha / rank), targets
             (comma-separated projections among q,k,v,o,gate,up,down): low-rank adapters
             (`llama_jax.model.lora`); only they train, the workdir's `load_model` merges them.
+
+A section that mirrors a library dataclass takes its defaults from the dataclass
+(`dataclass_section`): mesh (`MeshConfig`), data (`PipelineConfig`'s fields it names),
+optimizer, train (`LoopConfig`), lora, and each algorithm's own (`RankingConfig` of the
+reward model, `DPOConfig`, `PPOConfig`, `GRPOConfig`), so a default lives in one place.
+Each config file's `get_config(variant)` picks its variant with `pick`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import ml_collections
 
+from llama_jax.data.pipeline import PipelineConfig
 from llama_jax.model.lora import LoraConfig
+from llama_jax.parallel.sharding import MeshConfig
 from llama_jax.training.train_state import OptimizerConfig
 from llama_jax.training.trainer import LoopConfig
 
 
-def dataclass_section(cls, *, drop: tuple[str, ...] = (), **values: Any) -> dict[str, Any]:
-  """A config section holding the defaults of dataclass `cls` (the one place they live),
-  less the fields in `drop`, with `values` for fields without a default, for defaults this
-  experiment changes and for keys of the section that are not fields of `cls`."""
+def dataclass_section(
+  cls, *, drop: tuple[str, ...] = (), only: tuple[str, ...] | None = None, **values: Any
+) -> dict[str, Any]:
+  """A config section holding the defaults of dataclass `cls` (the one place they live): of
+  every field, or of those in `only` (a section that exposes a few), less those in `drop`;
+  `values` give fields without a default, defaults this experiment changes and keys of the
+  section that are not fields of `cls`. Names in `drop` and `only` must be fields of `cls`,
+  so renaming a field cannot leave a section silently behind."""
+  names = [field.name for field in dataclasses.fields(cls)]
+  unknown = [name for name in (*drop, *(only or ())) if name not in names]
+  if unknown:
+    raise TypeError(f"{cls.__name__} has no field {unknown[0]!r}; its fields: {names}")
   out = {}
   for field in dataclasses.fields(cls):
-    if field.name in drop or field.name in values:
+    if field.name in drop or field.name in values or (only is not None and field.name not in only):
       continue
     if field.default is dataclasses.MISSING:
       raise TypeError(f"{cls.__name__}.{field.name} has no default; pass it in `values`")
     out[field.name] = field.default
   return out | values
+
+
+def pick(
+  stage: str, variant: str, *variants: Callable[[], ml_collections.ConfigDict]
+) -> ml_collections.ConfigDict:
+  """The config that `variant` names among `variants`, the functions that build a config file's
+  variants (each named as its variant): the body of every `get_config(variant)`. An unknown
+  name raises `ValueError` listing the `stage`'s known variants."""
+  by_name = {fn.__name__: fn for fn in variants}
+  if variant not in by_name:
+    raise ValueError(f"unknown {stage} variant {variant!r}; known: {sorted(by_name)}")
+  return by_name[variant]()
 
 
 def lm_config(**model_fields) -> ml_collections.ConfigDict:
@@ -64,23 +93,22 @@ def lm_config(**model_fields) -> ml_collections.ConfigDict:
       "tokenizer": "tiny:llama3",
       "init_from": "",
       "resume": "auto",
-      "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
-      "data": {
-        "source": "bundled",
-        "name": "corpus",
-        "data_dir": "",
-        "kind": "text",
-        "train_split": "train",
-        "eval_split": "test",
-        "seq_len": 256,
-        "batch_size": 16,
-        "mode": "pack",
-        "seed": 0,
-        "num_threads": 0,
-        "worker_count": 0,
-        "prefetch_batches": 1,
-        "loss_on": "",  # sft: "" (the tokenizer's default), "last_assistant", ...
-      },
+      "mesh": dataclass_section(MeshConfig),
+      # Where the records come from, then the `PipelineConfig` fields a run sets.
+      "data": dataclass_section(
+        PipelineConfig,
+        only=("mode", "seed", "num_threads", "worker_count"),
+        source="bundled",
+        name="corpus",
+        data_dir="",
+        kind="text",
+        train_split="train",
+        eval_split="test",
+        seq_len=256,
+        batch_size=16,
+        prefetch_batches=1,
+        loss_on="",  # sft: "" (the tokenizer's default), "last_assistant", ...
+      ),
       # total_steps 0: the run's length (`train.num_steps`).
       "optimizer": dataclass_section(OptimizerConfig, total_steps=0),
       # `LoopConfig`'s fields, checkpointing more often, and what the steps take.

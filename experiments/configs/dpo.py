@@ -48,18 +48,15 @@ from experiments.configs.base import (
   TINY_MODEL,
   dataclass_section,
   lm_config,
+  pick,
   use_preference_data,
   use_smollm2,
 )
 from llama_jax.steps.dpo import DPOConfig
 
 
-def get_config(variant: str = "tiny"):
-  variants = {"tiny": tiny, "llama3p1_8b": llama3p1_8b, "llama3p1_70b": llama3p1_70b,
-              "llama3p1_405b": llama3p1_405b, "smollm2_135m": smollm2_135m}  # fmt: skip
-  if variant not in variants:
-    raise ValueError(f"unknown dpo variant {variant!r}; known: {sorted(variants)}")
-  return variants[variant]()
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+  return pick("dpo", variant, tiny, llama3p1_8b, llama3p1_70b, llama3p1_405b, smollm2_135m)
 
 
 def dpo_config(**model_fields) -> ml_collections.ConfigDict:

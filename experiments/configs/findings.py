@@ -39,14 +39,12 @@ from __future__ import annotations
 import ml_collections
 
 from experiments.configs import dpo, llama2_recipe, ppo, reward_model, sft
+from experiments.configs.base import pick
 from experiments.configs.llama3_recipe import eval_section, quiet, tiny_stages
 
 
-def get_config(variant: str = "full"):
-  variants = {"full": full, "smoke": smoke}
-  if variant not in variants:
-    raise ValueError(f"unknown findings variant {variant!r}; known: {sorted(variants)}")
-  return variants[variant]()
+def get_config(variant: str = "full") -> ml_collections.ConfigDict:
+  return pick("findings", variant, full, smoke)
 
 
 def full():

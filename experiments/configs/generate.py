@@ -38,14 +38,14 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs.base import TINY_MODEL, reward_section
+from experiments.configs.base import TINY_MODEL, dataclass_section, pick, reward_section
+from llama_jax.generation.decode import GenerationConfig
+from llama_jax.generation.sampling import SamplingConfig
+from llama_jax.parallel.sharding import MeshConfig
 
 
-def get_config(variant: str = "tiny"):
-  variants = {"tiny": tiny, "llama3p1_8b": llama3p1_8b}
-  if variant not in variants:
-    raise ValueError(f"unknown generate variant {variant!r}; known: {sorted(variants)}")
-  return variants[variant]()
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+  return pick("generate", variant, tiny, llama3p1_8b)
 
 
 def _base(**model_fields) -> ml_collections.ConfigDict:
@@ -55,7 +55,7 @@ def _base(**model_fields) -> ml_collections.ConfigDict:
       "tokenizer": "tiny:llama3",
       "init_from": "",
       "resume": "auto",
-      "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+      "mesh": dataclass_section(MeshConfig, data=-1, fsdp=1),  # each device a replica
       "data": {
         "source": "bundled",
         "name": "rl_prompt",
@@ -66,15 +66,16 @@ def _base(**model_fields) -> ml_collections.ConfigDict:
         "num_prompts": 16,
         "batch_size": 8,
       },
-      "generation": {
-        "max_new_tokens": 48,
-        "num_samples": 4,
-        "temperature": 1.0,
-        "top_k": 0,
-        "top_p": 1.0,
-        "prompt_bucket": 0,
-        "seed": 0,
-      },
+      # `GenerationConfig`'s fields (stop and pad ids are the tokenizer's) and
+      # `SamplingConfig`'s, and the sampling seed.
+      "generation": dataclass_section(
+        GenerationConfig,
+        drop=("sampling", "stop_ids", "pad_id"),
+        max_new_tokens=48,
+        num_samples=4,
+        seed=0,
+      )
+      | dataclass_section(SamplingConfig),
       "chat": True,
       "reward": reward_section("check_answer").to_dict(),
     }

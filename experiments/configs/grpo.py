@@ -43,21 +43,14 @@ from __future__ import annotations
 import ml_collections
 
 from experiments.configs import generate
-from experiments.configs.base import lm_config, use_smollm2
+from experiments.configs.base import dataclass_section, lm_config, pick, use_smollm2
+from llama_jax.steps.grpo import GRPOConfig
 
 
-def get_config(variant: str = "tiny"):
-  variants = {
-    "tiny": tiny,
-    "tiny_dr_grpo": tiny_dr_grpo,
-    "tiny_rloo": tiny_rloo,
-    "tiny_reinforce_pp": tiny_reinforce_pp,
-    "llama3p2_1b": llama3p2_1b,
-    "smollm2_135m": smollm2_135m,
-  }
-  if variant not in variants:
-    raise ValueError(f"unknown grpo variant {variant!r}; known: {sorted(variants)}")
-  return variants[variant]()
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+  return pick(
+    "grpo", variant, tiny, tiny_dr_grpo, tiny_rloo, tiny_reinforce_pp, llama3p2_1b, smollm2_135m
+  )
 
 
 def rl_config(base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -83,10 +76,9 @@ def rl_config(base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def tiny():
   config = rl_config(generate.tiny())
-  config.grpo = ml_collections.ConfigDict(
-    {"group_size": 8, "advantage": "group", "clip_eps": 0.2, "clip_eps_high": None,
-     "beta": 0.04, "kl_coef": 0.0, "scale": "std", "aggregation": "sequence_mean"}
-  )  # fmt: skip
+  # `GRPOConfig`'s defaults (GRPO itself); the launcher sets max_length from
+  # generation.max_new_tokens and loss_chunk_size from train's.
+  config.grpo = dataclass_section(GRPOConfig, drop=("max_length", "loss_chunk_size"))
   config.data.update(tasks="arithmetic", num_prompts=32, batch_size=16)
   config.generation.max_new_tokens = 32
   config.optimizer.learning_rate = 1e-4

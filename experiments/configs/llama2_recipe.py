@@ -29,14 +29,12 @@ from __future__ import annotations
 import ml_collections
 
 from experiments.configs import ppo, pretrain, rejection_sampling, reward_model, sft
+from experiments.configs.base import pick
 from experiments.configs.llama3_recipe import eval_section, quiet, tiny_stages
 
 
-def get_config(variant: str = "tiny"):
-  variants = {"tiny": tiny, "smoke": smoke, "llama2_7b": llama2_7b}
-  if variant not in variants:
-    raise ValueError(f"unknown llama2_recipe variant {variant!r}; known: {sorted(variants)}")
-  return variants[variant]()
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+  return pick("llama2_recipe", variant, tiny, smoke, llama2_7b)
 
 
 def tiny():

@@ -34,13 +34,12 @@ from __future__ import annotations
 import ml_collections
 
 from experiments.configs import dpo, pretrain, rejection_sampling, reward_model, sft
+from experiments.configs.base import dataclass_section, pick
+from llama_jax.parallel.sharding import MeshConfig
 
 
-def get_config(variant: str = "demo"):
-  variants = {"demo": demo, "smoke": smoke, "llama3p1_8b": llama3p1_8b}
-  if variant not in variants:
-    raise ValueError(f"unknown llama3_recipe variant {variant!r}; known: {sorted(variants)}")
-  return variants[variant]()
+def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
+  return pick("llama3_recipe", variant, demo, smoke, llama3p1_8b)
 
 
 def eval_section(num_prompts: int, batch_size: int) -> ml_collections.ConfigDict:
@@ -49,7 +48,7 @@ def eval_section(num_prompts: int, batch_size: int) -> ml_collections.ConfigDict
     {
       "data": {"source": "bundled", "name": "rl_prompt", "data_dir": "", "split": "test",
                "tasks": "", "start": 0, "num_prompts": num_prompts},
-      "mesh": {"data": -1, "fsdp": 1, "tensor": 1},
+      "mesh": dataclass_section(MeshConfig, data=-1, fsdp=1),
       "batch_size": batch_size,
       "max_new_tokens": 40,
       "seed": 0,

@@ -28,31 +28,19 @@ from __future__ import annotations
 import ml_collections
 
 from experiments.configs import generate
+from experiments.configs.base import dataclass_section, pick
 from experiments.configs.grpo import rl_config
+from llama_jax.steps.ppo import PPOConfig
 
 
-def get_config(variant: str = "tiny"):
-  variants = {"tiny": tiny, "llama2_7b": llama2_7b}
-  if variant not in variants:
-    raise ValueError(f"unknown ppo variant {variant!r}; known: {sorted(variants)}")
-  return variants[variant]()
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+  return pick("ppo", variant, tiny, llama2_7b)
 
 
 def ppo_section(**overrides) -> ml_collections.ConfigDict:
+  """`PPOConfig`'s defaults with `overrides`; loss_chunk_size is train's."""
   return ml_collections.ConfigDict(
-    {
-      "kl_coef": 0.01,
-      "kl_estimator": "k1",
-      "kl_target": 0.0,
-      "kl_horizon": 10000,
-      "gamma": 1.0,
-      "lam": 0.95,
-      "clip_eps": 0.2,
-      "value_clip_eps": 0.2,
-      "whiten_advantages": True,
-      "no_eos_penalty": 0.0,
-    }
-    | overrides
+    dataclass_section(PPOConfig, drop=("loss_chunk_size",), **overrides)
   )
 
 

@@ -22,14 +22,13 @@ Variants
 
 from __future__ import annotations
 
-from experiments.configs.base import TINY_MODEL, lm_config
+import ml_collections
+
+from experiments.configs.base import TINY_MODEL, lm_config, pick
 
 
-def get_config(variant: str = "tiny"):
-  variants = {"tiny": tiny, "llama3p2_1b": llama3p2_1b, "llama2_7b": llama2_7b}
-  if variant not in variants:
-    raise ValueError(f"unknown pretrain variant {variant!r}; known: {sorted(variants)}")
-  return variants[variant]()
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+  return pick("pretrain", variant, tiny, llama3p2_1b, llama2_7b)
 
 
 def tiny():

@@ -36,14 +36,11 @@ from __future__ import annotations
 import ml_collections
 
 from experiments.configs import generate
-from experiments.configs.base import reward_section
+from experiments.configs.base import pick, reward_section
 
 
-def get_config(variant: str = "tiny"):
-  variants = {"tiny": tiny, "llama2_70b": llama2_70b, "llama3p1_8b": llama3p1_8b}
-  if variant not in variants:
-    raise ValueError(f"unknown rejection_sampling variant {variant!r}; known: {sorted(variants)}")
-  return variants[variant]()
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+  return pick("rejection_sampling", variant, tiny, llama2_70b, llama3p1_8b)
 
 
 def _with_rounds(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -52,29 +52,26 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs.base import TINY_MODEL, lm_config, use_preference_data
+from experiments.configs.base import (
+  TINY_MODEL,
+  dataclass_section,
+  lm_config,
+  pick,
+  use_preference_data,
+)
+from llama_jax.steps.reward_model import RankingConfig
 
 
-def get_config(variant: str = "tiny_helpful"):
-  variants = {
-    "tiny_helpful": tiny_helpful,
-    "tiny_safety": tiny_safety,
-    "tiny_llama3": tiny_llama3,
-    "llama2_7b_helpful": llama2_7b_helpful,
-    "llama2_7b_safety": llama2_7b_safety,
-    "llama2_70b_helpful": llama2_70b_helpful,
-    "llama3p1_8b": llama3p1_8b,
-  }
-  if variant not in variants:
-    raise ValueError(f"unknown reward_model variant {variant!r}; known: {sorted(variants)}")
-  return variants[variant]()
+def get_config(variant: str = "tiny_helpful") -> ml_collections.ConfigDict:
+  return pick("reward_model", variant, tiny_helpful, tiny_safety, tiny_llama3,
+              llama2_7b_helpful, llama2_7b_safety, llama2_70b_helpful, llama3p1_8b)  # fmt: skip
 
 
 def rm_config(**model_fields) -> ml_collections.ConfigDict:
   """The LM defaults with the reward-model data and loss fields."""
   config = use_preference_data(lm_config(**model_fields))
   config.data.use_edited = False
-  config.reward = ml_collections.ConfigDict({"margins": "none", "centering": 0.0})
+  config.reward = dataclass_section(RankingConfig)  # the ranking objective
   return config
 
 

@@ -29,16 +29,15 @@ All real variants use attention_impl "auto" (Pallas splash attention on TPU, cuD
 
 from __future__ import annotations
 
-from experiments.configs.base import TINY_MODEL, lm_config, use_smollm2
+import ml_collections
+
+from experiments.configs.base import TINY_MODEL, lm_config, pick, use_smollm2
 
 
-def get_config(variant: str = "tiny"):
-  variants = {"tiny": tiny, "llama2_7b": llama2_7b, "llama3p1_8b": llama3p1_8b,
-              "llama3p1_70b": llama3p1_70b, "llama3p1_405b": llama3p1_405b,
-              "smollm2_135m": smollm2_135m}  # fmt: skip
-  if variant not in variants:
-    raise ValueError(f"unknown sft variant {variant!r}; known: {sorted(variants)}")
-  return variants[variant]()
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+  return pick(
+    "sft", variant, tiny, llama2_7b, llama3p1_8b, llama3p1_70b, llama3p1_405b, smollm2_135m
+  )
 
 
 def _sft(config):

@@ -38,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from llama_jax.generation.sampling import SamplingConfig, sample
 from llama_jax.model.config import LlamaConfig
 from llama_jax.model.llama import KVCache, as_model
-from llama_jax.parallel import sharding
+from llama_jax.parallel import aot, sharding
 
 MIN_BUCKET = 16
 
@@ -298,6 +298,33 @@ def abstract_decode_args(
     place(caches[0]),
     place(caches[1]),
   )
+
+
+def decode_program(
+  model: sharding.Model,
+  gen: GenerationConfig,
+  num_prompts: int,
+  prompt_len: int,
+  mesh: Mesh,
+  resident=(),
+) -> aot.Program:
+  """The compiled decoder of `generate_tokens` for one batch of `num_prompts` prompts of up to
+  `prompt_len` tokens (prefill + decode loop; both KV caches are its arguments), with model
+  FLOPs, for ahead-of-time compile-and-fit checks (`resident`: what else stays on the
+  devices meanwhile)."""
+  config = as_model(model).config
+  args = abstract_decode_args(model, gen, num_prompts, prompt_len, mesh)
+  b, p = args[1].shape
+  r, n = gen.num_samples, gen.max_new_tokens
+  flops = config.flops_per_token(p + n) / 3 * (b * p + b * r * n)
+  return aot.Program("generate", make_decode_fn(model, gen, mesh), args, flops, resident,
+                     note=f"{b} prompts × {p} + {r} × {n} new")  # fmt: skip
+
+
+def model_stop_ids(config: LlamaConfig) -> tuple[int, ...]:
+  """The ids the model's config says end a response (`eos_token_id`: none, one or several)."""
+  eos = config.eos_token_id
+  return () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
 
 
 @functools.lru_cache(maxsize=16)

@@ -1,4 +1,4 @@
-"""Pieces every online RL algorithm shares: masked statistics, the scoring-time metrics, and
+"""Pieces every online RL algorithm shares: masked statistics, the advantage pass's metrics, and
 the critic-free advantage estimators (GRPO, Dr. GRPO, RLOO, REINFORCE++).
 
 Shapes: N responses (the K of one prompt adjacent: prompt b owns rows b·K … b·K + K − 1), T
@@ -147,17 +147,18 @@ def advantages(
   return per_response[:, None] * mask
 
 
-def score_metrics(
-  scores: jax.Array,  # [N] the (shaped) scores the advantages use
+def advantage_metrics(
+  rewards: jax.Array,  # [N] the responses' rewards the advantages use (scores + penalties)
   kl: jax.Array,  # [N, T] per-token KL estimate at sampling time, 0 off the mask
   entropy: jax.Array,  # [N, T] the policy's entropy at each position
   mask: jax.Array,  # [N, T]
 ) -> dict[str, jax.Array]:
-  """The metrics every algorithm logs at scoring time, under shared names: objective/kl
-  (nats per response), objective/kl_per_token, objective/scores, policy/entropy."""
+  """The metrics every algorithm logs from its advantage pass, under shared names:
+  objective/kl (nats per response), objective/kl_per_token, objective/scores (the mean
+  reward: TRL's name, kept), policy/entropy."""
   return {
     "objective/kl": jnp.mean(jnp.sum(_f32(kl) * _f32(mask), axis=1)),
     "objective/kl_per_token": masked_mean(kl, mask),
-    "objective/scores": jnp.mean(_f32(scores)),
+    "objective/scores": jnp.mean(_f32(rewards)),
     "policy/entropy": masked_mean(entropy, mask),
   }

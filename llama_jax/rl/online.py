@@ -1,9 +1,15 @@
-"""Online RL: one iteration driver, algorithms as plug-ins (PPO; GRPO and its critic-free kin).
+"""Online RL: one iteration driver, algorithms as plug-ins (`llama_jax.rl.ppo`;
+`llama_jax.rl.grpo`: GRPO and its critic-free kin).
 
-    algorithm = GRPO(config=..., optimizer=..., mesh=..., score_fn=..., train_step=...)
-    iteration = make_iteration(algorithm, sampler, reward_fn, ref_params, num_minibatches=2)
+    algorithm = grpo.build(model, mesh, GRPOConfig(...), OptimizerConfig(...))
+    iteration = make_iteration(algorithm, Sampler(model, tokenizer, gen), scorer, ref_params)
     summary = train_online(iteration, init_state=lambda: algorithm.init_state(params, key),
                            abstract_state=algorithm.abstract_state(), prompts=..., ...)
+
+Words: a response's *score* is what the scorer (a reward model or a program) says of it; its
+*reward* is what the objective maximizes (the score plus penalties, e.g. `no_eos_penalty`;
+PPO adds a per-token KL penalty); its *advantages* are the per-token training signal after
+baselines and whitening.
 
 Every iteration is the same five steps, whatever the algorithm:
 
@@ -11,31 +17,33 @@ Every iteration is the same five steps, whatever the algorithm:
                from the seed and the iteration, so a resumed run samples what it would have;
                on the sampler's own mesh if it has one (`Sampler.mesh`: the policy's weights
                are resharded onto it first, timed as time/weight_sync)
-    reward     the reward function, a `llama_jax.rl.scorers.Scorer` `(records, prompts,
-               responses) -> scores [N]` (checked by `scorers.score`), plus
+    reward     the scorer, a `llama_jax.rl.scorers.Scorer` `(records, prompts, responses) ->
+               scores [N]` (checked by `scorers.score`); the rewards are the scores plus
                `no_eos_penalty` for responses cut off without a stop token
-    advantages `algorithm.score(state, ref_params, rows, scores) -> (arrays, metrics)`, one
-               jitted pass: old (and reference) log-probs, advantages, value targets
+    advantages `algorithm.advantages(state, ref_params, rows, rewards) -> (arrays, metrics)`,
+               one jitted pass: old (and reference) log-probs, advantages, value targets
     updates    `algorithm.update(state, minibatch) -> (state, metrics)` per shuffled minibatch
                (jitted, state-donating steps; Llama 2: 512 prompts, minibatches of 64)
-    metrics    the scoring metrics, the updates' means, reward/response/time statistics; then
+    metrics    the advantage pass's metrics, the updates' means, reward/response/time
+               statistics; then
                `algorithm.finish(state, metrics)` (PPO's adaptive KL) and the step count + 1
 
 Multi-host: every process runs the same iteration on the same global prompt batch. The
-decoder runs over the whole mesh; each process detokenizes and rewards the responses its own
+decoder runs over the whole mesh; each process detokenizes and scores the responses its own
 devices sampled, and builds its block of the rollout rows, which become global `jax.Array`s
 (`sharding.from_process_rows`). Log-probs, advantages, group baselines and whitening are
 computed by the jitted functions over those global arrays, so their statistics are global;
 minibatches are gathered on the devices; reward and response metrics are gathered from every
 process. One process with all devices computes the same numbers.
 
-An algorithm is any object with those three methods over a state that has `policy` (a
-`TrainState`) and `step` (the iteration count the trainer checkpoints and resumes by), and
-two that build that state: `init_state(params, key)` (fresh, from the policy's parameters)
-and `abstract_state()` (the checkpoint's restore target, nothing allocated).
+An algorithm (`Algorithm`) is any object with those three methods over a state that has
+`policy` (a `TrainState`) and `step` (the iteration count the trainer checkpoints and resumes
+by), two that build that state: `init_state(params, key)` (fresh, from the policy's
+parameters) and `abstract_state()` (the checkpoint's restore target, nothing allocated), and
+its `mesh` and `num_minibatches`.
 Metric names are shared across algorithms: objective/kl (nats per response),
-objective/kl_per_token, objective/scores, policy/entropy, policy/clipfrac, policy/approxkl,
-loss/policy, reward/*, response/*, time/*.
+objective/kl_per_token, objective/scores (the mean reward), policy/entropy, policy/clipfrac,
+policy/approxkl, loss/policy, reward/* (of the scores, before penalties), response/*, time/*.
 """
 
 from __future__ import annotations
@@ -47,18 +55,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
-import flax.struct
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.generation import GenerationConfig
-from llama_jax.model import reward_model
-from llama_jax.model.config import LlamaConfig
-from llama_jax.model.llama import as_model
-from llama_jax.objectives import ppo as ppo_obj
 from llama_jax.parallel import sharding
 from llama_jax.rl import scorers
 from llama_jax.rl.rollouts import Rollout, sample_rollout
@@ -67,7 +68,6 @@ from llama_jax.steps.common import batch_sharding
 from llama_jax.tokenizer import Tokenizer
 from llama_jax.training import train_state as ts
 from llama_jax.training.metrics import METRICS_FILE, read_metrics
-from llama_jax.training.train_state import TrainState
 from llama_jax.training.trainer import fit
 
 Metrics = dict[str, Any]
@@ -84,32 +84,6 @@ PLOT_PANELS = (
 )
 
 
-# --------------------------------------------------------------------------- states
-
-
-@flax.struct.dataclass
-class PolicyState:
-  """A critic-free algorithm's state (GRPO, Dr. GRPO, RLOO, REINFORCE++): the policy's train
-  state and the iteration count (`step`)."""
-
-  policy: TrainState
-  step: jax.Array
-
-
-GRPOState = PolicyState
-
-
-@flax.struct.dataclass
-class PPOState:
-  """The policy's and the value model's train states, the current KL coefficient β and the
-  iteration count (`step`, what the trainer counts; each iteration takes several updates)."""
-
-  policy: TrainState
-  value: TrainState
-  kl_coef: jax.Array
-  step: jax.Array
-
-
 # --------------------------------------------------------------------------- algorithms
 
 
@@ -117,139 +91,49 @@ class Algorithm(Protocol):
   """What the driver and the launchers need of an algorithm (see the module docstring)."""
 
   mesh: Mesh  # where its state lives and its rollout rows are placed
+  num_minibatches: int  # updates per iteration, each on a shuffled share of the rows
 
   def init_state(self, params, key: jax.Array) -> Any: ...
 
   def abstract_state(self) -> Any: ...
 
-  def score(self, state, ref_params, rows, scores) -> tuple[Mapping[str, Any], Metrics]: ...
+  def advantages(self, state, ref_params, rows, rewards) -> tuple[Mapping[str, Any], Metrics]: ...
 
   def update(self, state, minibatch) -> tuple[Any, Metrics]: ...
 
   def finish(self, state, metrics: Metrics) -> tuple[Any, Metrics]: ...
 
 
-def _init_policy(model, optimizer, mesh: Mesh, key: jax.Array, params) -> ts.TrainState:
+def init_policy(model, optimizer, mesh: Mesh, key: jax.Array, params) -> ts.TrainState:
   """The policy's train state around `params`, completed with fresh LoRA adapters if `model`
   has adapters that `params` (a plain checkpoint) lack."""
   params = sharding.init_missing(model, params, jax.random.fold_in(key, 2), mesh)
   return ts.init_train_state(model, optimizer, mesh, key, params=params)
 
 
-def _scalar(dtype, mesh: Mesh) -> jax.ShapeDtypeStruct:
+def abstract_scalar(dtype, mesh: Mesh) -> jax.ShapeDtypeStruct:
+  """A scalar of the state as a restore target: replicated over the mesh."""
   return jax.ShapeDtypeStruct((), dtype, sharding=NamedSharding(mesh, PartitionSpec()))
 
 
-def _replicated(value, dtype, mesh: Mesh) -> jax.Array:
+def replicated_scalar(value, dtype, mesh: Mesh) -> jax.Array:
   """A scalar of the state, replicated over the mesh (a global array on every process, as
   checkpoints need across hosts)."""
   return jax.device_put(np.asarray(value, dtype), NamedSharding(mesh, PartitionSpec()))
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class GRPO:
-  """Critic-free policy gradient over `PolicyState`: the jitted `steps.grpo` score function
-  (its `GRPOConfig` picks GRPO, Dr. GRPO, RLOO or REINFORCE++) and train step, and the
-  policy's architecture, optimizer and mesh (what its state is built from)."""
-
-  model: sharding.Model  # the policy (`Llama(config)`, with LoRA adapters if it trains them)
-  optimizer: optax.GradientTransformation
-  mesh: Mesh
-  score_fn: Callable  # (policy params, ref params, rows, scores) -> (out, metrics)
-  train_step: Callable  # (policy state, minibatch) -> (state, metrics), donates the state
-
-  def init_state(self, params, key: jax.Array) -> PolicyState:
-    """Iteration 0: a fresh optimizer state over `params` (placed on the mesh; LoRA adapters
-    the model has and `params` lack start fresh)."""
-    policy = _init_policy(self.model, self.optimizer, self.mesh, key, params)
-    return PolicyState(policy=policy, step=_replicated(0, np.int32, self.mesh))
-
-  def abstract_state(self) -> PolicyState:
-    """The restore target of a checkpoint on the mesh (shapes and shardings only)."""
-    return PolicyState(
-      policy=ts.abstract_train_state(self.model, self.optimizer, self.mesh),
-      step=_scalar(jnp.int32, self.mesh),
-    )
-
-  def score(self, state: PolicyState, ref_params, rows, scores):
-    return self.score_fn(state.policy.params, ref_params, rows, scores)
-
-  def update(self, state: PolicyState, minibatch):
-    policy, metrics = self.train_step(state.policy, minibatch)
-    return state.replace(policy=policy), metrics
-
-  def finish(self, state: PolicyState, metrics: Metrics):
-    return state, metrics
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PPO:
-  """PPO with a value model over `PPOState`: the jitted `steps.ppo` functions, the initial KL
-  coefficient and the adaptive KL controller (on when `kl_target` > 0), and both models'
-  architectures and optimizers and the mesh (what its state is built from)."""
-
-  model: sharding.Model  # the policy (`Llama(config)`, with LoRA adapters if it trains them)
-  value_config: LlamaConfig  # the value model is `RewardModel(value_config)`
-  policy_opt: optax.GradientTransformation
-  value_opt: optax.GradientTransformation
-  mesh: Mesh
-  score_fn: Callable  # (policy, ref, value params, rows, scores, β) -> (out, metrics)
-  policy_step: Callable  # (policy state, minibatch) -> (state, metrics)
-  value_step: Callable  # (value state, minibatch) -> (state, metrics)
-  kl_coef: float = 0.01
-  kl_target: float = 0.0
-  kl_horizon: int = 10000
-
-  @property
-  def value_model(self) -> reward_model.RewardModel:
-    return reward_model.RewardModel(self.value_config)
-
-  def init_state(self, params, key: jax.Array, value_params=None) -> PPOState:
-    """Iteration 0 at β = `kl_coef`: fresh optimizer states over the policy's `params` and
-    `value_params` (e.g. a reward model's, Llama 2) or, if None, the policy's trunk with a
-    fresh head (then `value_config` must be the policy's)."""
-    if value_params is None:
-      if self.value_config != as_model(self.model).config:
-        raise ValueError("a value model from the policy's trunk needs the policy's config")
-      trunk = jax.tree.map(lambda x: x.copy(), params)  # own buffers: updates donate them
-      head_key = jax.random.fold_in(key, 1)
-      value_params = reward_model.from_lm_params(self.value_config, trunk, head_key, self.mesh)
-    return PPOState(
-      policy=_init_policy(self.model, self.policy_opt, self.mesh, key, params),
-      value=ts.init_train_state(self.value_model, self.value_opt, self.mesh, key, value_params),
-      kl_coef=_replicated(self.kl_coef, np.float32, self.mesh),
-      step=_replicated(0, np.int32, self.mesh),
-    )
-
-  def abstract_state(self) -> PPOState:
-    """The restore target of a checkpoint on the mesh (shapes and shardings only)."""
-    return PPOState(
-      policy=ts.abstract_train_state(self.model, self.policy_opt, self.mesh),
-      value=ts.abstract_train_state(self.value_model, self.value_opt, self.mesh),
-      kl_coef=_scalar(jnp.float32, self.mesh),
-      step=_scalar(jnp.int32, self.mesh),
-    )
-
-  def score(self, state: PPOState, ref_params, rows, scores):
-    params = (state.policy.params, ref_params, state.value.params)
-    return self.score_fn(*params, rows, scores, state.kl_coef)
-
-  def update(self, state: PPOState, minibatch):
-    policy, pm = self.policy_step(state.policy, minibatch)
-    value, vm = self.value_step(state.value, minibatch)
-    metrics = pm | {k: v for k, v in vm.items() if k.startswith(("loss/", "value/"))}
-    metrics |= {"value/grad_norm": vm["grad_norm"], "finite": pm["finite"] & vm["finite"]}
-    return state.replace(policy=policy, value=value), metrics
-
-  def finish(self, state: PPOState, metrics: Metrics):
-    beta = float(state.kl_coef)
-    if self.kl_target > 0:
-      num = metrics["num_responses"]
-      new = ppo_obj.adaptive_kl_beta(
-        beta, metrics["objective/kl"], num, target=self.kl_target, horizon=self.kl_horizon
-      )
-      state = state.replace(kl_coef=_replicated(new, np.float32, self.mesh))
-    return state, metrics | {"kl_coef": beta}
+def check_minibatches(
+  num_rows: int, num_minibatches: int, mesh: Mesh, grad_accum_steps: int = 1
+) -> None:
+  """The rollout's `num_rows` must split into `num_minibatches` minibatches, and those into
+  `grad_accum_steps` micro-batches, each a multiple of the mesh's batch shards."""
+  if num_minibatches < 1 or num_rows % num_minibatches:
+    raise ValueError(f"{num_rows} rollout rows do not split into num_minibatches={num_minibatches}")
+  minibatch = num_rows // num_minibatches
+  sharding.check_batch_fits_mesh(minibatch, mesh, "minibatch rows")
+  sharding.check_batch_fits_mesh(
+    minibatch // grad_accum_steps, mesh, f"micro-batch rows (grad_accum_steps={grad_accum_steps})"
+  )
 
 
 # --------------------------------------------------------------------------- the driver
@@ -286,6 +170,24 @@ class Sampler:
     )
 
 
+def sampling_mesh(mesh: Mesh, shape: Mapping[str, int], num_devices: int = 0) -> Mesh:
+  """A mesh of `shape` (data, fsdp, tensor; an axis left out or 0 is 1 wide, one may be -1)
+  over `num_devices` of `mesh`'s devices (0 = all): an equal share of each process's, so
+  that every process samples (`Sampler.mesh`)."""
+  by_process: dict[int, list[jax.Device]] = {}
+  for d in sorted(mesh.devices.flat, key=lambda d: (d.process_index, d.id)):
+    by_process.setdefault(d.process_index, []).append(d)
+  n = num_devices or mesh.devices.size
+  if n % len(by_process) or not 0 < n <= mesh.devices.size:
+    raise ValueError(
+      f"num_devices={num_devices}: expected 0 or a multiple of the {len(by_process)} "
+      f"processes up to the mesh's {mesh.devices.size} devices"
+    )
+  devices = [d for ds in by_process.values() for d in ds[: n // len(by_process)]]
+  axes = {a: shape.get(a) or 1 for a in ("data", "fsdp", "tensor")}
+  return sharding.make_mesh(sharding.MeshConfig(**axes), devices)
+
+
 def minibatch_indices(num_rows: int, num_minibatches: int, rng: np.random.Generator):
   """A shuffled split of the rows into `num_minibatches` equal parts."""
   if num_rows % num_minibatches:
@@ -302,7 +204,7 @@ def _take_rows(mesh: Mesh):
 
 
 def rollout_metrics(rollout: Rollout, scores: np.ndarray, group_size: int) -> dict[str, float]:
-  """reward/* (of the reward function, before shaping) and response/* of one rollout, over
+  """reward/* (of the scorer's scores, before penalties) and response/* of one rollout, over
   every process's responses (each process passes its own)."""
   scores, lengths, stopped = (
     sharding.process_allgather(x) for x in (scores, rollout.lengths, rollout.stopped)
@@ -332,18 +234,21 @@ def mean_metrics(per_step: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 def make_iteration(
   algorithm: Algorithm,
   sampler: Sampler,
-  reward_fn: Scorer,
+  scorer: Scorer,
   ref_params: Any,
   *,
-  num_minibatches: int,
+  num_minibatches: int | None = None,
   no_eos_penalty: float = 0.0,
   seed: int = 0,
 ):
   """`iteration(state, batch) -> (state, metrics)` over a batch `{"records": [rl_prompt
-  records]}` from `rollouts.PromptIterator`, so `llama_jax.training.trainer.fit` runs it like any
-  train step (logging, checkpoints, resume). The metrics time each phase: weight_sync,
-  generation, reward, logps (the scoring pass) and training, in seconds."""
+  records]}` from `rollouts.PromptIterator`, so `llama_jax.training.trainer.fit` runs it like
+  any train step (logging, checkpoints, resume). `scorer` scores the responses; their rewards
+  add `no_eos_penalty` to those cut off without a stop token; `num_minibatches` updates per
+  iteration (None: the algorithm's). The metrics time each phase: weight_sync, generation,
+  reward, logps (the advantage pass) and training, in seconds."""
   mesh = algorithm.mesh
+  num_minibatches = num_minibatches or algorithm.num_minibatches
   rows_sharding = batch_sharding(mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -355,13 +260,13 @@ def make_iteration(
     rollout = sampler(params, batch["records"], jax.random.fold_in(jax.random.key(seed), step))
     del params
     clock.lap("time/generation")
-    raw = scorers.score(reward_fn, rollout.records, rollout.texts).astype(np.float32)
-    scores = raw + np.float32(no_eos_penalty) * (~rollout.stopped)
+    scores = scorers.score(scorer, rollout.records, rollout.texts).astype(np.float32)
+    rewards = scores + np.float32(no_eos_penalty) * (~rollout.stopped)
     clock.lap("time/reward")
     rows = rollout.global_rows(rows_sharding)
     n = len(rows["tokens"])
-    scores = sharding.from_process_rows(scores, rows_sharding, n)
-    arrays, score_metrics = algorithm.score(state, ref_params, rows, scores)
+    rewards = sharding.from_process_rows(rewards, rows_sharding, n)
+    arrays, pass_metrics = algorithm.advantages(state, ref_params, rows, rewards)
     arrays = jax.block_until_ready(rows | dict(arrays))
     clock.lap("time/logps")
     updates = []
@@ -372,8 +277,8 @@ def make_iteration(
       updates.append(m)
     metrics = mean_metrics(updates)  # waits for the updates
     clock.lap("time/training")
-    metrics |= {k: float(v) for k, v in jax.device_get(score_metrics).items()}
-    metrics |= rollout_metrics(rollout, raw, sampler.gen.num_samples) | clock.laps
+    metrics |= {k: float(v) for k, v in jax.device_get(pass_metrics).items()}
+    metrics |= rollout_metrics(rollout, scores, sampler.gen.num_samples) | clock.laps
     metrics["loss"] = metrics["loss/policy"]
     state, metrics = algorithm.finish(state, metrics)
     return state.replace(step=state.step + 1), metrics

@@ -1,12 +1,14 @@
 """Rollouts: prompt batches, sampled responses as training rows, their log-probs, rewards.
 
+    records = select_prompts(records, tasks=("arithmetic",), num_prompts=64)
     prompts = PromptIterator(records, batch_size=64, seed=0)     # resumable, endless
     rollout = sample_rollout(model, params, tokenizer, records, key, gen)   # rows [B·R, T]
     logp, entropy = jit(make_logps_fn(model))(params, rollout.rows)        # [B·R, T] each
     scores = scorers.score(scorer, rollout.records, rollout.texts)        # [B·R]
 
 `sample_rollout` + `make_logps_fn` are the one path from prompts to per-token log-probs:
-online RL scores its rollouts with them and `llama_jax.evaluation.policy.sampled_kl` its KL.
+online RL's advantage pass takes its log-probs from them, and
+`llama_jax.evaluation.policy.sampled_kl` its KL.
 
 A rollout row is one prompt followed by one sampled response, right-padded, in the layout
 of a pad-mode data batch (`tokens`, `positions`, `segment_ids`, `targets`) plus
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -27,10 +30,65 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from llama_jax.generation import GenerationConfig, encode_prompt, generate_tokens, response_text
+from llama_jax.generation import (
+  Generation,
+  GenerationConfig,
+  encode_prompt,
+  generate,
+  generate_tokens,
+  response_text,
+)
 from llama_jax.parallel import sharding
 from llama_jax.steps.common import ROW_FIELDS
 from llama_jax.tokenizer import Tokenizer
+
+
+def select_prompts(
+  records: Sequence[dict[str, Any]],
+  *,
+  tasks: Sequence[str] = (),
+  start: int = 0,
+  num_prompts: int = 0,
+) -> list[dict[str, Any]]:
+  """The records whose `task` is in `tasks` (empty: all), from index `start` of those,
+  `num_prompts` of them (0: all). Refuses `tasks` no record has."""
+  records = list(records)
+  if tasks:
+    records = [r for r in records if r.get("task") in tasks]
+    if not records:
+      raise ValueError(f"tasks={','.join(tasks)!r}: no prompt has one of these tasks")
+  records = records[start:]
+  return records[:num_prompts] if num_prompts else records
+
+
+def sample_batches(
+  model: sharding.Model,
+  params: Any,
+  tokenizer: Tokenizer,
+  records: Sequence[dict[str, Any]],
+  gen: GenerationConfig,
+  *,
+  batch_size: int,
+  seed: int = 0,
+  chat: bool = True,
+  mesh: Mesh | None = None,
+) -> Iterator[tuple[list[dict[str, Any]], Generation, float]]:
+  """`(records, generation, seconds)` per batch of `batch_size` of the records' prompts, each
+  answered `gen.num_samples` times (`generation.generate`; the stop ids are the tokenizer's).
+  A batch's key folds its start index into `seed`, so its samples do not depend on the
+  batches before it."""
+  key = jax.random.key(seed)
+  s = gen.sampling
+  for start in range(0, len(records), batch_size):
+    batch = list(records[start : start + batch_size])
+    t0 = time.perf_counter()
+    out = generate(
+      model, params, tokenizer, [r["prompt"] for r in batch],
+      max_new_tokens=gen.max_new_tokens, num_samples=gen.num_samples,
+      temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+      prompt_bucket=gen.prompt_bucket, chat=chat, key=jax.random.fold_in(key, start), mesh=mesh,
+    )  # fmt: skip
+    yield batch, out, time.perf_counter() - t0
 
 
 class PromptIterator:

@@ -1,8 +1,11 @@
 """Pieces every train step shares: micro-batching, gradient accumulation, the guarded
-optimizer update, and jitting with explicit shardings and a donated state."""
+optimizer update, jitting with explicit shardings and a donated state, and
+`OfflineAlgorithm`, what the offline builders (`steps.lm.build`, `steps.reward_model.build`,
+`steps.dpo.build`) return."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -15,7 +18,8 @@ from llama_jax.model import lora
 from llama_jax.model.llama import as_model
 from llama_jax.objectives import logprobs as lp
 from llama_jax.parallel import sharding
-from llama_jax.training.train_state import TrainState
+from llama_jax.training import train_state as ts
+from llama_jax.training.train_state import OptimizerConfig, TrainState
 
 Batch = Mapping[str, jax.Array]
 SumsFn = Callable[[Any, Batch], dict[str, jax.Array]]
@@ -263,3 +267,68 @@ def make_logps_fn(
       return map_microbatches(fn, rows, micro_batches)
 
   return logps
+
+
+# --------------------------------------------------------------------------- built algorithms
+
+ADAPTER_STREAM = 7  # fresh LoRA adapters draw from fold_in(key, 7), apart from the state's key
+
+
+def trains_adapters(model: sharding.Model) -> bool:
+  """Whether `model` (a module or a `LlamaConfig`) has LoRA adapters, so only they (and any
+  head) are trained."""
+  return getattr(as_model(model), "lora", None) is not None
+
+
+def optimizer_for(model: sharding.Model, config: OptimizerConfig) -> optax.GradientTransformation:
+  """`train_state.make_optimizer(config)`, restricted to the adapters and heads
+  (`lora.trainable_mask`) when `model` trains LoRA adapters."""
+  trainable = lora.trainable_mask if trains_adapters(model) else None
+  return ts.make_optimizer(config, trainable=trainable)
+
+
+def new_state(
+  model: sharding.Model,
+  optimizer: optax.GradientTransformation,
+  mesh: Mesh,
+  key: jax.Array,
+  params: Any = None,
+  rules: sharding.Rules = sharding.DEFAULT_RULES,
+) -> TrainState:
+  """A fresh train state of `model` on `mesh`: new parameters from `key` if `params` is None,
+  else `params` (loaded weights of the plain model, any placement) with fresh LoRA adapters
+  beside them if the model has adapters. `key` is a `jax.random.PRNGKey`."""
+  if params is not None and trains_adapters(model):
+    adapter_key = jax.random.fold_in(key, ADAPTER_STREAM)
+    params = sharding.init_missing(model, params, adapter_key, mesh, rules)
+  return ts.init_train_state(model, optimizer, mesh, key, params=params, rules=rules)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OfflineAlgorithm:
+  """An algorithm trained by `training.trainer.fit` over a dataset: its model (a module, LoRA
+  adapters included if it trains them), optimizer and mesh, and its jitted functions.
+
+  `train_step(state, batch, ...) -> (state, metrics)` donates the state;
+  `eval_step(params, batch, ...)` returns per-batch sums or rows (see the subclass).
+  `abstract_state()` is the checkpoint's restore target and the compile check's argument;
+  `init_state(params, key)` the real state a run starts from.
+  """
+
+  model: sharding.Model
+  optimizer: optax.GradientTransformation
+  mesh: Mesh
+  train_step: Callable
+  eval_step: Callable
+  rules: sharding.Rules = sharding.DEFAULT_RULES
+
+  def abstract_state(self) -> TrainState:
+    """`jax.ShapeDtypeStruct`s with shardings: nothing allocated."""
+    return ts.abstract_train_state(self.model, self.optimizer, self.mesh, self.rules)
+
+  def init_state(self, params: Any, key: jax.Array) -> TrainState:
+    """Step 0 around `params` (None: fresh from `key`), placed on the mesh (`new_state`)."""
+    return new_state(self.model, self.optimizer, self.mesh, key, params, self.rules)
+
+  def state_shardings(self) -> TrainState:
+    return ts.state_shardings(self.model, self.optimizer, self.mesh, self.rules)

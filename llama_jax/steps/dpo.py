@@ -1,10 +1,14 @@
 """DPO train and eval steps on preference pairs (`llama_jax.data.make_pair_pipeline`).
 
-    step = make_train_step(model_config, optimizer, DPOConfig(beta=0.1, nll_coef=0.2),
-                           reference="precomputed", mesh=mesh)
-    step = steps.common.jit_train_step(step, state_shardings, mesh,
-                                       frozen_shardings=(replicated,))
-    state, metrics = step(state, batch, reference_table)     # or (state, batch, ref_params)
+    dpo = build(model, mesh, DPOConfig(beta=0.1, nll_coef=0.2), OptimizerConfig(...),
+                reference="precomputed")                    # or "in_step"
+    reference = dpo.reference_table(ref_params, eval_pass, num_records)  # "in_step": ref_params
+    state = dpo.init_state(params, jax.random.PRNGKey(0))
+    state, metrics = dpo.train_step(state, batch, reference)  # jitted, state donated
+    metrics = dpo.evaluate(state.params, eval_batches, reference)
+
+`build` wires the pure step functions below (`make_train_step`, `make_eval_step`,
+`make_reference_step`) with the optimizer, the shardings and `jax.jit`.
 
 The batch is `{"chosen": rows, "rejected": rows}`, two pad-mode batches [B, T] whose row i is
 pair i (fields `tokens`, `positions`, `segment_ids`, `targets`, `target_mask`, `format_mask`,
@@ -36,13 +40,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.model import lora
 from llama_jax.model.llama import as_model
 from llama_jax.objectives import dpo as dpo_obj
 from llama_jax.objectives import logprobs as lp
 from llama_jax.parallel import sharding
+from llama_jax.steps import common
 from llama_jax.steps.common import (
   Batch,
   map_microbatches,
@@ -50,7 +55,8 @@ from llama_jax.steps.common import (
   sum_microbatches,
   sums_train_step,
 )
-from llama_jax.training.train_state import TrainState
+from llama_jax.training import train_state as ts
+from llama_jax.training.train_state import OptimizerConfig, TrainState
 
 SIDES = ("chosen", "rejected")
 ROW_FIELDS = ("tokens", "positions", "segment_ids", "targets", "target_mask", "format_mask")
@@ -144,9 +150,7 @@ def loss_sums(
 def reference_fn(model: sharding.Model, reference: str, dpo: DPOConfig):
   """`(batch, frozen) -> [B, 2]` reference log-probs: a table lookup by `index`, or a
   forward pass of the reference parameters."""
-  if reference not in REFERENCES:
-    raise ValueError(f"dpo reference={reference!r}; expected one of {REFERENCES}")
-  if reference == "precomputed":
+  if check_reference(reference) == "precomputed":
     return lambda batch, table: table[batch["chosen"]["index"]]
   # The reference parameters are a plain model's (under LoRA: the frozen base weights).
   ref_model = lora.without_adapters(as_model(model))
@@ -286,3 +290,113 @@ def reference_logps_table(
       "not exactly once); it needs one evaluation pass over an Indexed source"
     )
   return table
+
+
+def check_reference(reference: str) -> str:
+  """`reference` if it is a reference mode (`REFERENCES`), else a ValueError naming it."""
+  if reference not in REFERENCES:
+    raise ValueError(f"dpo reference={reference!r}; expected one of {REFERENCES}")
+  return reference
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPO(common.OfflineAlgorithm):
+  """DPO built by `build`, in one reference mode. Its jitted functions take the reference as
+  their last argument: the table of `reference_table` ("precomputed") or the reference's
+  parameters ("in_step").
+
+  `train_step(state, batch, reference) -> (state, metrics)` (state donated),
+  `eval_step(params, batch, reference) -> sums`, `reference_step(ref_params, batch) ->
+  {logps, index, valid}` (the pass that fills a table, either mode may run it).
+  `reference_sharding`: where the reference argument lives (the table replicated, or the
+  reference's parameter shardings).
+  """
+
+  config: DPOConfig
+  reference: str
+  reference_model: sharding.Model  # the plain model (a LoRA policy's frozen base)
+  reference_step: Callable
+  reference_sharding: Any
+
+  def reference_table(self, ref_params: Any, batches: Iterable[Batch], num_records: int):
+    """The table [num_records, 2] of one evaluation pass of `ref_params` over an `Indexed`
+    source (`reference_logps_table`), placed on the mesh as the steps take it."""
+    table = reference_logps_table(self.reference_step, ref_params, batches, num_records)
+    return self.place_table(table)
+
+  def place_table(self, table: np.ndarray) -> jax.Array:
+    """A host table [N, 2] (e.g. a stored one) replicated on the mesh."""
+    return jax.device_put(np.asarray(table, np.float32), NamedSharding(self.mesh, PartitionSpec()))
+
+  def abstract_reference_params(self) -> Any:
+    """The reference's parameters as `jax.ShapeDtypeStruct`s with shardings (the reference
+    pass's argument, and the steps' in "in_step" mode)."""
+    return sharding.abstract_sharded_params(self.reference_model, self.mesh, self.rules)
+
+  def abstract_reference(self, num_records: int) -> Any:
+    """The steps' reference argument as `jax.ShapeDtypeStruct`s with shardings: a table of
+    `num_records` rows ("precomputed"), or the reference's parameters ("in_step")."""
+    if self.reference == "precomputed":
+      return jax.ShapeDtypeStruct((num_records, 2), np.float32, sharding=self.reference_sharding)
+    return self.abstract_reference_params()
+
+  def evaluate(self, params: Any, batches: Iterable[Batch], reference: Any) -> dict[str, float]:
+    """DPO metrics of one pass over `batches` against `reference` (`evaluate`)."""
+    return evaluate(self.eval_step, params, batches, reference, self.config)
+
+
+def build(
+  model: sharding.Model,
+  mesh: Mesh,
+  config: DPOConfig,
+  optimizer: OptimizerConfig,
+  *,
+  reference: str = "precomputed",
+  grad_accum_steps: int = 1,
+  rules: sharding.Rules = sharding.DEFAULT_RULES,
+) -> DPO:
+  """DPO of the policy `model` (`Llama(config)`, with LoRA adapters if it trains them, or a
+  `LlamaConfig`) on `mesh`, with the reference log-probs from `reference`: "precomputed" (a
+  table made by `DPO.reference_table` before training) or "in_step" (the reference's forward
+  pass inside each step). The optimizer of `optimizer` (only the adapters under LoRA), the
+  train step over `grad_accum_steps` micro-batches, the eval step and the reference pass a
+  micro-batch at a time, jitted with the state's shardings."""
+  check_reference(reference)
+  tx = common.optimizer_for(model, optimizer)
+  shardings = ts.state_shardings(model, tx, mesh, rules)
+  ref_model = lora.without_adapters(as_model(model))
+  ref_shardings = sharding.param_shardings(ref_model, mesh, rules)
+  if reference == "precomputed":
+    frozen_sharding = NamedSharding(mesh, PartitionSpec())
+  else:
+    frozen_sharding = ref_shardings
+  train_step = make_train_step(
+    model,
+    tx,
+    config,
+    reference=reference,
+    mesh=mesh,
+    rules=rules,
+    grad_accum_steps=grad_accum_steps,
+    learning_rate_fn=ts.learning_rate_schedule(optimizer),
+  )
+  eval_step = make_eval_step(
+    model, config, reference=reference, mesh=mesh, rules=rules, micro_batches=grad_accum_steps
+  )
+  ref_step = make_reference_step(
+    ref_model, config, mesh=mesh, rules=rules, micro_batches=grad_accum_steps
+  )
+  frozen = (frozen_sharding,)
+  return DPO(
+    model=model,
+    optimizer=tx,
+    mesh=mesh,
+    rules=rules,
+    config=config,
+    reference=reference,
+    reference_model=ref_model,
+    train_step=common.jit_train_step(train_step, shardings, mesh, rules, frozen),
+    eval_step=common.jit_eval_step(eval_step, shardings.params, mesh, rules, frozen),
+    reference_step=common.jit_eval_step(ref_step, ref_shardings, mesh, rules),
+    reference_sharding=frozen_sharding,
+  )

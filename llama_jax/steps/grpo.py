@@ -2,10 +2,12 @@
 responses of a prompt adjacent): GRPO and its variants Dr. GRPO, RLOO and REINFORCE++, which
 differ only in their advantage estimator and loss aggregation (`GRPOConfig`).
 
-    score = jit(make_score_fn(model, grpo))      # (policy, ref params, rows, scores [N])
-    out, metrics = score(params, ref_params, rows, scores)   # old_logp, ref_logp, advantages
+    advantages = jit(make_advantage_fn(model, grpo))   # (policy, ref params, rows, rewards)
+    out, metrics = advantages(params, ref_params, rows, rewards)  # old_logp, ref_logp, advantages
     step = make_train_step(model, optimizer, grpo)
-    state, metrics = step(state, minibatch)       # rows + out
+    state, metrics = step(state, minibatch)             # rows + out
+
+`llama_jax.rl.grpo.build` makes both, jitted and sharded, from a model, a mesh and a config.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ class GRPOConfig:
     return self.beta > 0 or self.kl_coef > 0
 
 
-def make_score_fn(
+def make_advantage_fn(
   model: sharding.Model,
   grpo: GRPOConfig,
   *,
@@ -85,28 +87,29 @@ def make_score_fn(
   rules: sharding.Rules = sharding.DEFAULT_RULES,
   micro_batches: int = 1,
 ):
-  """`score(policy_params, ref_params, rows, scores [N]) -> (out, metrics)`: the rollout's
-  old and reference log-probs and per-token advantages (`out`, each [N, T]) and the shared
-  scoring metrics (`objectives.rl.score_metrics`), the log-prob passes `micro_batches`
-  row-blocks at a time. Not jitted."""
+  """`advantages(policy_params, ref_params, rows, rewards [N]) -> (out, metrics)`: the
+  rollout's old and reference log-probs and per-token advantages (`out`, each [N, T]) from
+  the responses' rewards (their scores plus penalties), and the shared metrics of the pass
+  (`objectives.rl.advantage_metrics`), the log-prob passes `micro_batches` row-blocks at a
+  time. Not jitted."""
   logps, ref_logps = (
     make_logps_fn(m, grpo.loss_chunk_size, mesh=mesh, rules=rules, micro_batches=micro_batches)
     for m in (model, lora.without_adapters(as_model(model)))  # the reference's params are plain
   )
 
-  def score(policy_params, ref_params, rows: Batch, scores):
+  def advantages(policy_params, ref_params, rows: Batch, rewards):
     mask = rows["response_mask"].astype(jnp.float32)
     logp, entropy = logps(policy_params, rows)
     ref_logp = ref_logps(ref_params, rows)[0] if grpo.uses_reference else logp
     kl = kl_estimate(logp, ref_logp, "k1") * mask
-    advantages = rl.advantages(
-      grpo.advantage, scores, kl, mask,
+    per_token = rl.advantages(
+      grpo.advantage, rewards, kl, mask,
       group_size=grpo.group_size, kl_coef=grpo.kl_coef, scale=grpo.scale,
     )  # fmt: skip
-    out = {"old_logp": logp, "ref_logp": ref_logp, "advantages": advantages}
-    return out, rl.score_metrics(scores, kl, entropy, mask)
+    out = {"old_logp": logp, "ref_logp": ref_logp, "advantages": per_token}
+    return out, rl.advantage_metrics(rewards, kl, entropy, mask)
 
-  return score
+  return advantages
 
 
 def make_train_step(

@@ -1,9 +1,9 @@
-"""PPO's jitted pieces on rollout rows (`llama_jax.rl.rollouts.rollout_rows`): scoring and
-advantages, the policy update and the value update, each its own function so it can be
-tested, profiled and sharded on its own (`llama_jax.rl.online.PPO` plugs them into the driver).
+"""PPO's jitted pieces on rollout rows (`llama_jax.rl.rollouts.rollout_rows`): the advantage
+pass, the policy update and the value update, each its own function so it can be tested,
+profiled and sharded on its own (`llama_jax.rl.ppo.build` jits them into a `PPO`).
 
-    score = jit(make_score_fn(policy_cfg, value_cfg, ppo))
-    out, metrics = score(policy_params, ref_params, value_params, rows, scores, kl_coef)
+    advantages = jit(make_advantage_fn(policy_cfg, value_cfg, ppo))
+    out, metrics = advantages(policy_params, ref_params, value_params, rows, rewards, kl_coef)
     policy_step = make_policy_step(policy_cfg, optimizer, ppo)   # (state, minibatch)
     value_step = make_value_step(value_cfg, optimizer, ppo)      # (state, minibatch)
 
@@ -42,7 +42,7 @@ class PPOConfig:
     gamma, lam: GAE's discount and λ.
     clip_eps: the policy ratio's clip range; value_clip_eps: the value clip range.
     whiten_advantages: normalize advantages over the rollout's response tokens.
-    no_eos_penalty: added to the score of a response that ends without a stop token.
+    no_eos_penalty: added to the reward of a response that ends without a stop token.
     loss_chunk_size: compute log-probs over sequence chunks of this size (0 = at once).
   """
 
@@ -70,7 +70,7 @@ def token_values(model: reward_model.RewardModel | LlamaConfig, params: Any, row
   )
 
 
-def make_score_fn(
+def make_advantage_fn(
   policy_model: sharding.Model,
   value_model: reward_model.RewardModel | LlamaConfig,
   ppo: PPOConfig,
@@ -78,14 +78,15 @@ def make_score_fn(
   mesh: Mesh | None = None,
   rules: sharding.Rules = sharding.DEFAULT_RULES,
 ):
-  """`score(policy_params, ref_params, value_params, rows, scores [B], kl_coef) -> (out,
-  metrics)`: the rollout's old log-probs, values, per-token rewards, advantages and returns
-  (`out`, each [B, T]), plus the shared scoring metrics (`objectives.rl.score_metrics`) and
-  value/*. Not jitted."""
+  """`advantages(policy_params, ref_params, value_params, rows, rewards [B], kl_coef) -> (out,
+  metrics)`: from the responses' rewards (their scores plus penalties) and the per-token KL
+  penalty, the rollout's old log-probs, values, advantages and returns (`out`, each [B, T]),
+  plus the shared metrics of the pass (`objectives.rl.advantage_metrics`) and value/*. Not
+  jitted."""
 
   ref_model = lora.without_adapters(as_model(policy_model))  # the reference's params are plain
 
-  def score(policy_params, ref_params, value_params, rows: Batch, scores, kl_coef):
+  def advantages(policy_params, ref_params, value_params, rows: Batch, rewards, kl_coef):
     mask = rows["response_mask"].astype(jnp.float32)
     with sharding.activation_sharding(mesh, rules):
       logp, entropy = row_logprobs(
@@ -94,12 +95,12 @@ def make_score_fn(
       ref_logp = row_logprobs(ref_model, ref_params, rows, ppo.loss_chunk_size)
       values = token_values(value_model, value_params, rows) * mask
     kl = kl_estimate(logp, ref_logp, ppo.kl_estimator) * mask
-    rewards = ppo_obj.token_rewards(scores, kl, mask, beta=kl_coef)
-    advantages, returns = ppo_obj.gae(rewards, values, mask, gamma=ppo.gamma, lam=ppo.lam)
+    token_rewards = ppo_obj.token_rewards(rewards, kl, mask, beta=kl_coef)
+    per_token, returns = ppo_obj.gae(token_rewards, values, mask, gamma=ppo.gamma, lam=ppo.lam)
     if ppo.whiten_advantages:
-      advantages = ppo_obj.masked_whiten(advantages, mask)
-    out = {"old_logp": logp, "old_values": values, "advantages": advantages, "returns": returns}
-    metrics = rl.score_metrics(scores, kl, entropy, mask)
+      per_token = ppo_obj.masked_whiten(per_token, mask)
+    out = {"old_logp": logp, "old_values": values, "advantages": per_token, "returns": returns}
+    metrics = rl.advantage_metrics(rewards, kl, entropy, mask)
     metrics |= {
       "objective/non_score_reward": -kl_coef * metrics["objective/kl"],
       "value/explained_variance": ppo_obj.explained_variance(values, returns, mask),
@@ -107,7 +108,7 @@ def make_score_fn(
     }
     return out, metrics
 
-  return score
+  return advantages
 
 
 POLICY_FIELDS = (*ROW_FIELDS, "old_logp", "advantages")

@@ -539,7 +539,7 @@ def plot_score_distribution(path: str | Path, rows: Mapping[str, np.ndarray]) ->
   from matplotlib.figure import Figure
 
   from llama_jax.data import ranking
-  from llama_jax.objectives import reward as reward_obj
+  from llama_jax.objectives import reward_model as rm_obj
 
   rewards, present = rows["rewards"], rows["present"].astype(bool)
   chosen, rejected = ranking.chosen_rejected(rewards, present)
@@ -555,7 +555,7 @@ def plot_score_distribution(path: str | Path, rows: Mapping[str, np.ndarray]) ->
   left.legend()
   margins = chosen - rejected
   bins = np.linspace(margins.min(), margins.max() + 1e-6, 30)
-  for code, name in reversed(list(enumerate(reward_obj.RATING_NAMES))):
+  for code, name in reversed(list(enumerate(rm_obj.RATING_NAMES))):
     bucket = rows["rating"] == code
     if bucket.any():
       right.hist(margins[bucket], bins=bins, alpha=0.5, label=f"{name} ({bucket.sum()})")

@@ -395,18 +395,16 @@ def test_damaged_reference_logps_are_recomputed(tmp_path, monkeypatch, caplog):
     computed.append(n)
     return np.full((n, 2), -float(len(computed)), np.float32)
 
-  monkeypatch.setattr(dpo_experiment, "reference_step", lambda *args: None)
   monkeypatch.setattr(dpo_experiment.dpo_steps, "reference_logps_table", table)
   cfg = ml_collections.ConfigDict({"dpo": {"reference_from": ""}, "init_from": "sft"})
-  dpo = types.SimpleNamespace(mask_formatting=True)
+  algorithm = types.SimpleNamespace(config=types.SimpleNamespace(mask_formatting=True),
+                                    reference_step=None)  # fmt: skip
   records = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(3)]
   splits = {"train": records, "eval": records[:2]}
 
   def tables():
     pipeline = lambda records, evaluation: contextlib.nullcontext()  # noqa: E731
-    return dpo_experiment.reference_tables(
-      cfg, None, dpo, None, splits, pipeline, None, str(tmp_path)
-    )
+    return dpo_experiment.reference_tables(cfg, algorithm, None, splits, pipeline, str(tmp_path))
 
   first = tables()
   assert computed == [3, 2] and first["train"].shape == (3, 2)

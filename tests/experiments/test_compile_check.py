@@ -31,7 +31,7 @@ STAGES = (
   ("generate", "tiny", {"generate"}),
   ("rejection_sampling", "tiny", {"generate", "score[reward_model]"}),
   ("grpo", "tiny", {"generate", "logps", "train_step"}),
-  ("ppo", "tiny", {"generate", "score", "policy_step", "value_step"}),
+  ("ppo", "tiny", {"generate", "logps", "policy_step", "value_step"}),
 )  # fmt: skip
 
 

@@ -2,13 +2,22 @@
 
 import dataclasses
 import importlib
+import inspect
 
 import ml_collections
 import pytest
 
 from experiments import sections
 from experiments.configs import base
+from llama_jax.data.pipeline import PipelineConfig
+from llama_jax.generation.decode import GenerationConfig
+from llama_jax.generation.sampling import SamplingConfig
+from llama_jax.model.lora import LoraConfig
+from llama_jax.parallel.sharding import MeshConfig
 from llama_jax.steps.dpo import DPOConfig
+from llama_jax.steps.grpo import GRPOConfig
+from llama_jax.steps.ppo import PPOConfig
+from llama_jax.steps.reward_model import RankingConfig
 from llama_jax.training.train_state import OptimizerConfig
 from llama_jax.training.trainer import LoopConfig
 
@@ -33,6 +42,98 @@ def test_sections_are_derived_from_the_dataclass_defaults():
   # Each section builds its dataclass as is.
   sections.optimizer_config(cfg.optimizer, 10_000)
   sections.loop_config(cfg.train)
+
+
+def test_rl_sections_are_derived_from_the_dataclass_defaults():
+  ppo = importlib.import_module("experiments.configs.ppo").get_config()
+  assert ppo.ppo.to_dict() == _defaults(PPOConfig, drop=("loss_chunk_size",)) | {
+    "kl_coef": 0.02,
+    "no_eos_penalty": -1.0,
+  }
+  grpo = importlib.import_module("experiments.configs.grpo").get_config()
+  assert grpo.grpo.to_dict() == _defaults(GRPOConfig, drop=("max_length", "loss_chunk_size"))
+  generation = importlib.import_module("experiments.configs.generate").get_config().generation
+  assert generation.to_dict() == (
+    _defaults(GenerationConfig, drop=("sampling", "stop_ids", "pad_id"))
+    | _defaults(SamplingConfig)
+    | {"max_new_tokens": 48, "num_samples": 4, "seed": 0}
+  )
+  # Each section builds its dataclass as is.
+  sections.from_section(PPOConfig, ppo.ppo)
+  sections.from_section(GRPOConfig, grpo.grpo, max_length=32)
+  sections.from_section(SamplingConfig, generation)
+
+
+# (stage, section, dataclass, a field the stage's default variant leaves at its default, a
+# different value of the field's type)
+DERIVED = [
+  ("sft", "mesh", MeshConfig, "tensor", 2),
+  ("sft", "data", PipelineConfig, "worker_count", 2),
+  ("sft", "optimizer", OptimizerConfig, "b2", 0.99),
+  ("sft", "train", LoopConfig, "keep_checkpoints", 5),
+  ("sft", "lora", LoraConfig, "alpha", 8.0),
+  ("reward_model", "reward", RankingConfig, "centering", 0.1),
+  ("dpo", "dpo", DPOConfig, "beta", 0.5),
+  ("ppo", "ppo", PPOConfig, "gamma", 0.99),
+  ("grpo", "grpo", GRPOConfig, "clip_eps", 0.3),
+  ("grpo", "optimizer", OptimizerConfig, "b1", 0.8),
+  ("generate", "generation", GenerationConfig, "prompt_bucket", 32),
+  ("generate", "generation", SamplingConfig, "top_p", 0.9),
+  ("generate", "mesh", MeshConfig, "tensor", 2),
+]
+
+
+@pytest.mark.parametrize("stage, section, cls, name, value", DERIVED)
+def test_a_dataclass_default_flows_into_its_config_section(
+  stage, section, cls, name, value, monkeypatch
+):
+  """Defaults live in the dataclass only: changing one changes every config that mirrors it."""
+  module = importlib.import_module(f"experiments.configs.{stage}")
+  (field,) = [f for f in dataclasses.fields(cls) if f.name == name]
+  assert module.get_config()[section][name] == field.default != value
+  monkeypatch.setattr(field, "default", value)
+  assert module.get_config()[section][name] == value
+
+
+def test_dataclass_section_refuses_names_that_are_not_fields():
+  with pytest.raises(TypeError, match="PPOConfig has no field 'kl_coeff'"):
+    base.dataclass_section(PPOConfig, drop=("kl_coeff",))
+  with pytest.raises(TypeError, match="MeshConfig has no field 'fdsp'"):
+    base.dataclass_section(MeshConfig, only=("fdsp",))
+  with pytest.raises(TypeError, match="PipelineConfig.seq_len has no default"):
+    base.dataclass_section(PipelineConfig)
+  assert base.dataclass_section(MeshConfig, only=("data",), fsdp=4, extra="x") == {
+    "data": 1,
+    "fsdp": 4,
+    "extra": "x",
+  }
+
+
+def test_pick_builds_the_named_variant_and_names_the_known_ones():
+  def small():
+    return ml_collections.ConfigDict({"n": 1})
+
+  def large():
+    return ml_collections.ConfigDict({"n": 2})
+
+  assert base.pick("toy", "large", small, large).n == 2
+  with pytest.raises(ValueError, match=r"unknown toy variant 'huge'; known: \['large', 'small'\]"):
+    base.pick("toy", "huge", small, large)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_an_unknown_variant_names_the_known_ones(stage):
+  """Every config file picks its variant with `base.pick`: an unknown name lists the file's
+  variant functions, its default variant among them."""
+  module = importlib.import_module(f"experiments.configs.{stage}")
+  assert "pick(" in inspect.getsource(module.get_config)
+  with pytest.raises(ValueError, match=f"unknown {stage} variant 'huge'; known: ") as e:
+    module.get_config("huge")
+  known = [v.strip(" '[]") for v in str(e.value).split("known: ")[1].split(",")]
+  default = inspect.signature(module.get_config).parameters["variant"].default
+  assert default in known
+  for variant in known:
+    assert inspect.isfunction(getattr(module, variant))
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -9,7 +9,7 @@ README's table.
 
 import pytest
 
-from experiments import targets
+from experiments import compile_check, targets
 from llama_jax.parallel import aot
 
 pytestmark = pytest.mark.real_size
@@ -22,7 +22,7 @@ def test_target_fits(target):
   else:  # GPU descriptions, and cuDNN to lower flash attention ("auto")
     pytest.importorskip("jax_plugins.xla_cuda12")
     pytest.importorskip("nvidia.cudnn")
-  rows = targets.check_target(target, aot.Assumed())
+  rows = compile_check.check_target(target, aot.Assumed())
   assert rows and all(r.report is not None for r in rows), [r.error for r in rows]
   too_big = [(r.stage, r.report.name, r.report.total_bytes / aot.GiB) for r in rows if not r.fits]
   assert not too_big, f"{target.name} on {target.topology}: does not fit: {too_big}"

@@ -16,7 +16,7 @@ from llama_jax import LlamaConfig
 from llama_jax.checkpoint import save_hf_checkpoint, workdirs
 from llama_jax.data import bundled, ranking
 from llama_jax.model import attention, reward_model
-from llama_jax.objectives.reward import RATING_NAMES
+from llama_jax.objectives.reward_model import RATING_NAMES
 from llama_jax.parallel import sharding
 from llama_jax.parallel.sharding import init_params
 from llama_jax.rl import rewards

@@ -4,22 +4,28 @@ each algorithm (GRPO, PPO, RLOO, REINFORCE++) raises the mean reward well above 
 while the KL to the reference stays bounded; the runs write their metrics (under the names
 all algorithms share) and plots and resume."""
 
+import dataclasses
 import json
 
 import jax
 import numpy as np
 import pytest
 
-from experiments import grpo, lm, online_rl, ppo, sections
+from experiments import grpo, lm, models, online_rl, ppo, sections
 from experiments.configs import grpo as grpo_configs
 from experiments.configs import ppo as ppo_configs
 from experiments.configs import sft as sft_configs
 from llama_jax.checkpoint import orbax as ckpt_lib
 from llama_jax.checkpoint import workdirs
+from llama_jax.generation import GenerationConfig
 from llama_jax.model import lora
 from llama_jax.model.llama import Llama
 from llama_jax.parallel import sharding
+from llama_jax.rl import grpo as grpo_lib
+from llama_jax.rl import online, scorers
+from llama_jax.rl import ppo as ppo_lib
 from llama_jax.training.metrics import read_metrics
+from llama_jax.training.train_state import OptimizerConfig
 
 SMALL = dict(num_layers=2, d_model=64, head_dim=16, mlp_dim=128)
 
@@ -148,3 +154,59 @@ def test_sampling_on_its_own_mesh_gives_the_shared_mesh_results(sft_workdir, tmp
       np.testing.assert_allclose(
         [r[key] for r in own], [r[key] for r in shared], rtol=1e-5, atol=1e-6, err_msg=key
       )
+
+
+@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+def test_an_iteration_through_the_library_builder_equals_the_launchers(stage):
+  """`rl.grpo.build` / `rl.ppo.build` called with library dataclasses alone take the same
+  iteration as the launcher's algorithm, sampler and scorer built from its config."""
+  configs, launcher = {"grpo": (grpo_configs, grpo), "ppo": (ppo_configs, ppo)}[stage]
+  cfg = configs.get_config("tiny")
+  cfg.model.update(**SMALL)
+  cfg.data.update(tasks="arithmetic", num_prompts=8, batch_size=8)  # 16 rows: 2 × 8 devices
+  cfg.generation.max_new_tokens = 8
+  cfg.train.update(num_steps=3, num_minibatches=2)
+  samples = 2
+  if stage == "grpo":
+    cfg.grpo.group_size = samples
+  else:
+    cfg.generation.num_samples = samples
+  model_cfg, mesh = sections.model_config(cfg), sections.build_mesh(cfg.mesh)
+  tokenizer = models.build_tokenizer(cfg.tokenizer)
+  opt = OptimizerConfig(**cfg.optimizer.to_dict() | {"total_steps": 3 * 2})  # updates
+  if stage == "grpo":
+    ours = grpo_lib.build(
+      model_cfg, mesh, grpo_lib.GRPOConfig(group_size=samples, max_length=8), opt,
+      num_minibatches=2,
+    )  # fmt: skip
+    theirs = launcher.build(cfg, model_cfg, mesh)
+  else:
+    ours = ppo_lib.build(
+      model_cfg, mesh, ppo_lib.PPOConfig(kl_coef=0.02, no_eos_penalty=-1.0), opt,
+      value_optimizer=dataclasses.replace(opt, learning_rate=1e-3), num_minibatches=2,
+    )  # fmt: skip
+    theirs = launcher.build(cfg, model_cfg, model_cfg, mesh)
+  assert ours.config == theirs.config and ours.num_minibatches == theirs.num_minibatches
+  params = sharding.init_params(model_cfg, jax.random.PRNGKey(0), mesh)
+  ref = jax.tree.map(lambda x: x.copy(), params)
+  gen = GenerationConfig(8, samples, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id)
+  prompts = online_rl.prompt_iterator(cfg)
+  batch = next(prompts)
+  results = []
+  for algorithm, sampler, scorer in (
+    (ours, online.Sampler(model_cfg, tokenizer, gen), scorers.check_answer),
+    (theirs, online_rl.sampler(cfg, model_cfg, tokenizer, mesh, samples),
+     scorers.scorer_from_section(cfg.reward, tokenizer, mesh=mesh)),
+  ):  # fmt: skip
+    penalty = getattr(algorithm.config, "no_eos_penalty", 0.0)  # PPO's (-1 in its tiny config)
+    iteration = online.make_iteration(algorithm, sampler, scorer, ref, no_eos_penalty=penalty)
+    state = algorithm.init_state(jax.tree.map(lambda x: x.copy(), params), jax.random.PRNGKey(1))
+    state, metrics = iteration(state, batch)
+    results.append((jax.device_get(state.policy.params), metrics))
+  (ours_params, ours_metrics), (their_params, their_metrics) = results
+  assert ours_metrics.keys() == their_metrics.keys()
+  for key in ours_metrics:
+    if not key.startswith("time/"):
+      assert ours_metrics[key] == pytest.approx(their_metrics[key], rel=1e-6, abs=1e-7), key
+  for x, y in zip(jax.tree.leaves(ours_params), jax.tree.leaves(their_params), strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)

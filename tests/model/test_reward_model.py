@@ -13,11 +13,11 @@ from llama_jax.data import PipelineConfig, bundled, ranking
 from llama_jax.data.records import prompt_messages
 from llama_jax.model import reward_model
 from llama_jax.model.llama import Llama
-from llama_jax.objectives import reward as obj
+from llama_jax.objectives import reward_model as obj
 from llama_jax.parallel import sharding
 from llama_jax.parallel.sharding import init_params
 from llama_jax.steps import common
-from llama_jax.steps import reward as reward_steps
+from llama_jax.steps import reward_model as rm_steps
 from llama_jax.tokenizer import render_prompt_response, tiny_tokenizer
 from llama_jax.training import train_state as ts
 
@@ -54,7 +54,7 @@ def packed_batch(rows):
 @pytest.fixture(scope="module")
 def packed_fn():
   return jax.jit(
-    lambda p, b: reward_steps.ranking_rewards(
+    lambda p, b: rm_steps.ranking_rewards(
       CFG, p, b["tokens"], b["segment_ids"], b["response_ids"]
     )
   )
@@ -150,7 +150,7 @@ def test_head_bias_moves_only_under_reward_centering(params, prefs):
   @jax.jit
   def bias_grads(p):
     grad = lambda c: jax.grad(
-      lambda q: reward_steps.loss_sums(CFG, q, batch, margins="small", centering=c)["loss_sum"]
+      lambda q: rm_steps.loss_sums(CFG, q, batch, margins="small", centering=c)["loss_sum"]
     )(p)["head"]["bias"]
     return grad(0.0), grad(0.1)
 
@@ -180,7 +180,7 @@ def run_steps(mesh, batches, accum=1):
   params = sharding.init_params(reward_model.RewardModel(STEP_CFG), jax.random.PRNGKey(0))
   rm = reward_model.RewardModel(STEP_CFG)
   state = ts.init_train_state(rm, optimizer, mesh, jax.random.PRNGKey(0), params)
-  step = reward_steps.make_train_step(
+  step = rm_steps.make_train_step(
     STEP_CFG, optimizer, mesh=mesh, margins="large", centering=0.01, grad_accum_steps=accum
   )
   step = common.jit_train_step(step, shardings, mesh)

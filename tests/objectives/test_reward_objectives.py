@@ -9,7 +9,7 @@ import pytest
 
 from llama_jax.data import records
 from llama_jax.data.records import RATING_CODES
-from llama_jax.objectives import reward as obj
+from llama_jax.objectives import reward_model as obj
 
 
 def nll(delta: float) -> float:

@@ -1,7 +1,9 @@
 """Online RL pieces: rollout rows line up with the sampler's log-probs, the prompt iterator
 resumes, and on a fixed rollout one PPO policy / value step and one GRPO step lower their
-losses; the scoring functions' rewards and advantages match the objectives; the iteration
-driver runs any algorithm object through sample → score → minibatch updates → metrics."""
+losses; the advantage passes' rewards and advantages match the objectives; the iteration
+driver runs any algorithm object through sample → score → advantages → minibatch updates →
+metrics; the builders (`rl.grpo.build`, `rl.ppo.build`) make states whose layout is their
+restore target's, and one iteration through a builder equals one through the launcher."""
 
 import dataclasses
 import types
@@ -21,7 +23,9 @@ from llama_jax.objectives import ppo as ppo_obj
 from llama_jax.objectives.kl import kl_estimate
 from llama_jax.parallel import sharding
 from llama_jax.parallel.sharding import init_params
+from llama_jax.rl import grpo as grpo_lib
 from llama_jax.rl import online, rollouts
+from llama_jax.rl import ppo as ppo_lib
 from llama_jax.rl.rollouts import sample_rollout
 from llama_jax.steps import common as step_lib
 from llama_jax.steps import grpo as grpo_steps
@@ -106,10 +110,10 @@ def test_one_ppo_policy_and_value_step_lower_their_losses(setup):
   mask = jnp.asarray(rollout.rows["response_mask"])
   ppo = ppo_steps.PPOConfig(kl_coef=0.05)
   vparams = reward_model.from_lm_params(config, params, jax.random.PRNGKey(1))
-  score = jax.jit(ppo_steps.make_score_fn(config, config, ppo))
-  scores = jnp.asarray([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0])
+  advantages = jax.jit(ppo_steps.make_advantage_fn(config, config, ppo))
+  scores = jnp.asarray([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0])  # the rewards: no penalties
   ref = jax.tree.map(lambda x: x * 1.01, params)
-  out, metrics = score(params, ref, vparams, rollout.rows, scores, 0.05)
+  out, metrics = advantages(params, ref, vparams, rollout.rows, scores, 0.05)
   # The pieces agree with the objectives computed directly.
   logp = step_lib.row_logprobs(config, params, rollout.rows)
   ref_logp = step_lib.row_logprobs(config, ref, rollout.rows)
@@ -162,10 +166,10 @@ def test_one_grpo_step_lowers_the_loss(setup):
   config, params, _, gen, rollout = setup
   grpo = grpo_steps.GRPOConfig(group_size=gen.num_samples, beta=0.04)
   scores = jnp.asarray([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0])
-  score = jax.jit(grpo_steps.make_score_fn(config, grpo, micro_batches=2))
+  advantages = jax.jit(grpo_steps.make_advantage_fn(config, grpo, micro_batches=2))
   ref_params = jax.tree.map(lambda x: x * 1.01, params)
-  out, metrics = score(params, ref_params, rollout.rows, scores)
-  # One scoring pass: the shared log-prob function's values and per-token group advantages.
+  out, metrics = advantages(params, ref_params, rollout.rows, scores)
+  # One advantage pass: the shared log-prob function's values and per-token group advantages.
   logps = jax.jit(step_lib.make_logps_fn(config))
   old, entropy = logps(params, rollout.rows)
   ref, _ = logps(ref_params, rollout.rows)
@@ -212,8 +216,8 @@ class Recorder:
   calls: list = dataclasses.field(default_factory=list)
   mesh: Any = dataclasses.field(default_factory=one_device_mesh)
 
-  def score(self, state, ref_params, rows, scores):
-    self.calls.append(("score", np.asarray(scores).tolist()))
+  def advantages(self, state, ref_params, rows, rewards):
+    self.calls.append(("advantages", np.asarray(rewards).tolist()))
     n, t = rows["tokens"].shape
     return {"advantages": np.arange(n, dtype=np.float32)[:, None] * np.ones((n, t))}, {
       "objective/kl": 0.5
@@ -232,16 +236,16 @@ def test_the_driver_samples_scores_and_updates_in_shuffled_minibatches(setup):
   config, params, tokenizer, gen, _ = setup
   seen = []
 
-  def reward_fn(records, prompts, responses):  # the project's scorer signature
+  def scorer(records, prompts, responses):  # the project's scorer signature
     seen.append((list(prompts), list(responses)))
     return [float(r.get("reference") == "5") for r in records]
 
   algo = Recorder()
   sampler = online.Sampler(config, tokenizer, gen)
   iteration = online.make_iteration(
-    algo, sampler, reward_fn, None, num_minibatches=2, no_eos_penalty=-1.0
+    algo, sampler, scorer, None, num_minibatches=2, no_eos_penalty=-1.0
   )
-  state = online.PolicyState(policy=types.SimpleNamespace(params=params), step=jnp.int32(0))
+  state = grpo_lib.GRPOState(policy=types.SimpleNamespace(params=params), step=jnp.int32(0))
   state, metrics = iteration(state, {"records": PROMPTS})
   assert int(state.step) == 1
   assert seen[0][0] == [r["prompt"] for r in PROMPTS for _ in range(2)]
@@ -249,7 +253,7 @@ def test_the_driver_samples_scores_and_updates_in_shuffled_minibatches(setup):
     jax.random.key(0), 0), gen)  # fmt: skip
   assert seen[0][1] == rollout.texts  # the key is folded from seed and iteration
   raw = np.array([1.0, 1.0] + [0.0] * 6)
-  assert algo.calls[0] == ("score", (raw - 1.0 * ~rollout.stopped).tolist())
+  assert algo.calls[0] == ("advantages", (raw - 1.0 * ~rollout.stopped).tolist())
   halves = [c[1] for c in algo.calls[1:3]]
   assert sorted(halves[0] + halves[1]) == list(range(8)) and len(halves[0]) == 4
   assert algo.calls[3] == ("finish", 0.5)
@@ -269,25 +273,20 @@ def same_layout(state, abstract):
       assert x.sharding.is_equivalent_to(a.sharding, x.ndim)
 
 
-def test_algorithms_build_their_fresh_and_abstract_states(setup):
+def test_builders_make_fresh_states_laid_out_as_their_restore_targets(setup):
   config, params, *_ = setup
   mesh = sharding.make_mesh()
-  opt = ts.make_optimizer(ts.OptimizerConfig(learning_rate=1e-3, warmup_steps=0, total_steps=10))
+  opt = ts.OptimizerConfig(learning_rate=1e-3, warmup_steps=0, total_steps=10)
   key = jax.random.PRNGKey(0)
 
-  def unused(*args):  # building states calls none of the jitted steps
-    raise AssertionError("called")
-
-  grpo = online.GRPO(model=config, optimizer=opt, mesh=mesh, score_fn=unused, train_step=unused)
+  grpo = grpo_lib.build(config, mesh, grpo_lib.GRPOConfig(group_size=2), opt, num_minibatches=2)
+  assert grpo.num_minibatches == 2 and grpo.mesh is mesh
   state = grpo.init_state(jax.tree.map(jnp.copy, params), key)
-  assert isinstance(state, online.PolicyState) and int(state.step) == 0
+  assert isinstance(state, grpo_lib.GRPOState) and int(state.step) == 0
   same_layout(state, grpo.abstract_state())
   np.testing.assert_array_equal(state.policy.params["embed"], params["embed"])
 
-  ppo = online.PPO(
-    model=config, value_config=config, policy_opt=opt, value_opt=opt, mesh=mesh,
-    score_fn=unused, policy_step=unused, value_step=unused, kl_coef=0.05,
-  )  # fmt: skip
+  ppo = ppo_lib.build(config, mesh, ppo_lib.PPOConfig(kl_coef=0.05), opt)
   state = ppo.init_state(jax.tree.map(jnp.copy, params), key)  # value: the policy's trunk
   assert float(state.kl_coef) == pytest.approx(0.05) and int(state.step) == 0
   same_layout(state, ppo.abstract_state())
@@ -298,13 +297,21 @@ def test_algorithms_build_their_fresh_and_abstract_states(setup):
   other = dataclasses.replace(config, num_layers=1)
   with pytest.raises(ValueError, match="needs the policy's config"):
     dataclasses.replace(ppo, value_config=other).init_state(params, key)
+  # A value model of another architecture (a reward model's) gets its own layout.
+  ppo_other = ppo_lib.build(config, mesh, ppo_lib.PPOConfig(), opt, value_config=other)
+  value = ppo_other.abstract_state().value
+  assert len(jax.tree.leaves(value.params)) < len(jax.tree.leaves(ppo.abstract_state().value))
 
-  # A LoRA policy from plain weights: fresh adapters join them, moments only for adapters.
-  lora_opt = ts.make_optimizer(ts.OptimizerConfig(warmup_steps=0, total_steps=10),
-                               trainable=lora.trainable_mask)  # fmt: skip
-  adapted = Llama(config, lora=lora.LoraConfig(rank=2))
-  grpo = dataclasses.replace(grpo, model=adapted, optimizer=lora_opt)
-  state = grpo.init_state(jax.tree.map(jnp.copy, params), key)
+
+def test_builders_train_only_the_adapters_of_a_lora_policy(setup):
+  config, params, *_ = setup
+  mesh = sharding.make_mesh()
+  opt = ts.OptimizerConfig(learning_rate=1e-3, warmup_steps=0, total_steps=10)
+  model = Llama(config, lora=lora.LoraConfig(rank=2))
+  grpo = grpo_lib.build(model, mesh, grpo_lib.GRPOConfig(group_size=2), opt)
+  state = grpo.init_state(jax.tree.map(jnp.copy, params), jax.random.PRNGKey(0))
   same_layout(state, grpo.abstract_state())
-  np.testing.assert_array_equal(state.policy.params["embed"], params["embed"])
-  assert lora.has_adapters(state.policy.params)
+  assert lora.has_adapters(state.policy.params)  # fresh adapters beside the plain weights
+  moments = jax.tree.leaves(state.policy.opt_state)
+  trained = [x for x in jax.tree.leaves(state.policy.params) if x.ndim]
+  assert sum(x.size for x in moments) < sum(x.size for x in trained)  # no moments: frozen

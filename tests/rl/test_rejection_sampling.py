@@ -17,7 +17,7 @@ from llama_jax.data.records import prompt_messages
 from llama_jax.model import reward_model
 from llama_jax.parallel import sharding
 from llama_jax.rl import rejection_sampling as rs_lib
-from llama_jax.rl import rewards
+from llama_jax.rl import rewards, scorers
 from llama_jax.rl.best_of_k import select_best
 from llama_jax.testing import save_workdir
 from llama_jax.tokenizer import tiny_tokenizer
@@ -265,7 +265,7 @@ def test_bad_pool_and_scorer_settings_name_the_field(tmp_path):
   cfg = configs.get_config("tiny")
   with pytest.raises(ValueError, match="reward.kind='llama2' needs reward.helpful"):
     cfg.reward.kind = "llama2"
-    rs.build_scorer(cfg.reward, None, None)
+    scorers.scorer_from_section(cfg.reward)
   cfg.reward.kind = "oracle"
   with pytest.raises(ValueError, match="reward.kind='oracle'"):
-    rs.build_scorer(cfg.reward, None, None)
+    scorers.scorer_from_section(cfg.reward)

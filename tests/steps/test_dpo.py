@@ -231,3 +231,47 @@ def test_sharded_and_accumulated_steps_equal_one_device(setup):
     assert float(a["nll"]) == pytest.approx(float(b["nll"]), rel=1e-5)
   for x, y in zip(jax.tree.leaves(p_ref), jax.tree.leaves(p_acc), strict=True):
     np.testing.assert_allclose(x, y, atol=2e-6)
+
+
+# --------------------------------------------------------------------------- the builder
+
+
+def test_built_dpo_is_the_step_wiring_and_both_reference_modes_agree(setup):
+  config, policy, ref_params, source, tokenizer, batch = setup
+  mesh = sharding.make_mesh()
+  dpo_cfg = dpo_steps.DPOConfig(beta=0.1, nll_coef=0.2, loss_chunk_size=32)
+  opt = ts.OptimizerConfig(learning_rate=1e-3, warmup_steps=0, total_steps=10)
+  pipe_cfg = PipelineConfig(seq_len=T, batch_size=B, mode="pad")
+  runs, evals = {}, {}
+  for reference in dpo_steps.REFERENCES:
+    dpo = dpo_steps.build(config, mesh, dpo_cfg, opt, reference=reference)
+    if reference == "precomputed":
+      with make_pair_pipeline(source, tokenizer, pipe_cfg, evaluation=True, mesh=mesh) as it:
+        frozen = dpo.reference_table(ref_params, it, len(source))
+    else:
+      frozen = ref_params
+    state = dpo.init_state(policy, jax.random.PRNGKey(0))
+    evals[reference] = dpo.evaluate(state.params, [batch], frozen)
+    metrics = []
+    for _ in range(2):
+      state, m = dpo.train_step(state, batch, frozen)
+      metrics.append(jax.device_get(m))
+    runs[reference] = jax.device_get(state.params), metrics
+  # The builder's steps are `run_steps`' wiring of the same pieces.
+  wired = run_steps(setup, "precomputed", mesh)
+  for a, b in zip(runs["precomputed"][1], wired[1], strict=True):
+    assert a.keys() == b.keys() | {"learning_rate"}  # the builder also reports the schedule
+    for k in b:
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-6, err_msg=k)
+  for x, y in zip(jax.tree.leaves(runs["precomputed"][0]), jax.tree.leaves(wired[0]), strict=True):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+  # Table lookup and in-step reference: the same loss, to float32 rounding of log-probs of
+  # order |logps/chosen| (sums over a response's tokens).
+  scale = max(abs(float(m["logps/chosen"])) for m in runs["in_step"][1])
+  for a, b in zip(runs["precomputed"][1], runs["in_step"][1], strict=True):
+    for k in ("loss", "dpo_loss", "nll", "rewards/margins", "grad_norm"):
+      assert float(a[k]) == pytest.approx(float(b[k]), rel=1e-5, abs=1e-6 * scale), k
+  for k in evals["in_step"]:
+    assert evals["precomputed"][k] == pytest.approx(
+      evals["in_step"][k], rel=1e-5, abs=1e-6 * scale
+    ), k

@@ -1,12 +1,17 @@
-"""Reward-model train and eval steps on packed ranking rows (`llama_jax.data.ranking`).
+"""Reward-model training: train and eval steps on packed ranking rows (`llama_jax.data.ranking`).
 
-    step = make_train_step(model_config, optimizer, mesh=mesh, margins="small")
-    step = steps.common.jit_train_step(step, reward_model.state_shardings(...), mesh)
-    state, metrics = step(state, batch)
+    rm = build(RewardModel(config), mesh, RankingConfig(margins="small"), OptimizerConfig(...))
+    params = model.reward_model.from_lm_params(config, lm_params, head_key)  # or None: fresh
+    state = rm.init_state(params, jax.random.PRNGKey(0))
+    state, metrics = rm.train_step(state, batch)        # jitted, state donated
+    metrics = rm.eval_metrics(rm.evaluate(state.params, eval_batches))
+
+`build` wires the pure step functions below (`make_train_step`, `make_eval_step`) with the
+optimizer, the shardings and `jax.jit`.
 
 The batch is the ranking pipeline's: `tokens`, `segment_ids`, `response_ids` [B, T] and
 `rating`, `valid` [B]; one row holds a prompt and its 2–3 responses, best first, and one
-forward pass scores them all. The loss is `objectives.reward.ranking_loss` over every
+forward pass scores them all. The loss is `objectives.reward_model.ranking_loss` over every
 ordered pair of a row's responses (Llama 2's pairs are the 2-response case), with the
 rating's margin on the chosen-vs-rejected pair. With `grad_accum_steps=A` the rows run as A
 micro-batches whose summed losses and gradients are divided once by the pair count of the
@@ -20,6 +25,7 @@ Llama 2 tables) and reward mean / std / quantiles;
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -32,14 +38,35 @@ from jax.sharding import Mesh
 from llama_jax.data import ranking
 from llama_jax.data.records import CONCERNS
 from llama_jax.model import reward_model
-from llama_jax.objectives import reward as reward_obj
+from llama_jax.objectives import reward_model as rm_obj
 from llama_jax.parallel import sharding
+from llama_jax.steps import common
 from llama_jax.steps.common import Batch, map_microbatches, sums_train_step
 from llama_jax.training import metrics as metrics_lib
-from llama_jax.training.train_state import TrainState
+from llama_jax.training import train_state as ts
+from llama_jax.training.train_state import OptimizerConfig, TrainState
 
 RANKING_FIELDS = ("tokens", "segment_ids", "response_ids", "rating", "valid")
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+@dataclasses.dataclass(frozen=True)
+class RankingConfig:
+  """The reward model's ranking objective (`objectives.reward_model`).
+
+  Attributes:
+    margins: "none", "small" or "large": Llama 2's margin tables by rating.
+    centering: coefficient c of the reward-centering term c · (r_chosen + r_rejected)²
+      (0 = off).
+  """
+
+  margins: str = "none"
+  centering: float = 0.0
+
+  def __post_init__(self):
+    rm_obj.check_margins(self.margins)
+    if self.centering < 0:
+      raise ValueError(f"reward centering={self.centering} must be >= 0")
 
 
 def ranking_rewards(
@@ -77,10 +104,10 @@ def loss_sums(
   centering: float = 0.0,
   max_responses: int = ranking.MAX_RESPONSES,
 ) -> dict[str, jax.Array]:
-  """Summed ranking-loss terms of one (micro-)batch (`objectives.reward.SUM_KEYS`)."""
+  """Summed ranking-loss terms of one (micro-)batch (`objectives.reward_model.SUM_KEYS`)."""
   rewards, present = row_rewards(model, params, batch, max_responses)
-  row_margins = reward_obj.margins_for_ratings(batch["rating"], margins)
-  return reward_obj.ranking_sums(rewards, present, row_margins, centering=centering)
+  row_margins = rm_obj.margins_for_ratings(batch["rating"], margins)
+  return rm_obj.ranking_sums(rewards, present, row_margins, centering=centering)
 
 
 def make_train_step(
@@ -98,10 +125,10 @@ def make_train_step(
   """`train_step(state, batch) -> (state, metrics)`, pure and not yet jitted.
 
   `margins`: "none", "small" or "large" (Llama 2's tables); `centering`: the coefficient of
-  the reward-centering term. Metrics: those of `objectives.reward.pair_mean`, grad_norm
+  the reward-centering term. Metrics: those of `objectives.reward_model.pair_mean`, grad_norm
   (before clipping), finite, skipped, and learning_rate if `learning_rate_fn` is given.
   """
-  reward_obj.check_margins(margins)
+  rm_obj.check_margins(margins)
 
   def sums_fn(params, batch):
     return loss_sums(
@@ -110,7 +137,7 @@ def make_train_step(
 
   return sums_train_step(
     sums_fn,
-    reward_obj.pair_mean,
+    rm_obj.pair_mean,
     optimizer,
     fields=RANKING_FIELDS,
     count_key="pairs",
@@ -167,15 +194,15 @@ def eval_metrics(
   concern. rewards/mean, rewards/std, rewards/q05 … q95: every response's reward.
   """
   rewards, present = rows["rewards"], rows["present"].astype(bool)
-  row_margins = reward_obj.margins_for_ratings(jnp.asarray(rows["rating"]), margins)
-  _, pair_metrics = reward_obj.ranking_loss(
+  row_margins = rm_obj.margins_for_ratings(jnp.asarray(rows["rating"]), margins)
+  _, pair_metrics = rm_obj.ranking_loss(
     jnp.asarray(rewards), jnp.asarray(present), row_margins, centering=centering
   )
   out = {k: float(v) for k, v in pair_metrics.items() if k != "centering" or centering}
   chosen, rejected = ranking.chosen_rejected(rewards, present)
   correct = chosen > rejected
   out["accuracy/chosen_rejected"] = float(correct.mean())
-  for code, name in enumerate(reward_obj.RATING_NAMES):
+  for code, name in enumerate(rm_obj.RATING_NAMES):
     bucket = rows["rating"] == code
     if bucket.any():
       out[f"accuracy/{name}"] = float(correct[bucket].mean())
@@ -194,9 +221,71 @@ def eval_metrics(
 plot_score_distribution = metrics_lib.plot_score_distribution
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RewardModelTrainer(common.OfflineAlgorithm):
+  """Reward-model training built by `build`: `train_step(state, batch) -> (state, metrics)`
+  (jitted, state donated), `eval_step(params, batch) -> per-row rewards` (jitted),
+  `evaluate` (one pass, on the host) and `eval_metrics` (its accuracy table and statistics)."""
+
+  config: RankingConfig
+  max_responses: int = ranking.MAX_RESPONSES
+
+  def evaluate(self, params: Any, batches: Iterable[Batch]) -> dict[str, np.ndarray]:
+    """Every row of one pass over `batches` that has responses (`evaluate`)."""
+    return evaluate(self.eval_step, params, batches)
+
+  def eval_metrics(self, rows: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """`eval_metrics` of `evaluate`'s rows under this run's margins and centering."""
+    return eval_metrics(rows, margins=self.config.margins, centering=self.config.centering)
+
+
+def build(
+  model: sharding.Model,
+  mesh: Mesh,
+  config: RankingConfig,
+  optimizer: OptimizerConfig,
+  *,
+  grad_accum_steps: int = 1,
+  max_responses: int = ranking.MAX_RESPONSES,
+  rules: sharding.Rules = sharding.DEFAULT_RULES,
+) -> RewardModelTrainer:
+  """Reward-model training of `model` (`RewardModel(config)`, with LoRA adapters on the trunk
+  if it trains them, or a `LlamaConfig`) on `mesh`: the optimizer of `optimizer` (only the
+  adapters and the head under LoRA), the train step over `grad_accum_steps` micro-batches and
+  the eval step a micro-batch at a time, for rows of up to `max_responses` responses (2:
+  chosen / rejected pairs), jitted with the state's shardings."""
+  model = reward_model.as_reward_model(model)
+  tx = common.optimizer_for(model, optimizer)
+  shardings = ts.state_shardings(model, tx, mesh, rules)
+  train_step = make_train_step(
+    model,
+    tx,
+    mesh=mesh,
+    rules=rules,
+    margins=config.margins,
+    centering=config.centering,
+    grad_accum_steps=grad_accum_steps,
+    learning_rate_fn=ts.learning_rate_schedule(optimizer),
+    max_responses=max_responses,
+  )
+  eval_step = make_eval_step(
+    model, mesh=mesh, rules=rules, max_responses=max_responses, micro_batches=grad_accum_steps
+  )
+  return RewardModelTrainer(
+    model=model,
+    optimizer=tx,
+    mesh=mesh,
+    rules=rules,
+    config=config,
+    max_responses=max_responses,
+    train_step=common.jit_train_step(train_step, shardings, mesh, rules),
+    eval_step=common.jit_eval_step(eval_step, shardings.params, mesh, rules),
+  )
+
+
 def bucket_table(metrics: Mapping[str, float]) -> str:
   """The per-rating accuracy table of `eval_metrics` as text (Llama 2, Table 8 layout)."""
-  names = [n for n in reversed(reward_obj.RATING_NAMES) if f"accuracy/{n}" in metrics]
+  names = [n for n in reversed(rm_obj.RATING_NAMES) if f"accuracy/{n}" in metrics]
   header = " | ".join(["", *names, "all pairs (c>r)", "ranking (all ordered pairs)"])
   cells = [f"{metrics[f'accuracy/{n}']:.3f} (n={metrics[f'pairs/{n}']})" for n in names]
   cells += [f"{metrics['accuracy/chosen_rejected']:.3f}", f"{metrics['accuracy']:.3f}"]
