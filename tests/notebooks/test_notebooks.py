@@ -1,7 +1,9 @@
-"""The notebooks: committed without outputs, and the model tour runs top to bottom on the 8
-emulated devices (the post-training walk-through runs in `test_recipes` on a recipe's
-workdir)."""
+"""The notebooks: committed without outputs; the model tour and the algorithms notebook run top
+to bottom on the 8 emulated devices (the post-training walk-through runs in `test_recipes` on
+a recipe's workdir)."""
 
+import ast
+import math
 import re
 
 import nbformat
@@ -11,7 +13,9 @@ from llama_jax.testing import NOTEBOOKS, execute_notebook, notebook_text
 
 def test_notebooks_are_committed_without_outputs():
   paths = sorted(NOTEBOOKS.glob("*.ipynb"))
-  assert [p.name for p in paths] == ["model_tour.ipynb", "post_training_walkthrough.ipynb"]
+  assert [p.name for p in paths] == [
+    "algorithms.ipynb", "model_tour.ipynb", "post_training_walkthrough.ipynb"
+  ]
   for path in paths:
     for cell in nbformat.read(path, as_version=4).cells:
       if cell.cell_type == "code":
@@ -24,3 +28,28 @@ def test_model_tour_runs():
   assert "['embed']" in text and "P('tensor', 'fsdp')" in text  # the embedding's sharding
   (delta,) = re.findall(r"max \|Δ logits\| after the round trip: (\S+)", text)
   assert float(delta) < 1e-5
+
+
+def _imports(path) -> set[str]:
+  """Top-level packages the notebook's code cells import."""
+  cells = nbformat.read(path, as_version=4).cells
+  tree = ast.parse("\n".join(c.source for c in cells if c.cell_type == "code"))
+  names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+  names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+  return {name.split(".")[0] for name in names}
+
+
+def test_algorithms_notebook_drives_the_library():
+  # The library alone: no launcher, no experiment config (jax and the standard library aside).
+  assert _imports(NOTEBOOKS / "algorithms.ipynb") == {"itertools", "os", "jax", "llama_jax"}
+  text = notebook_text(execute_notebook("algorithms.ipynb"))
+  assert "8 devices, mesh {'data': 1, 'fsdp': 4, 'tensor': 2}" in text
+  dpo = re.findall(r"DPO step \d: loss (\S+), margin (\S+), pair accuracy (\S+)", text)
+  grpo = re.findall(r"GRPO iteration (\d): score (\S+), KL (\S+), loss (\S+), (\S+) tokens", text)
+  assert len(dpo) == 3 and [g[0] for g in grpo] == ["1", "2"], text[-2000:]
+  losses = [float(loss) for loss, _, _ in dpo]
+  assert all(math.isfinite(x) for x in losses)
+  # The first step starts at the reference: every margin is 0 and the loss is log 2 plus the NLL.
+  assert float(dpo[0][1]) == 0.0 and losses[0] > math.log(2)
+  assert all(0.0 <= float(s) <= 1.0 for _, s, _, _, _ in grpo)
+  assert all(float(kl) >= 0.0 and 0 < float(n) <= 24 for _, _, kl, _, n in grpo)
