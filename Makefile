@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test findings lint clean
+.PHONY: demo test test-full findings lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ findings: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
+
+# The end-to-end checks at full size (marker full_size), which `make test` runs at smoke size:
+# 5 random kills of a training run, the findings resumed with a third seed.
+test-full: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 -m full_size
 
 lint: $(STAMP)
 	$(PY) -m pip install -q ruff

@@ -107,7 +107,7 @@ def reward_models(lab: Lab) -> dict[str, list[dict[str, float]]]:
     out[margin] = [
       lab.run(f"seed{s}/rm_margin_{margin}", f"helpfulness RM, margin {margin!r}, seed {s}",
               rm_experiment.run,
-              lab.config("reward_model", s, init_from=lab.sft, **{"reward.margins": margin}))
+              lab.config("reward_model", s, init_from=lab.sft, **{"ranking.margins": margin}))
       for s in lab.seeds
     ]  # fmt: skip
   return out
@@ -167,7 +167,7 @@ def best_of_n(lab: Lab, rms: dict[str, list]) -> list[ablation.Finding]:
     lab.run(name, f"{b.num_samples} samples of {b.num_prompts} prompts, scored by the RM",
             rs_experiment.run, lab.config(
               "rejection_sampling", s, init_from=lab.sft, round=1, **{
-                "reward.reward_model": scoring_rm(lab, rms, s), "output.name": "best_of_n",
+                "scorer.reward_model": scoring_rm(lab, rms, s), "output.name": "best_of_n",
                 "generation.num_samples": b.num_samples, "data.num_prompts": b.num_prompts,
                 "data.batch_size": b.num_prompts}))  # fmt: skip
     rows = [json.loads(line) for line in Path(lab.path(name), rs_experiment.SAMPLES_FILE).open()]
@@ -213,7 +213,7 @@ def pooling(lab: Lab, rms: dict[str, list]) -> ablation.Finding:
   p = lab.cfg.pooling
   arms: dict[str, list[float]] = {"last round only": [], "pooled": []}
   for s in lab.seeds:
-    rm = {"reward.reward_model": scoring_rm(lab, rms, s)}
+    rm = {"scorer.reward_model": scoring_rm(lab, rms, s)}
 
     def rs(name, policy, round_index, pool_from, s=s, rm=rm):
       return lab.run(name, f"rejection sampling, round {round_index}", rs_experiment.run,
@@ -406,9 +406,9 @@ def kl_penalty(lab: Lab, rms: dict[str, list]) -> list[ablation.Finding]:
     for beta in betas:
       name = f"seed{s}/ppo_beta_{beta:g}"
       result = lab.run(name, f"PPO, β={beta:g}, seed {s}", ppo.run, lab.config(
-        "ppo", s, init_from=lab.sft, **{"reward.reward_model": rm, "value.init_from": rm,
+        "ppo", s, init_from=lab.sft, **{"scorer.reward_model": rm, "value.init_from": rm,
                                         "ppo.kl_coef": beta}))  # fmt: skip
-      reward[beta].append(result["end"]["reward/mean"] - result["start"]["reward/mean"])
+      reward[beta].append(result["end"]["score/mean"] - result["start"]["score/mean"])
       task[beta].append(lab.evaluate(f"seed {s} · PPO β={beta:g}", lab.path(name))["task_accuracy"])
   lo, hi = min(betas), max(betas)
   x = sorted(betas)

@@ -4,7 +4,7 @@
       --workdir=DIR [--config.init_from=WORKDIR_OR_HF_DIR] [--config.generation.top_p=0.9]
 
 Writes DIR/samples.jsonl and DIR/generate_config.json; see experiments/configs/generate.py.
-With `reward.kind` set (check_answer, reward_model, llama2) every sample is scored by
+With `scorer.kind` set (check_answer, reward_model, llama2) every sample is scored by
 `llama_jax.rl.scorers.scorer_from_section`, as rejection sampling, GRPO and PPO score theirs.
 """
 
@@ -32,11 +32,11 @@ SAMPLES_FILE = "samples.jsonl"
 
 
 def check_config(cfg: ml_collections.ConfigDict) -> None:
-  """`sections.check_config` against the generate reference; a config of before the `reward`
-  section (a top-level `scorer`) is told what replaced it."""
-  if "scorer" in cfg:
+  """`sections.check_config` against the generate reference; a config of before the `scorer`
+  section (`scorer` a string, the kind) is told what replaced it."""
+  if isinstance(cfg.get("scorer"), str):
     raise sections.ConfigError(
-      f"config.scorer={cfg.scorer!r} is now config.reward.kind (with the reward section's "
+      f"config.scorer={cfg.scorer!r} is now config.scorer.kind (with the scorer section's "
       "reward-model fields; '' = no scores)"
     )
   sections.check_config(cfg, sections.reference_config("generate"))
@@ -56,17 +56,18 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Samples responses to the configured prompts into `workdir/samples.jsonl`.
 
   Returns summary metrics: prompts, responses, mean response tokens, generated tokens/s
-  and, with `reward.kind` set, the mean score and the mean best-of-K score.
+  and, with `scorer.kind` set, the mean score and the mean best-of-K score.
   """
   check_config(cfg)
   sharding.initialize_distributed()
-  kind = cfg.reward.kind
+  kind = cfg.scorer.kind
   if kind and kind not in scorers.SCORER_KINDS:  # before the model loads
-    raise ValueError(f"reward.kind={kind!r}; expected '' or one of {scorers.SCORER_KINDS}")
+    raise ValueError(f"scorer.kind={kind!r}; expected '' or one of {scorers.SCORER_KINDS}")
+  scorer_config = scorers.scorer_config(cfg.scorer) if kind else None  # checked before it too
   policy = models.load_policy(cfg)
   scorer = None
-  if kind:
-    scorer = scorers.scorer_from_section(cfg.reward, policy.tokenizer, mesh=policy.mesh)
+  if scorer_config is not None:
+    scorer = scorers.build_scorer(scorer_config, policy.tokenizer, mesh=policy.mesh)
   g = cfg.generation
   gen = sections.generation_config(cfg, policy.tokenizer.stop_ids, policy.tokenizer.pad_id)
   batches = sample_batches(

@@ -2,11 +2,11 @@
 `grpo.aggregation`; see `llama_jax.steps.grpo.GRPOConfig`).
 
     python -m experiments.grpo --config=experiments/configs/grpo.py:tiny --workdir=DIR \
-      --config.init_from=SFT_WORKDIR [--config.reward.kind=reward_model ...]
+      --config.init_from=SFT_WORKDIR [--config.scorer.kind=reward_model ...]
     ... --config=experiments/configs/grpo.py:tiny_rloo (or tiny_reinforce_pp, tiny_dr_grpo)
 
 The policy and the reference start from `init_from`. Each iteration samples
-`grpo.group_size` responses to `data.batch_size` prompts, scores them (`reward`: the scorer of
+`grpo.group_size` responses to `data.batch_size` prompts, scores them (the `scorer` section:
 `llama_jax.rl.scorers.scorer_from_section`, default the bundled prompts' answer check) and
 takes `train.num_minibatches` updates (`llama_jax.rl.online.make_iteration`) of the algorithm
 `llama_jax.rl.grpo.build` makes. Writes

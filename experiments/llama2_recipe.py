@@ -75,8 +75,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       recipe.config(f"{concern}_rm", init_from=sft),
     )  # fmt: skip
     recipe.add("reward_models", {"name": f"{concern} RM", **result})
-  combined = {"reward.kind": "llama2", "reward.helpful": rms["helpful"],
-              "reward.safety": rms["safety"]}  # fmt: skip
+  combined = {"scorer.kind": "llama2", "scorer.helpful": rms["helpful"],
+              "scorer.safety": rms["safety"]}  # fmt: skip
 
   policy, rs_dir = sft, ""
   for r in range(1, cfg.rounds + 1):

@@ -57,7 +57,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       )  # fmt: skip
       recipe.add("reward_models", {"name": f"round {r} ranking RM", **result})
     rs_cfg = recipes.rejection_sampling_config(recipe, r, policy, rs_dir, **{
-      "reward.reward_model": rm_dir})  # fmt: skip
+      "scorer.reward_model": rm_dir})  # fmt: skip
     rs_dir = recipe.path(f"{rd}/rejection_sampling")
     result = recipe.experiment(
       f"{rd}/rejection_sampling", "K samples per prompt, the reward model's best kept, pooled",

@@ -6,13 +6,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import jax
 import ml_collections
 
 from experiments.sections import build_mesh, lora_config, model_overrides
 from llama_jax import LlamaConfig
 from llama_jax.checkpoint import workdirs
-from llama_jax.model import lora
 from llama_jax.model.llama import Llama
 from llama_jax.parallel import sharding
 from llama_jax.rl import policy as policy_lib
@@ -113,21 +111,6 @@ def load_model(cfg: ml_collections.ConfigDict, mesh) -> tuple[LlamaConfig, Any]:
 def build_model(cfg: ml_collections.ConfigDict, model_cfg: LlamaConfig) -> Llama:
   """The trained LM: `Llama(model_cfg)`, with the config's LoRA adapters if it has any."""
   return Llama(model_cfg, lora=lora_config(cfg))
-
-
-def trainable(cfg: ml_collections.ConfigDict):
-  """The optimizer's `trainable` mask function (`train_state.make_optimizer`): only the
-  adapters (and heads) under LoRA, else None (everything)."""
-  return None if lora_config(cfg) is None else lora.trainable_mask
-
-
-def add_adapters(cfg: ml_collections.ConfigDict, model, params, mesh):
-  """`params` (loaded or fresh weights of the plain model) with fresh LoRA adapters of
-  `model` beside them, if the config trains adapters; else `params` unchanged."""
-  if lora_config(cfg) is None:
-    return params
-  rng = jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 7)  # not the step key's stream
-  return sharding.init_missing(model, params, rng, mesh)
 
 
 def check_fits(

@@ -108,12 +108,12 @@ def train(
 ) -> dict[str, Any]:
   """Runs (or resumes) `algorithm` in `workdir` (`online.train_online`): `init_state()` on a
   fresh start, `num_samples` responses per prompt from the configured sampler, scored by the
-  `reward` section, over the configured prompts and loop. Returns `online.summarize`."""
+  `scorer` section, over the configured prompts and loop. Returns `online.summarize`."""
   tokenizer, mesh = policy.tokenizer, policy.mesh
   iteration = online.make_iteration(
     algorithm,
     sampler(cfg, policy.config, tokenizer, mesh, num_samples),
-    scorers.scorer_from_section(cfg.reward, tokenizer, mesh=mesh),
+    scorers.scorer_from_section(cfg.scorer, tokenizer, mesh=mesh),
     policy.ref_params,
     no_eos_penalty=no_eos_penalty,
     seed=cfg.train.seed,
@@ -127,10 +127,11 @@ def train(
 
 def rollout_programs(cfg, model_cfg, mesh, assumed: aot.Assumed, num_samples: int, resident):
   """Sampling `num_samples` responses to each of `data.batch_size` prompts and scoring them
-  with the `reward` section's models (`experiments.compile_check`); returns `(programs, rows,
+  with the `scorer` section's models (`experiments.compile_check`); returns `(programs, rows,
   seq_len, reward-model params)`."""
   gen = sections.generation_config(cfg, model_stop_ids(model_cfg), num_samples=num_samples)
-  rms = scorers.reward_model_params(cfg.reward.kind, model_cfg, mesh)
+  scorer = scorers.scorer_config(cfg.scorer)
+  rms = scorers.reward_model_params(scorer.kind, model_cfg, mesh)
   seq_len = rollouts.row_length([[0] * assumed.prompt_len], gen.max_new_tokens, 64)
   smesh = sampling_mesh(cfg, mesh)
   sharding.check_fits_mesh(model_cfg, smesh)
@@ -141,7 +142,7 @@ def rollout_programs(cfg, model_cfg, mesh, assumed: aot.Assumed, num_samples: in
     model_cfg, gen, cfg.data.batch_size, assumed.prompt_len, smesh, resident=(resident, rms, copy)
   )
   scoring = scorers.reward_model_programs(
-    cfg.reward.kind, cfg.reward.batch_size, model_cfg, mesh, seq_len, resident
+    scorer.kind, scorer.batch_size, model_cfg, mesh, seq_len, resident
   )
   return [generate, *scoring], cfg.data.batch_size * num_samples, seq_len, rms
 

@@ -2,11 +2,11 @@
 
     python -m experiments.ppo --config=experiments/configs/ppo.py:tiny --workdir=DIR \
       --config.init_from=SFT_WORKDIR [--config.value.init_from=RM_WORKDIR] \
-      [--config.reward.kind=llama2 --config.reward.helpful=RM_H --config.reward.safety=RM_S]
+      [--config.scorer.kind=llama2 --config.scorer.helpful=RM_H --config.scorer.safety=RM_S]
 
 The policy and the reference start from `init_from`; the value model from `value.init_from`
 (a reward-model workdir, as Llama 2) or, if empty, the policy's trunk with a fresh head. Each
-iteration samples one response per prompt, scores it (`reward`), computes per-token KL
+iteration samples one response per prompt, scores it (`scorer`), computes per-token KL
 penalties, GAE advantages and returns, and takes `train.num_minibatches` policy and value
 steps (the algorithm `llama_jax.rl.ppo.build` makes). Writes DIR/metrics.jsonl (reward,
 objective/kl, entropy, clip fraction, approx KL, value loss, explained variance, response

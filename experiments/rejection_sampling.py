@@ -4,7 +4,7 @@ section 4.2.2).
 
     python -m experiments.rejection_sampling \
       --config=experiments/configs/rejection_sampling.py:tiny --workdir=DIR \
-      --config.init_from=SFT_WORKDIR --config.reward.reward_model=RM_WORKDIR \
+      --config.init_from=SFT_WORKDIR --config.scorer.reward_model=RM_WORKDIR \
       [--config.pool_from=ROUND1_DIR,ROUND2_DIR]
 
 One invocation is one round. Its answers are pooled with the `pool.jsonl` of each workdir in
@@ -68,14 +68,14 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
   sharding.check_fits_mesh(model_cfg, mesh)
   gen = sections.generation_config(cfg, model_stop_ids(model_cfg))
   policy = sharding.abstract_sharded_params(model_cfg, mesh)
-  reward = cfg.reward
+  scorer = scorers.scorer_config(cfg.scorer)
   generate = decode_program(
     model_cfg, gen, cfg.data.batch_size, assumed.prompt_len, mesh,
-    resident=scorers.reward_model_params(reward.kind, model_cfg, mesh),
+    resident=scorers.reward_model_params(scorer.kind, model_cfg, mesh),
   )  # fmt: skip
   seq_len = rollouts.row_length([[0] * assumed.prompt_len], gen.max_new_tokens, 64)
   scoring = scorers.reward_model_programs(
-    reward.kind, reward.batch_size, model_cfg, mesh, seq_len, resident=policy
+    scorer.kind, scorer.batch_size, model_cfg, mesh, seq_len, resident=policy
   )
   return [generate, *scoring]
 
@@ -125,7 +125,7 @@ def read_pool(workdirs: Sequence[str]) -> tuple[dict[str, dict[str, Any]], list[
 
 
 def plot_rounds(path: str | Path, stats: Sequence[dict[str, Any]]) -> Path:
-  """PNG: best / median / mean reward per round, and the latest round's best-of-n curve."""
+  """PNG: best / median / mean score per round, and the latest round's best-of-n curve."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
 
@@ -134,12 +134,12 @@ def plot_rounds(path: str | Path, stats: Sequence[dict[str, Any]]) -> Path:
   left, right = fig.subplots(1, 2)
   rounds = [s["round"] for s in stats]
   for name, style in (("best", "o-"), ("median", "s--"), ("mean", "^:")):
-    left.plot(rounds, [s[f"reward/{name}"] for s in stats], style, label=f"{name} of K")
-  left.set(title="reward per round", xlabel="round", ylabel="reward", xticks=rounds)
+    left.plot(rounds, [s[f"score/{name}"] for s in stats], style, label=f"{name} of K")
+  left.set(title="score per round", xlabel="round", ylabel="score", xticks=rounds)
   left.legend()
   curve = stats[-1]["best_of_n"]
   right.plot(range(1, len(curve) + 1), curve, "o-")
-  right.set(title=f"round {rounds[-1]}: expected best of n", xlabel="n samples", ylabel="reward")
+  right.set(title=f"round {rounds[-1]}: expected best of n", xlabel="n samples", ylabel="score")
   with atomic.atomic_open(path, "wb") as f:
     fig.savefig(f, format="png", dpi=100)
   return Path(path)
@@ -160,7 +160,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   sections.check_config(cfg, sections.reference_config("rejection_sampling"))
   sharding.initialize_distributed()
   policy = models.load_policy(cfg)
-  scorer = scorers.scorer_from_section(cfg.reward, policy.tokenizer, mesh=policy.mesh)
+  scorer = scorers.scorer_from_section(cfg.scorer, policy.tokenizer, mesh=policy.mesh)
   earlier, earlier_stats = read_pool([p.strip() for p in cfg.pool_from.split(",") if p.strip()])
   round_index = cfg.round or 1 + max((s["round"] for s in earlier_stats), default=0)
 

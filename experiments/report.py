@@ -72,8 +72,8 @@ def rejection_sampling_table(rows: Sequence[dict[str, Any]]) -> list[str]:
   header = ["round", "prompts × K", "best RM score", "median", "mean", "kept answer right",
             "any sample right", "pool"]  # fmt: skip
   body = [
-    [r["stage"], f"{r['prompts']} × {r['samples_per_prompt']}", r["reward/best"],
-     r["reward/median"], r["reward/mean"], r.get("check/best"), r.get("check/all_samples"),
+    [r["stage"], f"{r['prompts']} × {r['samples_per_prompt']}", r["score/best"],
+     r["score/median"], r["score/mean"], r.get("check/best"), r.get("check/all_samples"),
      r.get("pool/size")]
     for r in rows
   ]  # fmt: skip
@@ -93,7 +93,7 @@ def dpo_table(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def online_table(rows: Sequence[dict[str, Any]]) -> list[str]:
-  keys = ("reward/mean", "objective/kl", "policy/entropy", "response/length")
+  keys = ("score/mean", "objective/kl", "policy/entropy", "response/length")
   header = ["run", "iterations", *(f"{k} start → end" for k in keys)]
   body = [
     [r["run"], r.get("iterations"),

@@ -59,7 +59,7 @@ def build(
   return rm_steps.build(
     reward_model.RewardModel(model_cfg, lora=sections.lora_config(cfg)),
     mesh,
-    sections.from_section(rm_steps.RankingConfig, cfg.reward),
+    sections.from_section(rm_steps.RankingConfig, cfg.ranking),
     sections.train_optimizer_config(cfg, num_steps),
     grad_accum_steps=cfg.train.grad_accum_steps,
     max_responses=ranking.MAX_RESPONSES if cfg.data.use_edited else 2,

@@ -29,6 +29,12 @@ class ConfigError(ValueError):
   """A config names a key its stage does not know, or gives a value of the wrong type."""
 
 
+# Sections renamed so that each word means one thing (docs/architecture.md "Words"): the old
+# name -> the new names (the one a stage's reference has applies). `reward` chose the scorer of
+# the generate-then-score stages, and held the reward model's ranking loss.
+RENAMED = {"reward": ("scorer", "ranking")}
+
+
 def reference_config(stage: str) -> ml_collections.ConfigDict:
   """The default variant of `experiments/configs/<stage>.py`: the keys (and value types) every
   config of the stage has; variants change values, never keys."""
@@ -68,6 +74,7 @@ def check_config(cfg: Any, reference: Any, where: str = "config") -> None:
     path = f"{where}.{key}"
     if key not in known:
       close = difflib.get_close_matches(key, list(known), n=3)
+      close = [name for name in RENAMED.get(key, ()) if name in known] or close
       hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
       raise ConfigError(f"{where} has no key {key!r}{hint} (known: {', '.join(sorted(known))})")
     expected = _model_reference() if key == "model" else known[key]

@@ -30,7 +30,8 @@ lora        rank (0: train every weight), alpha (updates scaled by alpha / rank)
 A section that mirrors a library dataclass takes its defaults from the dataclass
 (`dataclass_section`): mesh (`MeshConfig`), data (`PipelineConfig`'s fields it names),
 optimizer, train (`LoopConfig`), lora, and each algorithm's own (`RankingConfig` of the
-reward model, `DPOConfig`, `PPOConfig`, `GRPOConfig`), so a default lives in one place.
+reward model, `DPOConfig`, `PPOConfig`, `GRPOConfig`) and the scorer of the generate-then-score
+stages (`ScorerConfig`), so a default lives in one place.
 Each config file's `get_config(variant)` picks its variant with `pick`.
 """
 
@@ -47,6 +48,7 @@ import ml_collections
 from llama_jax.data.pipeline import PipelineConfig
 from llama_jax.model.lora import LoraConfig
 from llama_jax.parallel.sharding import MeshConfig
+from llama_jax.rl.scorers import ScorerConfig
 from llama_jax.training.train_state import OptimizerConfig
 from llama_jax.training.trainer import LoopConfig
 
@@ -189,22 +191,7 @@ def use_preference_data(config: ml_collections.ConfigDict) -> ml_collections.Con
   return config
 
 
-def reward_section(kind: str = "reward_model") -> ml_collections.ConfigDict:
-  """How responses are scored (`llama_jax.rl.scorers.build_scorer`, through
-  `experiments.generate.build_scorer`): kind "reward_model" (the RM workdir in
-  reward_model), "llama2" (Llama 2's combined score of the
-  helpful and safety RM workdirs, safety threshold `threshold`) or "check_answer" (a right
-  answer to a bundled rl_prompt scores 1; no reward model). batch_size: rows per RM forward
-  pass (a multiple of the mesh's batch axes); whitening: "none", "batch" or "running" (the
-  llama2 kind only; Llama 2's PPO whitens)."""
-  return ml_collections.ConfigDict(
-    {
-      "kind": kind,
-      "reward_model": "",
-      "helpful": "",
-      "safety": "",
-      "threshold": 0.15,
-      "batch_size": 32,
-      "whitening": "none",
-    }
-  )
+def scorer_section(kind: str) -> dict[str, Any]:
+  """How responses are scored: `llama_jax.rl.scorers.ScorerConfig`'s fields and defaults, with
+  `kind` ("reward_model", "llama2", "check_answer"; generation also takes "" for no scores)."""
+  return dataclass_section(ScorerConfig, kind=kind)

@@ -77,7 +77,7 @@ def full():
   config.gatt_sft.optimizer.update(learning_rate=3e-4, warmup_steps=0)
   config.ppo = ppo.tiny()
   config.ppo.data.update(tasks=config.tasks, num_prompts=64, batch_size=32)
-  config.ppo.reward.update(kind="reward_model")
+  config.ppo.scorer.update(kind="reward_model")
   config.ppo.train.update(num_steps=32, checkpoint_every=32, async_checkpoint=False)
   return config
 

@@ -4,7 +4,7 @@
       --workdir=DIR --config.init_from=<experiment workdir or Hugging Face dir>
 
 Writes DIR/samples.jsonl (one line per prompt: its id and prompt, the responses, their token
-counts and summed model log-probs, and with reward.kind set their scores and the best index)
+counts and summed model log-probs, and with scorer.kind set their scores and the best index)
 and DIR/generate_config.json.
 
 Fields
@@ -19,16 +19,17 @@ Fields
               temperature (0 = greedy), top_k (0 = off), top_p (1 = off), prompt_bucket
               (0 = powers of two), seed.
   chat        wrap string prompts as a user message of the tokenizer's chat format.
-  reward      `base.reward_section`, as in the rejection-sampling, GRPO and PPO configs:
-              kind "" (no scores), "check_answer" (`llama_jax.data.scoring.check_answer` on
-              rl_prompt records: reference answers, refusals of unsafe prompts),
-              "reward_model" (the RM workdir in reward_model) or "llama2" (the helpful and
-              safety RM workdirs); threshold, whitening, batch_size (rows per RM pass).
+  scorer      `llama_jax.rl.scorers.ScorerConfig` (`base.scorer_section`), as in the
+              rejection-sampling, GRPO and PPO configs: kind "" (no scores), "check_answer"
+              (`llama_jax.data.scoring.check_answer` on rl_prompt records: reference
+              answers, refusals of unsafe prompts), "reward_model" (the RM workdir in
+              reward_model) or "llama2" (the helpful and safety RM workdirs); threshold,
+              whitening, batch_size (rows per RM pass).
 
 Variants
   tiny         the tiny Llama 3-style model of the pretrain/SFT configs on 16 bundled
                rl_prompt test prompts, 4 samples each; CPU, seconds. With init_from an SFT
-               workdir of the tiny recipe the answers are mostly right (see `reward`).
+               workdir of the tiny recipe the answers are mostly right (see `scorer`).
   llama3p1_8b  Llama 3.1 8B Instruct from a Hugging Face directory, bf16, 512 prompts × 8
                samples at temperature 1.0 (rejection sampling); one host of 8 × H100,
                each GPU holding the weights (data=8).
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs.base import TINY_MODEL, dataclass_section, pick, reward_section
+from experiments.configs.base import TINY_MODEL, dataclass_section, pick, scorer_section
 from llama_jax.generation.decode import GenerationConfig
 from llama_jax.generation.sampling import SamplingConfig
 from llama_jax.parallel.sharding import MeshConfig
@@ -77,7 +78,7 @@ def _base(**model_fields) -> ml_collections.ConfigDict:
       )
       | dataclass_section(SamplingConfig),
       "chat": True,
-      "reward": reward_section("check_answer").to_dict(),
+      "scorer": scorer_section("check_answer"),
     }
   )
 

@@ -9,8 +9,9 @@ Sections (model, tokenizer, init_from, mesh, data, generation, chat as in
   sampling_mesh  data, fsdp, tensor, num_devices: sample on a mesh of its own (e.g.
               data-parallel sampling beside fsdp training, or a subset of the devices),
               the weights resharded onto it each iteration; all 0 = the training mesh.
-  reward      `base.reward_section`: default "check_answer", the bundled prompts' verifiable
-              reward; "reward_model" / "llama2" score with reward-model workdirs instead.
+  scorer      `llama_jax.rl.scorers.ScorerConfig` (`base.scorer_section`): default
+              "check_answer", the bundled prompts' verifiable answers; "reward_model" /
+              "llama2" score with reward-model workdirs instead.
   grpo        group_size K, advantage ("group" | "rloo" | "reinforce_pp"), clip_eps,
               clip_eps_high (None = symmetric), beta (k3 KL in the loss), kl_coef (k1 KL in
               the reward), scale ("std" | "none"), aggregation ("sequence_mean" |
@@ -54,7 +55,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
 
 
 def rl_config(base: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A generate config (its reward section included) plus the optimizer and train sections
+  """A generate config (its scorer section included) plus the optimizer and train sections
   of online RL."""
   config = base
   lm = lm_config()

@@ -69,7 +69,7 @@ def tiny():
   config.safety_rm = quiet(reward_model.tiny_safety(), 150)
   config.ppo = ppo.tiny()
   config.ppo.data.update(tasks="", num_prompts=64, batch_size=32)
-  config.ppo.reward.whitening = "running"
+  config.ppo.scorer.whitening = "running"
   config.ppo.train.update(num_steps=20, checkpoint_every=20, async_checkpoint=False)
   config.gatt_sft = quiet(sft.tiny(), 60)
   config.gatt_sft.optimizer.update(learning_rate=3e-4, warmup_steps=0)

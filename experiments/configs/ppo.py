@@ -4,7 +4,7 @@ minibatches of 64 with one step each, clip 0.2, AdamW 0.9/0.95, weight decay 0.1
     python -m experiments.ppo --config=experiments/configs/ppo.py:<variant> --workdir=DIR \
       --config.init_from=<SFT/RS workdir or HF dir> [--config.value.init_from=<RM workdir>]
 
-Sections (model, tokenizer, init_from, mesh, sampling_mesh, data, generation, chat, reward,
+Sections (model, tokenizer, init_from, mesh, sampling_mesh, data, generation, chat, scorer,
 optimizer and train as in `experiments/configs/grpo.py`; generation.num_samples responses
 per prompt):
   ppo    kl_coef β, kl_estimator ("k1" | "k2" | "k3"), kl_target (> 0: adaptive β) and
@@ -69,7 +69,7 @@ def llama2_7b():
   config.mesh.update(data=1, fsdp=-1, tensor=1)
   config.data.update(source="tfds", name="my_rl_prompts", tasks="", num_prompts=0, batch_size=512)
   config.generation.update(max_new_tokens=1024, prompt_bucket=128)
-  config.reward.update(
+  config.scorer.update(
     kind="llama2", helpful="/path/to/rm_helpful", safety="/path/to/rm_safety",
     whitening="running", batch_size=64,
   )  # fmt: skip

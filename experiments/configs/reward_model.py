@@ -14,8 +14,8 @@ Sections beyond `experiments/configs/base.py`:
   data.eval_ratings    the same for evaluation ("" = all: the per-bucket table needs them)
   data.use_edited      rank edited > chosen > rejected where a record has an edited response
   data.on_too_long     "raise" or "skip" (truncating would cut responses off)
-  reward.margins       "none", "small" or "large" (Llama 2 margin tables)
-  reward.centering     coefficient c of c · mean (r_c + r_r)² (0: off)
+  ranking.margins      "none", "small" or "large" (Llama 2 margin tables)
+  ranking.centering    coefficient c of c · mean (r_c + r_r)² (0: off)
   train.num_steps      0 = train.epochs passes over the (filtered) training records
   train.warmup_fraction  > 0: warmup is this fraction of the run (overrides warmup_steps)
 
@@ -71,14 +71,14 @@ def rm_config(**model_fields) -> ml_collections.ConfigDict:
   """The LM defaults with the reward-model data and loss fields."""
   config = use_preference_data(lm_config(**model_fields))
   config.data.use_edited = False
-  config.reward = dataclass_section(RankingConfig)  # the ranking objective
+  config.ranking = dataclass_section(RankingConfig)  # the ranking objective
   return config
 
 
 def _tiny(concerns: str, margins: str):
   config = rm_config(**TINY_MODEL)
   config.data.update(concerns=concerns, batch_size=32)
-  config.reward.margins = margins
+  config.ranking.margins = margins
   config.optimizer.update(learning_rate=1e-3, warmup_steps=20, weight_decay=0.0)
   config.train.update(num_steps=400, log_every=20, checkpoint_every=200)
   return config
@@ -137,7 +137,7 @@ def _real(preset: str, tokenizer: str, seq_len: int, lr: float, grad_accum: int)
 def _llama2(concern: str, preset: str = "llama2_7b", lr: float = 1e-5, grad_accum: int = 64):
   config = _real(preset, "/path/to/llama2/tokenizer.model", 4096, lr, grad_accum)
   config.data.concerns = concern
-  config.reward.margins = "small"
+  config.ranking.margins = "small"
   return config
 
 

@@ -204,13 +204,19 @@ def _all_finite(x: jax.Array) -> jax.Array:
   return jnp.isfinite(x).all()
 
 
-def _shard_flags(x: jax.Array) -> list[jax.Array]:
+def _shard_flags(x: jax.Array) -> list[jax.Array | bool]:
   """Whether each shard this process holds (one replica of each) is finite, one
   single-device reduction per shard: no collectives, which XLA:CPU can deadlock on when
-  many small programs with all-reduces are in flight at once (as in a loader's loop)."""
+  many small programs with all-reduces are in flight at once (as in a loader's loop).
+  Shards in host memory (CPU devices) are checked by numpy where they are: a jitted check
+  would compile once per shard shape and device, seconds per model load for nothing."""
   if not isinstance(x, jax.Array):
-    return [_all_finite(jnp.asarray(x))]
-  return [_all_finite(s.data) for s in x.addressable_shards if s.replica_id == 0]
+    x = jnp.asarray(x)
+  shards = [s.data for s in x.addressable_shards if s.replica_id == 0]
+  return [
+    bool(np.isfinite(np.asarray(s)).all()) if s.device.platform == "cpu" else _all_finite(s)
+    for s in shards
+  ]
 
 
 def _all_true(flags: list[list[jax.Array]]) -> list[bool]:

@@ -1,10 +1,13 @@
 """Low-rank adapters (LoRA, Hu et al. 2021) on the attention and MLP projections.
 
     model = Llama(config, lora=LoraConfig(rank=16, alpha=32))
-    params = lora.add_adapters(model, base_params, rng, mesh)   # fresh adapters, B = 0
+    params = sharding.init_missing(model, base_params, rng, mesh)  # fresh adapters, B = 0
     tx = train_state.make_optimizer(opt_cfg, trainable=lora.trainable_mask)
-    ...                                                          # any SFT / DPO / GRPO step
-    merged = lora.merge(params, model.lora)                      # plain Llama params, HF export
+    ...                                                            # any SFT / DPO / GRPO step
+    merged = lora.merge(params, model.lora)                        # plain Llama params, HF export
+
+(`sharding` is `llama_jax.parallel.sharding`; `llama_jax.steps.common.new_state(model,
+optimizer, mesh, key, params=base_params)` makes the whole train state, adapters included.)
 
 A projection W (e.g. q: [D, N, H]) gets A [D, r] and B [r, N, H] beside it, named
 `q_lora_a` / `q_lora_b`, and computes x·W + (alpha / r)·(x·A)·B. The adapter path is two thin

@@ -154,11 +154,11 @@ def advantage_metrics(
   mask: jax.Array,  # [N, T]
 ) -> dict[str, jax.Array]:
   """The metrics every algorithm logs from its advantage pass, under shared names:
-  objective/kl (nats per response), objective/kl_per_token, objective/scores (the mean
-  reward: TRL's name, kept), policy/entropy."""
+  objective/kl (nats per response), objective/kl_per_token, objective/rewards (the mean
+  reward), policy/entropy."""
   return {
     "objective/kl": jnp.mean(jnp.sum(_f32(kl) * _f32(mask), axis=1)),
     "objective/kl_per_token": masked_mean(kl, mask),
-    "objective/scores": jnp.mean(_f32(rewards)),
+    "objective/rewards": jnp.mean(_f32(rewards)),
     "policy/entropy": masked_mean(entropy, mask),
   }

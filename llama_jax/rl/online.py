@@ -24,7 +24,7 @@ Every iteration is the same five steps, whatever the algorithm:
                one jitted pass: old (and reference) log-probs, advantages, value targets
     updates    `algorithm.update(state, minibatch) -> (state, metrics)` per shuffled minibatch
                (jitted, state-donating steps; Llama 2: 512 prompts, minibatches of 64)
-    metrics    the advantage pass's metrics, the updates' means, reward/response/time
+    metrics    the advantage pass's metrics, the updates' means, score/response/time
                statistics; then
                `algorithm.finish(state, metrics)` (PPO's adaptive KL) and the step count + 1
 
@@ -42,8 +42,9 @@ by), two that build that state: `init_state(params, key)` (fresh, from the polic
 parameters) and `abstract_state()` (the checkpoint's restore target, nothing allocated), and
 its `mesh` and `num_minibatches`.
 Metric names are shared across algorithms: objective/kl (nats per response),
-objective/kl_per_token, objective/scores (the mean reward), policy/entropy, policy/clipfrac,
-policy/approxkl, loss/policy, reward/* (of the scores, before penalties), response/*, time/*.
+objective/kl_per_token, objective/rewards (the mean reward), policy/entropy, policy/clipfrac,
+policy/approxkl, loss/policy, score/* (of the scorer's scores, before penalties), response/*,
+time/*.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ from llama_jax.training.trainer import fit
 Metrics = dict[str, Any]
 
 PLOT_PANELS = (
-  ("reward/mean",),
+  ("score/mean",),
   ("objective/kl",),
   ("policy/entropy",),
   ("loss/policy",),
@@ -204,22 +205,22 @@ def _take_rows(mesh: Mesh):
 
 
 def rollout_metrics(rollout: Rollout, scores: np.ndarray, group_size: int) -> dict[str, float]:
-  """reward/* (of the scorer's scores, before penalties) and response/* of one rollout, over
+  """score/* (of the scorer's scores, before penalties) and response/* of one rollout, over
   every process's responses (each process passes its own)."""
   scores, lengths, stopped = (
     sharding.process_allgather(x) for x in (scores, rollout.lengths, rollout.stopped)
   )
   metrics = {
-    "reward/mean": float(np.mean(scores)),
-    "reward/std": float(np.std(scores)),
+    "score/mean": float(np.mean(scores)),
+    "score/std": float(np.std(scores)),
     "response/length": float(lengths.mean()),
     "response/eos_rate": float(stopped.mean()),
     "num_responses": float(len(scores)),
   }
   if group_size > 1:  # how many prompts give a group baseline anything to work with
     groups = scores.reshape(-1, group_size)  # each process holds whole groups
-    metrics["reward/group_std"] = float(groups.std(axis=1).mean())
-    metrics["reward/groups_with_signal"] = float((groups.max(1) > groups.min(1)).mean())
+    metrics["score/group_std"] = float(groups.std(axis=1).mean())
+    metrics["score/groups_with_signal"] = float((groups.max(1) > groups.min(1)).mean())
   return metrics
 
 

@@ -103,10 +103,10 @@ def round_stats(scores: np.ndarray, round_index: int) -> dict[str, Any]:
     "round": round_index,
     "prompts": int(scores.shape[0]),
     "samples_per_prompt": int(scores.shape[1]),
-    "reward/best": float(best.mean()),
-    "reward/median": float(median.mean()),
-    "reward/mean": float(scores.mean()),
-    "reward/best_minus_median": float((best - median).mean()),
+    "score/best": float(best.mean()),
+    "score/median": float(median.mean()),
+    "score/mean": float(scores.mean()),
+    "score/best_minus_median": float((best - median).mean()),
     "best_of_n": expected_best_of_n(scores).tolist(),
   }
 
@@ -214,8 +214,8 @@ def stats_table(stats: Sequence[Mapping[str, Any]]) -> str:
   ]
   for s in stats:
     lines.append(
-      f"| {s['round']} | {s['prompts']} | {s['samples_per_prompt']} | {s['reward/best']:.3f} | "
-      f"{s['reward/median']:.3f} | {s['reward/mean']:.3f} | "
-      f"{s['reward/best_minus_median']:.3f} | {s.get('pool/size', '')} |"
+      f"| {s['round']} | {s['prompts']} | {s['samples_per_prompt']} | {s['score/best']:.3f} | "
+      f"{s['score/median']:.3f} | {s['score/mean']:.3f} | "
+      f"{s['score/best_minus_median']:.3f} | {s.get('pool/size', '')} |"
     )
   return "\n".join(lines)

@@ -7,7 +7,8 @@ whitening, and the scorer objects that PPO (or rejection sampling) calls.
     rewards = scorer(prompts, responses, is_safety=flags)  # np.float32 [N]
 
 `llama_jax.rl.scorers` adapts them to the project's scorer signature `(records, prompts,
-responses) -> scores` (`scorers.build_scorer("llama2", tokenizer, helpful=..., safety=...)`).
+responses) -> scores`
+(`scorers.build_scorer(scorers.ScorerConfig("llama2", helpful=..., safety=...), tokenizer)`).
 
 Llama 2 (Touvron et al. 2023, section 3.2.3), with R_h, R_s the two models' σ-scores in (0, 1):
 

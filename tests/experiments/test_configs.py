@@ -14,6 +14,7 @@ from llama_jax.generation.decode import GenerationConfig
 from llama_jax.generation.sampling import SamplingConfig
 from llama_jax.model.lora import LoraConfig
 from llama_jax.parallel.sharding import MeshConfig
+from llama_jax.rl.scorers import ScorerConfig, scorer_config
 from llama_jax.steps.dpo import DPOConfig
 from llama_jax.steps.grpo import GRPOConfig
 from llama_jax.steps.ppo import PPOConfig
@@ -58,6 +59,12 @@ def test_rl_sections_are_derived_from_the_dataclass_defaults():
     | _defaults(SamplingConfig)
     | {"max_new_tokens": 48, "num_samples": 4, "seed": 0}
   )
+  # The scorer section is `ScorerConfig` with the stage's kind; each builds its dataclass.
+  scorer = importlib.import_module("experiments.configs.generate").get_config().scorer
+  assert scorer.to_dict() == _defaults(ScorerConfig) | {"kind": "check_answer"}
+  rs = importlib.import_module("experiments.configs.rejection_sampling").get_config().scorer
+  assert rs.to_dict() == _defaults(ScorerConfig) | {"kind": "reward_model"}
+  assert scorer_config(rs) == ScorerConfig(kind="reward_model")
   # Each section builds its dataclass as is.
   sections.from_section(PPOConfig, ppo.ppo)
   sections.from_section(GRPOConfig, grpo.grpo, max_length=32)
@@ -72,7 +79,7 @@ DERIVED = [
   ("sft", "optimizer", OptimizerConfig, "b2", 0.99),
   ("sft", "train", LoopConfig, "keep_checkpoints", 5),
   ("sft", "lora", LoraConfig, "alpha", 8.0),
-  ("reward_model", "reward", RankingConfig, "centering", 0.1),
+  ("reward_model", "ranking", RankingConfig, "centering", 0.1),
   ("dpo", "dpo", DPOConfig, "beta", 0.5),
   ("ppo", "ppo", PPOConfig, "gamma", 0.99),
   ("grpo", "grpo", GRPOConfig, "clip_eps", 0.3),
@@ -80,6 +87,9 @@ DERIVED = [
   ("generate", "generation", GenerationConfig, "prompt_bucket", 32),
   ("generate", "generation", SamplingConfig, "top_p", 0.9),
   ("generate", "mesh", MeshConfig, "tensor", 2),
+  ("generate", "scorer", ScorerConfig, "threshold", 0.3),
+  ("rejection_sampling", "scorer", ScorerConfig, "batch_size", 16),
+  ("ppo", "scorer", ScorerConfig, "whitening", "batch"),
 ]
 
 
@@ -162,6 +172,22 @@ def test_unknown_key_names_section_key_and_closest():
     sections.check_config(cfg, sections.reference_config("sft"))
   with pytest.raises(sections.ConfigError, match="config.model has no key 'num_layer'"):
     sections.check_config(_sft(**{"model.num_layer": 2}), sections.reference_config("sft"))
+
+
+@pytest.mark.parametrize(
+  "stage, section, new", [("grpo", "grpo", "scorer"), ("findings", "ppo", "scorer"),
+                          ("reward_model", "reward_model", "ranking")],
+)  # fmt: skip
+def test_a_config_of_before_a_rename_is_told_the_new_name(stage, section, new):
+  """A `reward` section (the scorer's, or the reward model's ranking loss, before each word
+  meant one thing) names the section that replaced it."""
+  cfg = sections.reference_config(stage).to_dict()
+  inner = cfg if section == stage else cfg[section]
+  inner["reward"] = inner.pop(new)
+  where = "config" if section == stage else f"config.{section}"
+  message = f"{where} has no key 'reward'; did you mean '{new}'"
+  with pytest.raises(sections.ConfigError, match=message):
+    sections.check_config(ml_collections.ConfigDict(cfg), sections.reference_config(stage))
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """`experiments.findings` at smoke size: every finding is computed from real stage runs with
 a per-seed difference, an interval and a verdict; the report files are written; a rerun
-with another seed reuses every finished stage; any other change is refused."""
+reuses every finished stage, and with another seed (`-m full_size`: a third seed's stages)
+runs only the new seed's; any other change is refused."""
 
 import json
 import math
@@ -20,7 +21,8 @@ KEYS = [
 ]  # fmt: skip
 
 
-def test_findings_smoke_and_resume(tmp_path, capsys):
+@pytest.mark.parametrize("more_seeds", [False, pytest.param(True, marks=pytest.mark.full_size)])
+def test_findings_smoke_and_resume(tmp_path, capsys, more_seeds):
   cfg = findings_configs.get_config("smoke")
   workdir = tmp_path / "findings"
   found = findings_experiment.run(cfg, str(workdir))
@@ -46,18 +48,24 @@ def test_findings_smoke_and_resume(tmp_path, capsys):
   assert (workdir / "findings.png").stat().st_size > 50_000
   assert "Stage times" in (workdir / "report.md").read_text()
 
-  # Another seed: the finished seeds' stages are reused, only the new seed's run (and a new
-  # average of the DPO runs, which now has another member).
+  # A rerun reuses every stage and gives the same findings. Another seed (full size: a third
+  # seed's stages run): the finished seeds' stages are reused, only the new seed's run (and a
+  # new average of the DPO runs, which now has another member).
   capsys.readouterr()
-  cfg.seeds = 3
+  if more_seeds:
+    cfg.seeds = 3
   more = findings_experiment.run(cfg, str(workdir))
   log = capsys.readouterr().out
   ran = {line[3:].split(":")[0] for line in log.splitlines()
          if line.startswith("== ") and ": finished in" in line}  # fmt: skip
-  new = ("seed2/", "eval/seed_2", "dpo_average_3", "eval/dpo_average_of_3")
-  assert ran and all(r.startswith(new) for r in ran), sorted(ran)
+  if not more_seeds:
+    assert not ran and "done in an earlier run" in log, sorted(ran)
+    assert [f.to_json() for f in more] == [f.to_json() for f in found]
+  else:
+    new = ("seed2/", "eval/seed_2", "dpo_average_3", "eval/dpo_average_of_3")
+    assert ran and all(r.startswith(new) for r in ran), sorted(ran)
   for before, after in zip(found, more, strict=True):
-    assert len(after.b_minus_a) == 3
+    assert len(after.b_minus_a) == cfg.seeds
     if before.key != "averaging DPO runs":
       assert after.b_minus_a[:2] == before.b_minus_a, before.key
   cfg.dpo.dpo.beta = 0.5  # any other change is refused with the diff

@@ -91,7 +91,7 @@ def test_llama2_recipe_smoke(tmp_path):
   (rs,) = report["rejection_sampling"]
   assert rs["round"] == 1 and rs["pool/size"] > 0
   (ppo,) = report["ppo"]
-  assert ppo["iterations"] == 2 and math.isfinite(ppo["end"]["reward/mean"])
+  assert ppo["iterations"] == 2 and math.isfinite(ppo["end"]["score/mean"])
   gatt_records = (workdir / "gatt_data" / "gatt.jsonl").read_text().splitlines()
   assert 0 < len(gatt_records) == report["gatt"]["kept"] <= 16  # long dialogues are dropped
   assert json.loads(gatt_records[0])["messages"][0]["role"] == "system"

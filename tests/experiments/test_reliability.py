@@ -4,7 +4,8 @@ and metrics as an uninterrupted run; a second writer is refused while the first 
 changed config is refused before anything is written; a run stopped after its last step
 redoes its end (final evaluation, plot, record) and a finished run is left as it is.
 
-The runs are real `python -m experiments.pretrain` processes on the tiny model (2 layers).
+The runs are real `python -m experiments.pretrain` processes on the tiny model (1 layer):
+2 random kills by default, 5 under `-m full_size` (`make test-full`).
 """
 
 import json
@@ -28,7 +29,7 @@ from llama_jax.training.trainer import read_final
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 24
 OVERRIDES = (
-  "--config.model.num_layers=2", "--config.model.d_model=64", "--config.model.head_dim=16",
+  "--config.model.num_layers=1", "--config.model.d_model=64", "--config.model.head_dim=16",
   "--config.model.mlp_dim=128", "--config.data.seq_len=64", "--config.data.batch_size=8",
   "--config.optimizer.warmup_steps=1", "--config.train.log_every=1",
   "--config.train.checkpoint_every=1", f"--config.train.num_steps={STEPS}",
@@ -37,7 +38,7 @@ OVERRIDES = (
 
 def small(steps=4, **train):
   cfg = pretrain.get_config("tiny")
-  cfg.model.update(num_layers=2, d_model=64, head_dim=16, mlp_dim=128)
+  cfg.model.update(num_layers=1, d_model=64, head_dim=16, mlp_dim=128)
   cfg.data.update(seq_len=64, batch_size=8)
   cfg.optimizer.update(warmup_steps=1)
   cfg.train.update(num_steps=steps, log_every=1, checkpoint_every=2, **train)
@@ -48,10 +49,10 @@ def launch(workdir: Path, cache: Path) -> subprocess.Popen:
   """`python -m experiments.pretrain` on the tiny config, 8 emulated devices."""
   env = dict(
     os.environ,
-    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    XLA_FLAGS=os.environ["XLA_FLAGS"],  # conftest's: 8 devices, unoptimized tiny programs
     JAX_PLATFORMS="cpu",
     JAX_COMPILATION_CACHE_DIR=str(cache),  # the relaunches reuse the first one's programs
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",  # the small per-shard checks too
     PYTHONPATH=str(ROOT),
   )
   cmd = [sys.executable, "-m", "experiments.pretrain",
@@ -122,17 +123,18 @@ def holds_lock(workdir: Path, pid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_random_kills_resume_to_the_uninterrupted_run(tmp_path):
-  """5 kills at seeded random steps and one inside a checkpoint write; each relaunch resumes.
-  While a run holds the workdir, a second writer is refused and changes nothing."""
+@pytest.mark.parametrize("kills", [2, pytest.param(5, marks=pytest.mark.full_size)])
+def test_random_kills_resume_to_the_uninterrupted_run(tmp_path, kills):
+  """`kills` kills at seeded random steps and one inside a checkpoint write; each relaunch
+  resumes. While a run holds the workdir, a second writer is refused and changes nothing."""
   cache = tmp_path / "jit"
   finish(launch(tmp_path / "whole", cache))
   rng = np.random.default_rng(0)
-  kill_steps = sorted(rng.choice(np.arange(2, STEPS - 2), size=5, replace=False).tolist())
+  kill_steps = sorted(rng.choice(np.arange(2, STEPS - 2), size=kills, replace=False).tolist())
   killed = tmp_path / "killed"
   for n, at in enumerate(kill_steps):
     proc = launch(killed, cache)
-    if n == 2:  # a second writer while this one runs: refused, with the holder named
+    if n == kills // 2:  # a second writer while this one runs: refused, with the holder named
       assert wait_for(proc, lambda p=proc.pid: holds_lock(killed, p))
       before = (killed / "metrics.jsonl").read_bytes()
       with pytest.raises(workdirs.WorkdirLocked, match=rf"in use by another run \(pid {proc.pid}"):
@@ -213,7 +215,7 @@ def test_a_run_stopped_during_its_end_redoes_it_and_a_finished_run_is_left_alone
 
 def test_the_lock_is_exclusive_reentrant_and_released(tmp_path):
   script = (
-    "import sys, time\nfrom llama_jax import workdirs\n"
+    "import sys, time\nfrom llama_jax.checkpoint import workdirs\n"
     "with workdirs.locked(sys.argv[1]):\n  print('held', flush=True)\n  time.sleep(60)\n"
   )
   holder = subprocess.Popen(

@@ -125,4 +125,4 @@ def test_real_configs_are_consistent(variant):
   count = sum(np.prod(x.shape) for x in jax.tree.leaves(shapes))
   assert count == reward_model.num_params(model)
   assert count == model.num_params() - model.vocab_size * model.d_model + model.d_model + 1
-  assert cfg.reward.margins == ("none" if variant == "llama3p1_8b" else "small")
+  assert cfg.ranking.margins == ("none" if variant == "llama3p1_8b" else "small")

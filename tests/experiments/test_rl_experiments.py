@@ -56,7 +56,7 @@ SHARED = {"objective/kl", "policy/entropy", "policy/clipfrac", "policy/approxkl"
 
 
 def report(name, out, kl_key="objective/kl"):
-  keys = ("reward/mean", kl_key, "response/length", "response/eos_rate")
+  keys = ("score/mean", kl_key, "response/length", "response/eos_rate")
   print(name, json.dumps({p: {k: round(out[p][k], 3) for k in keys} for p in ("start", "end")}))
 
 
@@ -65,7 +65,7 @@ def test_grpo_raises_the_reward_with_bounded_kl(sft_workdir, tmp_path):
   cfg.grpo.group_size = 4
   out = grpo.run(cfg, str(tmp_path))
   report("grpo", out)
-  assert out["end"]["reward/mean"] > out["start"]["reward/mean"] + 0.15
+  assert out["end"]["score/mean"] > out["start"]["score/mean"] + 0.15
   assert out["end"]["objective/kl"] < 10.0  # nats per response of ≤ 16 tokens
   rows = read_metrics(tmp_path)
   assert len(rows) == 15 and {"time/generation", "response/eos_rate", "loss/kl"} | SHARED <= set(
@@ -78,7 +78,7 @@ def test_ppo_raises_the_reward_with_bounded_kl_and_resumes(sft_workdir, tmp_path
   cfg = rl_config(ppo_configs, sft_workdir, batch_size=16)
   out = ppo.run(cfg, str(tmp_path))
   report("ppo", out)
-  assert out["end"]["reward/mean"] > out["start"]["reward/mean"] + 0.15
+  assert out["end"]["score/mean"] > out["start"]["score/mean"] + 0.15
   assert out["end"]["objective/kl"] < 10.0  # nats per response of ≤ 16 tokens
   rows = read_metrics(tmp_path)
   assert {"loss/value", "value/explained_variance", "kl_coef"} | SHARED <= set(rows[-1])
@@ -98,7 +98,7 @@ def test_critic_free_variants_raise_the_reward(sft_workdir, tmp_path, variant):
   cfg.grpo.group_size = 4
   out = grpo.run(cfg, str(tmp_path))
   report(variant, out)
-  assert out["end"]["reward/mean"] > out["start"]["reward/mean"] + 0.15
+  assert out["end"]["score/mean"] > out["start"]["score/mean"] + 0.15
   assert out["end"]["objective/kl"] < 10.0
   assert SHARED <= set(read_metrics(tmp_path)[-1])
 
@@ -111,7 +111,7 @@ def test_grpo_with_lora_raises_the_reward_and_trains_only_adapters(sft_workdir, 
   cfg.lora.update(rank=8, alpha=16.0)
   out = grpo.run(cfg, str(tmp_path))
   report("grpo_lora", out)
-  assert out["end"]["reward/mean"] > out["start"]["reward/mean"] + 0.15
+  assert out["end"]["score/mean"] > out["start"]["score/mean"] + 0.15
   # The saved policy: the SFT weights untouched beside trained adapters.
   mesh = sharding.make_mesh()
   config, sft = workdirs.load_model(sft_workdir, mesh)
@@ -150,7 +150,7 @@ def test_sampling_on_its_own_mesh_gives_the_shared_mesh_results(sft_workdir, tmp
     assert dict(sampling_mesh.shape) != dict(mesh.shape)
     own = run(name, **sampling)
     assert all(r["time/weight_sync"] > 0 for r in own)
-    for key in ("loss/policy", "objective/kl", "policy/entropy", "reward/mean"):
+    for key in ("loss/policy", "objective/kl", "policy/entropy", "score/mean"):
       np.testing.assert_allclose(
         [r[key] for r in own], [r[key] for r in shared], rtol=1e-5, atol=1e-6, err_msg=key
       )
@@ -196,7 +196,7 @@ def test_an_iteration_through_the_library_builder_equals_the_launchers(stage):
   for algorithm, sampler, scorer in (
     (ours, online.Sampler(model_cfg, tokenizer, gen), scorers.check_answer),
     (theirs, online_rl.sampler(cfg, model_cfg, tokenizer, mesh, samples),
-     scorers.scorer_from_section(cfg.reward, tokenizer, mesh=mesh)),
+     scorers.scorer_from_section(cfg.scorer, tokenizer, mesh=mesh)),
   ):  # fmt: skip
     penalty = getattr(algorithm.config, "no_eos_penalty", 0.0)  # PPO's (-1 in its tiny config)
     iteration = online.make_iteration(algorithm, sampler, scorer, ref, no_eos_penalty=penalty)

@@ -98,5 +98,5 @@ def test_grpo_iteration_from_the_gguf_file(gguf, tmp_path):
   cfg.generation.max_new_tokens = 24
   cfg.train.update(num_steps=1, num_minibatches=2)
   out = grpo.run(cfg, str(tmp_path))
-  assert out["end"]["reward/mean"] > 0.0  # some of 16 sampled answers are right
+  assert out["end"]["score/mean"] > 0.0  # some of 16 sampled answers are right
   assert np.isfinite(read_metrics(tmp_path)[-1]["loss/policy"])

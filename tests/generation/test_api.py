@@ -202,7 +202,7 @@ def test_generate_command_line_from_a_hf_checkpoint(checkpoints, tmp_path):
 
 
 def test_generate_experiment_scores_with_a_reward_model_workdir(checkpoints, tmp_path):
-  """`reward.kind="reward_model"`: every sample is scored by the RM (the scorer of rejection
+  """`scorer.kind="reward_model"`: every sample is scored by the RM (the scorer of rejection
   sampling, GRPO and PPO), and the best index is the argmax of its scores."""
   model_cfg, _, workdir, _ = checkpoints
   opt = ts.make_optimizer(ts.OptimizerConfig(warmup_steps=1, total_steps=2))
@@ -210,7 +210,7 @@ def test_generate_experiment_scores_with_a_reward_model_workdir(checkpoints, tmp
   rm_state = ts.init_train_state(rm, opt, sharding.make_mesh(), jax.random.PRNGKey(3))
   rm_dir = save_workdir(tmp_path / "rm", model_cfg, rm_state)
   cfg = small_config(str(workdir))
-  cfg.reward.update(kind="reward_model", reward_model=rm_dir, batch_size=8)
+  cfg.scorer.update(kind="reward_model", reward_model=rm_dir, batch_size=8)
   summary = generate_exp.run(cfg, str(tmp_path / "out"))
   rows = read_samples(tmp_path / "out")
   scores = np.array([r["scores"] for r in rows])
@@ -225,14 +225,15 @@ def test_generate_experiment_scores_with_a_reward_model_workdir(checkpoints, tmp
 def test_generate_experiment_without_a_scorer_and_with_a_bad_kind(checkpoints, tmp_path):
   _, _, workdir, _ = checkpoints
   cfg = small_config(str(workdir))
-  cfg.reward.kind = ""
+  cfg.scorer.kind = ""
   summary = generate_exp.run(cfg, str(tmp_path))
   assert "mean_score" not in summary
   assert all("scores" not in r and "best" not in r for r in read_samples(tmp_path))
-  cfg.reward.kind = "oracle"
-  with pytest.raises(ValueError, match="reward.kind='oracle'"):
+  cfg.scorer.kind = "oracle"
+  with pytest.raises(ValueError, match="scorer.kind='oracle'"):
     generate_exp.run(cfg, str(tmp_path))
-  old = small_config(str(workdir))  # a config of before the reward section
+  old = small_config(str(workdir))  # a config of before the scorer section: its kind, a string
+  del old["scorer"]
   old.scorer = "check_answer"
-  with pytest.raises(sections.ConfigError, match="scorer='check_answer' is now config.reward.kind"):
+  with pytest.raises(sections.ConfigError, match="scorer='check_answer' is now config.scorer.kind"):
     generate_exp.run(old, str(tmp_path))

@@ -174,7 +174,7 @@ def test_lora_step_sharded_equals_one_device_and_frozen_weights_never_move(dpo_s
     assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5)
   for x, y in zip(jax.tree.leaves(jax.device_get(one.params)),
                   jax.tree.leaves(jax.device_get(many.params)), strict=True):  # fmt: skip
-    np.testing.assert_allclose(x, y, atol=1e-5)  # Adam steps of 1e-2: 0.1% of one step
+    np.testing.assert_allclose(x, y, atol=2e-5)  # Adam steps of 1e-2: 0.2% of one step
   # An optimizer that was not masked (AdamW's weight decay would move every weight) still
   # leaves the frozen ones bit-identical: the step never updates them.
   before, state, _ = lora_dpo_steps(dpo_setup, single, masked=False, steps=1)

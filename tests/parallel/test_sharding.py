@@ -43,7 +43,8 @@ def test_sharded_logits_equal_single_device(axes, checkpoint, reference):
   forward = sharding.make_forward(config, mesh)
   logits = forward(params, tokens, None, segments)
   assert logits.sharding.spec == P(("data", "fsdp"), None, "tensor")
-  np.testing.assert_allclose(np.asarray(logits), ref, atol=1e-5)
+  # Logit rounding scales with the largest logit: the tolerance does too.
+  np.testing.assert_allclose(np.asarray(logits), ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
 
 
 def test_fsdp8_holds_an_eighth_of_the_parameters(checkpoint):

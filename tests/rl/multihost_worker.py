@@ -115,10 +115,10 @@ def rl_run(algorithm: str, workdir: str, reward_model: str, steps: int) -> dict:
   cfg.train.update(num_steps=steps, num_minibatches=2, log_every=1, checkpoint_every=1)
   if algorithm == "grpo":
     cfg.grpo.group_size = 2
-    cfg.reward.update(kind="reward_model", reward_model=reward_model, batch_size=8)
+    cfg.scorer.update(kind="reward_model", reward_model=reward_model, batch_size=8)
   else:
     cfg.generation.num_samples = 2
-    cfg.reward.update(
+    cfg.scorer.update(
       kind="llama2", helpful=reward_model, safety=reward_model, whitening="batch", batch_size=8
     )
   return launcher.run(cfg, workdir)

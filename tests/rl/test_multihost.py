@@ -100,7 +100,7 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
       np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-RL_KEYS = ("loss/policy", "objective/kl", "policy/entropy", "reward/mean", "reward/std")
+RL_KEYS = ("loss/policy", "objective/kl", "policy/entropy", "score/mean", "score/std")
 
 
 def test_two_processes_run_grpo_and_ppo_like_one_process_with_eight_devices(tmp_path):
@@ -113,7 +113,7 @@ def test_two_processes_run_grpo_and_ppo_like_one_process_with_eight_devices(tmp_
     multihost_worker.rl_run(algorithm, str(tmp_path / f"one_{algorithm}"), rm_dir, steps=2)
     one, two = (read_metrics(tmp_path / d) for d in (f"one_{algorithm}", algorithm))
     assert [r["step"] for r in two] == [1, 2] == [r["step"] for r in one], algorithm
-    assert all(r["reward/std"] > 0 for r in one)  # the RM's rewards carry signal
+    assert all(r["score/std"] > 0 for r in one)  # the RM's rewards carry signal
     for key in RL_KEYS + extra:
       np.testing.assert_allclose(
         [r[key] for r in two], [r[key] for r in one], rtol=1e-5, atol=1e-6, err_msg=key

@@ -257,9 +257,9 @@ def test_the_driver_samples_scores_and_updates_in_shuffled_minibatches(setup):
   halves = [c[1] for c in algo.calls[1:3]]
   assert sorted(halves[0] + halves[1]) == list(range(8)) and len(halves[0]) == 4
   assert algo.calls[3] == ("finish", 0.5)
-  assert metrics["reward/mean"] == pytest.approx(0.25)  # before the EOS penalty
+  assert metrics["score/mean"] == pytest.approx(0.25)  # before the EOS penalty
   assert metrics["loss"] == metrics["loss/policy"] == pytest.approx(2.5)  # mean of 2, 3
-  assert metrics["reward/groups_with_signal"] == 0.0 and metrics["extra"] == 1.0
+  assert metrics["score/groups_with_signal"] == 0.0 and metrics["extra"] == 1.0
   assert metrics["finite"] == 1.0 and metrics["response/length"] > 0
 
 

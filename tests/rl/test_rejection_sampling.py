@@ -62,10 +62,10 @@ def test_round_stats_by_hand():
   scores = np.array([[1.0, 3.0, 2.0], [0.0, 0.0, 6.0]])
   stats = rs_lib.round_stats(scores, 3)
   assert stats["round"] == 3 and stats["prompts"] == 2 and stats["samples_per_prompt"] == 3
-  assert stats["reward/best"] == pytest.approx((3 + 6) / 2)
-  assert stats["reward/median"] == pytest.approx((2 + 0) / 2)
-  assert stats["reward/mean"] == pytest.approx(12 / 6)
-  assert stats["reward/best_minus_median"] == pytest.approx((1 + 6) / 2)
+  assert stats["score/best"] == pytest.approx((3 + 6) / 2)
+  assert stats["score/median"] == pytest.approx((2 + 0) / 2)
+  assert stats["score/mean"] == pytest.approx(12 / 6)
+  assert stats["score/best_minus_median"] == pytest.approx((1 + 6) / 2)
   # Best of 2 of {1, 2, 3}: pairs' maxima 2, 3, 3 → 8/3; of {0, 0, 6}: 0, 6, 6 → 4.
   assert stats["best_of_n"] == pytest.approx([2.0, (8 / 3 + 4) / 2, 4.5])
 
@@ -154,12 +154,12 @@ def make_rm_workdir(path, seed):
   return save_workdir(path, config, state)
 
 
-def round_config(start, seed, **reward):
+def round_config(start, seed, **scorer):
   cfg = configs.get_config("tiny")
   cfg.model.update(**SMALL, initializer_range=0.1)  # a random policy, but not a uniform one
   cfg.data.update(start=start, num_prompts=8, batch_size=8)
   cfg.generation.update(num_samples=4, max_new_tokens=12, seed=seed, prompt_bucket=64)
-  cfg.reward.update(batch_size=16, **reward)
+  cfg.scorer.update(batch_size=16, **scorer)
   return cfg
 
 
@@ -190,9 +190,9 @@ def test_a_round_keeps_the_argmax_and_writes_an_sft_dataset(rounds):
   np.testing.assert_allclose(
     scorer([s["record"]["prompt"] for s in samples], best), scores.max(1), rtol=1e-5, atol=1e-5
   )
-  assert first["reward/best"] == pytest.approx(scores.max(1).mean())
-  assert first["reward/median"] == pytest.approx(np.median(scores, 1).mean())
-  assert first["reward/best"] > first["reward/median"]
+  assert first["score/best"] == pytest.approx(scores.max(1).mean())
+  assert first["score/median"] == pytest.approx(np.median(scores, 1).mean())
+  assert first["score/best"] > first["score/median"]
   assert first["round"] == 1 and first["pool/size"] + first["pool/dropped_empty"] == 8
 
   # The SFT dataset: the prompt's messages, then the kept answer; readable through TFDS.
@@ -247,7 +247,7 @@ def test_the_next_round_pools_every_earlier_answer_rescored(rounds):
   assert second["round"] == 2
   history = json.loads((root / "round2" / rs.STATS_FILE).read_text())["rounds"]
   assert [h["round"] for h in history] == [1, 2]
-  assert history[0]["reward/best"] == pytest.approx(first["reward/best"])
+  assert history[0]["score/best"] == pytest.approx(first["score/best"])
   sft = read_jsonl(root / "round2" / rs.SFT_FILE)
   assert len(sft) == second["pool/size"] == 12 - second["pool/dropped_empty"]
 
@@ -263,9 +263,9 @@ def test_bad_pool_and_scorer_settings_name_the_field(tmp_path):
   with pytest.raises(ValueError, match=r"pool.jsonl:1: not a pool entry"):
     rs.read_pool([str(tmp_path)])
   cfg = configs.get_config("tiny")
-  with pytest.raises(ValueError, match="reward.kind='llama2' needs reward.helpful"):
-    cfg.reward.kind = "llama2"
-    scorers.scorer_from_section(cfg.reward)
-  cfg.reward.kind = "oracle"
-  with pytest.raises(ValueError, match="reward.kind='oracle'"):
-    scorers.scorer_from_section(cfg.reward)
+  with pytest.raises(ValueError, match="scorer.kind='llama2' needs scorer.helpful"):
+    cfg.scorer.kind = "llama2"
+    scorers.scorer_from_section(cfg.scorer)
+  cfg.scorer.kind = "oracle"
+  with pytest.raises(ValueError, match="scorer.kind='oracle'"):
+    scorers.scorer_from_section(cfg.scorer)

@@ -15,7 +15,7 @@ def test_check_answer_scores_records_not_prompts():
   prompts = [r["prompt"] for r in RECORDS]
   assert scorers.check_answer(RECORDS, prompts, ["4", "I can't help with that."]) == [1.0, 1.0]
   assert scorers.check_answer(RECORDS, [None, None], ["5", "Sure: ..."]) == [0.0, 0.0]
-  assert scorers.build_scorer("check_answer") is scorers.check_answer
+  assert scorers.build_scorer(scorers.ScorerConfig("check_answer")) is scorers.check_answer
 
 
 def test_score_reads_prompts_from_records_and_checks_the_result():
@@ -50,9 +50,20 @@ def test_adapters_pass_prompts_and_safety_flags():
 
 
 def test_build_scorer_names_the_missing_field():
-  with pytest.raises(ValueError, match="reward.kind='oracle'; expected one of"):
-    scorers.build_scorer("oracle")
-  with pytest.raises(ValueError, match="reward.kind='reward_model' needs reward.reward_model"):
-    scorers.build_scorer("reward_model")
-  with pytest.raises(ValueError, match="reward.kind='llama2' needs reward.helpful"):
-    scorers.build_scorer("llama2", safety="rm_s")
+  with pytest.raises(ValueError, match="scorer.kind='oracle'; expected one of"):
+    scorers.ScorerConfig("oracle")
+  with pytest.raises(ValueError, match="scorer.kind='reward_model' needs scorer.reward_model"):
+    scorers.build_scorer(scorers.ScorerConfig("reward_model"))
+  with pytest.raises(ValueError, match="scorer.kind='llama2' needs scorer.helpful"):
+    scorers.build_scorer(scorers.ScorerConfig("llama2", safety="rm_s"))
+  with pytest.raises(ValueError, match="scorer.batch_size=0; expected a positive int"):
+    scorers.ScorerConfig(batch_size=0)
+
+
+def test_scorer_config_of_a_section_names_an_unknown_key():
+  section = {"kind": "reward_model", "reward_model": "rm", "batch_size": 8}
+  assert scorers.scorer_config(section) == scorers.ScorerConfig(
+    "reward_model", reward_model="rm", batch_size=8
+  )
+  with pytest.raises(ValueError, match="scorer has no field 'treshold'"):
+    scorers.scorer_config(section | {"treshold": 0.2})
