@@ -33,7 +33,8 @@ jax.config.update(
   os.path.join(tempfile.gettempdir(), f"llama_jax_jit_{_run_id}_{_worker}"),
 )
 # Programs that compile in under 0.5 s are not cached: caching every one took 18% less CPU on
-# the LoRA and findings tests but not on the whole suite (1981 vs 1812 CPU-s).
+# the LoRA and findings tests, but a fresh clone's suite with it used 1981 CPU-s (794 tests)
+# against 1812 (787 tests) without.
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 # xdist hands tests out in collection order. The long files go first, longest first, so that
