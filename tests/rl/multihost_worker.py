@@ -12,7 +12,9 @@ import os
 import sys
 
 if __name__ == "__main__":  # before JAX starts: 4 CPU devices per process
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  # The test's XLA flags for tiny programs (tests/conftest.py), with 4 devices instead of 8.
+  flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+  os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=4"
   os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
@@ -153,9 +155,6 @@ def main():
   mode, process_id, port, out, *rest = sys.argv[1:]
   process_id = int(process_id)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU cross-process
-  # The RL runs resume in a second launch: it reuses the first one's compiled programs.
-  jax.config.update("jax_compilation_cache_dir", os.path.join(out, f"jit_{process_id}"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   sharding.initialize_distributed(f"localhost:{port}", num_processes=2, process_id=process_id)
   assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 8, 4)
   {"train": train, "forward": forward, "rl": rl}[mode](process_id, out, *rest)

@@ -38,7 +38,6 @@ def _free_port() -> int:
 def run_two_processes(mode: str, out: Path, *args: str) -> None:
   port = str(_free_port())
   env = dict(os.environ, PYTHONPATH=str(ROOT))
-  env.pop("XLA_FLAGS", None)
   procs = [
     subprocess.Popen(
       [

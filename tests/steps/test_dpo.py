@@ -259,10 +259,13 @@ def test_built_dpo_is_the_step_wiring_and_both_reference_modes_agree(setup):
     runs[reference] = jax.device_get(state.params), metrics
   # The builder's steps are `run_steps`' wiring of the same pieces.
   wired = run_steps(setup, "precomputed", mesh)
+  # Two programs (the builder's also reports the schedule) may round differently: the rewards
+  # are β·(logp - reference logp), differences of sums of order |logps|.
+  logps = max(abs(float(m[k])) for m in wired[1] for k in m if k.startswith("logps/"))
   for a, b in zip(runs["precomputed"][1], wired[1], strict=True):
-    assert a.keys() == b.keys() | {"learning_rate"}  # the builder also reports the schedule
+    assert a.keys() == b.keys() | {"learning_rate"}
     for k in b:
-      np.testing.assert_allclose(a[k], b[k], rtol=1e-6, err_msg=k)
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-6 * logps, err_msg=k)
   for x, y in zip(jax.tree.leaves(runs["precomputed"][0]), jax.tree.leaves(wired[0]), strict=True):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
   # Table lookup and in-step reference: the same loss, to float32 rounding of log-probs of
