@@ -22,9 +22,13 @@ models under study; RMs are judged on held-out preference pairs.
   9  KL penalty strength vs reward hacking: RM reward and task accuracy against β
                                                         Llama 2, section 3.2.3
 
+`ablations` picks which of them run (default: all): reward_models (1, 2), best_of_n (3),
+pooling (4), dpo (5-7), ghost_attention (8), kl_penalty (9); best-of-N, pooling and the KL
+penalty score with the reward models, so those train too.
+
 Stages live in DIR/base (pre-training, SFT), DIR/seed<s>/... and DIR/eval/...; a finished
-stage is not run again, so an interrupted run resumes, and a rerun with more `seeds` runs
-only the new seeds' stages (and a new average of the DPO runs). Writes DIR/findings.md,
+stage is not run again, so an interrupted run resumes, and a rerun with more `seeds` or more
+`ablations` runs only the new stages (and a new average of the DPO runs). Writes DIR/findings.md,
 DIR/findings.png and DIR/findings.json, and DIR/report.md / report.png with every evaluated
 policy's held-out metrics and the stage times (`experiments.report`).
 """
@@ -53,6 +57,8 @@ from llama_jax.training.metrics import read_metrics
 FINDINGS_MD, FINDINGS_PNG, FINDINGS_JSON = "findings.md", "findings.png", "findings.json"
 RATINGS = ("negligibly_better", "slightly_better", "better", "significantly_better")
 SEPARABLE = ("significantly_better", "better")
+ABLATIONS = ("reward_models", "best_of_n", "pooling", "dpo", "ghost_attention", "kl_penalty")
+SCORED_BY_REWARD_MODELS = ("best_of_n", "pooling", "kl_penalty")
 
 
 class Lab:
@@ -83,6 +89,11 @@ class Lab:
 
 def check_values(cfg: ml_collections.ConfigDict) -> None:
   """Refuses values no finding can use, before anything runs."""
+  chosen = names(cfg.ablations)
+  if not chosen or set(chosen) - set(ABLATIONS):
+    raise sections.ConfigError(
+      f"ablations={cfg.ablations!r}: a comma-separated subset of {', '.join(ABLATIONS)}"
+    )
   if cfg.seeds < 2:
     raise sections.ConfigError(f"seeds={cfg.seeds}: an interval needs at least 2 (findings: 3+)")
   ns = [int(n) for n in names(cfg.best_of_n.ns)]
@@ -455,7 +466,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> list[ablation.Finding]:
   """Runs (or resumes) every ablation in `workdir`; returns the findings."""
   sections.check_config(cfg, sections.reference_config("findings"))
   check_values(cfg)
-  recipe = recipes.Recipe(cfg, workdir, "Findings: " + cfg.name, safe=("seeds",))
+  recipe = recipes.Recipe(cfg, workdir, "Findings: " + cfg.name, safe=("seeds", "ablations"))
   pretrained = cfg.init_from or recipe.path("base/pretrain")
   if not cfg.init_from:
     recipe.experiment("base/pretrain", "pre-training on the bundled corpus", lm.run,
@@ -464,15 +475,17 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> list[ablation.Finding]:
   recipe.experiment("base/sft", "SFT on the human-written chats", lm.run,
                     recipe.config("sft", init_from=pretrained))  # fmt: skip
   lab = Lab(recipe, sft)
-  rms = reward_models(lab)
-  findings = [
-    *rm_findings(rms),
-    *best_of_n(lab, rms),
-    pooling(lab, rms),
-    *dpo_findings(lab),
-    ghost_attention(lab),
-    *kl_penalty(lab, rms),
-  ]
+  chosen = set(names(cfg.ablations))
+  rms = reward_models(lab) if chosen & {"reward_models", *SCORED_BY_REWARD_MODELS} else {}
+  ablations = {  # in the papers' order
+    "reward_models": lambda: rm_findings(rms),
+    "best_of_n": lambda: best_of_n(lab, rms),
+    "pooling": lambda: [pooling(lab, rms)],
+    "dpo": lambda: dpo_findings(lab),
+    "ghost_attention": lambda: [ghost_attention(lab)],
+    "kl_penalty": lambda: kl_penalty(lab, rms),
+  }
+  findings = [f for name, ablation_fn in ablations.items() if name in chosen for f in ablation_fn()]
   recipe.finish()  # report.md: every evaluated policy and the stage times
   if recipe.writer:
     markdown = write_findings(workdir, f"Findings: {cfg.name}", findings)

@@ -36,14 +36,17 @@ log = logging.getLogger(__name__)
 SCORES_PLOT = "reward_scores.png"
 
 
-def make_eval_fn(batches_fn, trainer: rm_steps.RewardModelTrainer, workdir: str):
-  """`state -> metrics` over one pass of the evaluation split; also draws the histograms."""
+def make_eval_fn(
+  batches_fn, trainer: rm_steps.RewardModelTrainer, workdir: str, plot: bool = True
+):
+  """`state -> metrics` over one pass of the evaluation split; also draws the histograms
+  (with `plot`)."""
 
   def evaluate(state) -> dict[str, float]:
     with batches_fn() as batches:
       rows = trainer.evaluate(state.params, batches)
     metrics = trainer.eval_metrics(rows)
-    if jax.process_index() == 0:
+    if plot and jax.process_index() == 0:
       metrics_lib.plot_score_distribution(Path(workdir) / SCORES_PLOT, rows)
     log.info("Evaluation:\n%s", rm_steps.bucket_table(metrics))
     return metrics
@@ -113,7 +116,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     eval_records = data_sources.load_preference_records(
       cfg.data, cfg.data.eval_split, cfg.data.eval_ratings
     )
-    eval_fn = make_eval_fn(lambda: pipeline(eval_records, evaluation=True), trainer, workdir)
+    eval_fn = make_eval_fn(
+      lambda: pipeline(eval_records, evaluation=True), trainer, workdir, cfg.train.plot
+    )
   log.info(
     "Reward model: %s parameters on mesh %s, %d steps",
     f"{reward_model.num_params(model_cfg):,}",

@@ -46,12 +46,12 @@ class ConfigChanged(ValueError):
 EXPERIMENT_CONFIG_FILE = "experiment_config.json"
 
 
-# What a resumed run may change: how long it runs, how often it logs, evaluates and saves,
-# and where it runs (checkpoints restore onto any mesh at the exact data position). Keys
+# What a resumed run may change: how long it runs, how often it logs, evaluates, saves and
+# plots, and where it runs (checkpoints restore onto any mesh at the exact data position). Keys
 # ending in "." cover their whole section.
 SAFE_TO_CHANGE = (
   "resume", "train.num_steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
-  "train.keep_checkpoints", "train.async_checkpoint", "train.peak_flops", "mesh.",
+  "train.keep_checkpoints", "train.async_checkpoint", "train.peak_flops", "train.plot", "mesh.",
   "sampling_mesh.",
 )  # fmt: skip
 

@@ -7,6 +7,9 @@ ablations over seeds.
 Fields
   name, tokenizer, init_from, eval   as in `llama2_recipe.py` (eval: the held-out prompts every
                   policy is checked on by programs)
+  ablations       which ablations run (comma-separated; default all): reward_models,
+                  best_of_n, pooling, dpo, ghost_attention, kl_penalty. A rerun may add some:
+                  the finished ones' stages are reused.
   seeds           how many seeds every ablation runs (>= 2; the findings need >= 3). Seed s
                   sets train.seed, data.seed and the sampling seeds of every stage after SFT;
                   the pre-trained and SFT models are shared by all seeds and arms. The one
@@ -40,7 +43,7 @@ import ml_collections
 
 from experiments.configs import dpo, llama2_recipe, ppo, reward_model, sft
 from experiments.configs.base import pick
-from experiments.configs.llama3_recipe import eval_section, quiet, tiny_stages
+from experiments.configs.llama3_recipe import eval_section, quiet, tiny_stages, without_stage_plots
 
 
 def get_config(variant: str = "full") -> ml_collections.ConfigDict:
@@ -53,6 +56,7 @@ def full():
       "name": "tiny model, CPU",
       "tokenizer": "tiny:llama3",
       "init_from": "",
+      "ablations": "reward_models,best_of_n,pooling,dpo,ghost_attention,kl_penalty",
       "seeds": 6,
       "tasks": "arithmetic,fact",
       "eval": eval_section(num_prompts=150, batch_size=50),
@@ -104,4 +108,4 @@ def smoke():
   config.ppo.data.update(num_prompts=16, batch_size=16)
   config.ppo.generation.max_new_tokens = 16
   config.ppo.train.update(num_steps=2, checkpoint_every=2)
-  return config
+  return without_stage_plots(config)

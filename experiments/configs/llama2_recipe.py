@@ -30,7 +30,7 @@ import ml_collections
 
 from experiments.configs import ppo, pretrain, rejection_sampling, reward_model, sft
 from experiments.configs.base import pick
-from experiments.configs.llama3_recipe import eval_section, quiet, tiny_stages
+from experiments.configs.llama3_recipe import eval_section, quiet, tiny_stages, without_stage_plots
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
@@ -93,7 +93,7 @@ def smoke():
   config.ppo.data.update(num_prompts=16, batch_size=16)
   config.ppo.generation.max_new_tokens = 16
   config.ppo.train.update(num_steps=2, checkpoint_every=2)
-  return config
+  return without_stage_plots(config)
 
 
 def llama2_7b():

@@ -65,6 +65,15 @@ def quiet(section: ml_collections.ConfigDict, steps: int) -> ml_collections.Conf
   return section
 
 
+def without_stage_plots(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """No `metrics.png` per stage (a smoke's dozens of short stages would spend a fifth of their
+  time drawing them); the recipe's own report is still plotted."""
+  for section in config.values():
+    if isinstance(section, ml_collections.ConfigDict) and "plot" in section.get("train", {}):
+      section.train.plot = False
+  return config
+
+
 def tiny_stages(config, *, pretrain_steps: int, sft_steps: int, round_sft_steps: int):
   """The stage sections both recipes share at tiny scale: pretrain, SFT, rejection sampling
   (48 prompts × 4 samples per round) and the rounds' SFT."""
@@ -118,7 +127,7 @@ def smoke():
   config.dpo.data.max_records = 16
   config.rejection_sampling.data.update(num_prompts=16, batch_size=16)
   config.rejection_sampling.generation.update(num_samples=2, max_new_tokens=16)
-  return config
+  return without_stage_plots(config)
 
 
 def llama3p1_8b():

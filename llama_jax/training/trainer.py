@@ -87,6 +87,8 @@ class LoopConfig:
     on_nonfinite: "skip" (the update is dropped by the step and counted) or "raise" (stop
       with `NonFiniteError` naming the step).
     max_skipped: with "skip", stop anyway after this many skipped steps in one run.
+    plot: draw `metrics.png` at the end (matplotlib takes about a second per plot; the smoke
+      configs, whose many short stages nobody looks at, turn it off).
   """
 
   num_steps: int
@@ -97,6 +99,7 @@ class LoopConfig:
   async_checkpoint: bool = True
   on_nonfinite: Literal["skip", "raise"] = "skip"
   max_skipped: int = 100
+  plot: bool = True
 
   def __post_init__(self):
     if self.on_nonfinite not in ("skip", "raise"):
@@ -292,6 +295,7 @@ def fit(
     writer.close()
     manager.close()
   if jax.process_index() == 0:
-    metrics_lib.plot_metrics(workdir, plot_panels, skip_missing=True)
+    if loop.plot:
+      metrics_lib.plot_metrics(workdir, plot_panels, skip_missing=True)
     _write_final(workdir, int(state.step), final_eval)
   return state

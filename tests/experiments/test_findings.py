@@ -1,7 +1,8 @@
 """`experiments.findings` at smoke size: every finding is computed from real stage runs with
 a per-seed difference, an interval and a verdict; the report files are written; a rerun
-reuses every finished stage, and with another seed (`-m full_size`: a third seed's stages)
-runs only the new seed's; any other change is refused."""
+reuses every finished stage, and with another seed runs only the new seed's; any other change
+is refused. `make test` runs the reward-model and DPO ablations; `-m full_size` all of them and
+a third seed."""
 
 import json
 import math
@@ -13,21 +14,29 @@ from experiments import runs, sections
 from experiments.configs import findings as findings_configs
 from llama_jax.evaluation import ablation
 
-KEYS = [
-  "RM accuracy by distinctness", "margin small vs none", "margin large vs none",
-  "best-of-N reward gap", "best-of-N gold check", "pooling rejection samples",
-  "DPO NLL term: log p(chosen)", "DPO NLL term: task accuracy", "DPO formatting-token mask",
-  "averaging DPO runs", "Ghost Attention", "KL penalty: RM reward", "KL penalty: task accuracy",
-]  # fmt: skip
+KEYS = {  # per ablation, in the papers' order
+  "reward_models": ["RM accuracy by distinctness", "margin small vs none", "margin large vs none"],
+  "best_of_n": ["best-of-N reward gap", "best-of-N gold check"],
+  "pooling": ["pooling rejection samples"],
+  "dpo": ["DPO NLL term: log p(chosen)", "DPO NLL term: task accuracy",
+          "DPO formatting-token mask", "averaging DPO runs"],
+  "ghost_attention": ["Ghost Attention"],
+  "kl_penalty": ["KL penalty: RM reward", "KL penalty: task accuracy"],
+}  # fmt: skip
 
 
-@pytest.mark.parametrize("more_seeds", [False, pytest.param(True, marks=pytest.mark.full_size)])
-def test_findings_smoke_and_resume(tmp_path, capsys, more_seeds):
+@pytest.mark.parametrize("full", [False, pytest.param(True, marks=pytest.mark.full_size)])
+def test_findings_smoke_and_resume(tmp_path, capsys, full):
   cfg = findings_configs.get_config("smoke")
+  if not full:
+    cfg.ablations = "reward_models,dpo"
+  assert list(KEYS) == list(findings_experiment.ABLATIONS)
+  chosen = findings_experiment.names(cfg.ablations)
+  keys = [key for name in findings_experiment.ABLATIONS if name in chosen for key in KEYS[name]]
   workdir = tmp_path / "findings"
   found = findings_experiment.run(cfg, str(workdir))
 
-  assert [f.key for f in found] == KEYS
+  assert [f.key for f in found] == keys
   for f in found:
     assert len(f.b_minus_a) == cfg.seeds and all(math.isfinite(d) for d in f.b_minus_a), f.key
     assert f.interval.low <= f.interval.mean <= f.interval.high
@@ -35,16 +44,16 @@ def test_findings_smoke_and_resume(tmp_path, capsys, more_seeds):
     for name, values in f.arms.items():
       assert len(values) == cfg.seeds and all(math.isfinite(v) for v in values), (f.key, name)
   by_key = {f.key: f for f in found}
-  # The paired difference is arm B minus arm A, seed by seed.
-  gap = by_key["best-of-N reward gap"]
-  assert gap.b_minus_a == [b - a for a, b in zip(*gap.arms.values(), strict=True)]
-  assert all(d >= 0 for d in gap.b_minus_a)  # the max-median gap cannot shrink with N
+  if full:  # the paired difference is arm B minus arm A, seed by seed
+    gap = by_key["best-of-N reward gap"]
+    assert gap.b_minus_a == [b - a for a, b in zip(*gap.arms.values(), strict=True)]
+    assert all(d >= 0 for d in gap.b_minus_a)  # the max-median gap cannot shrink with N
   assert len(by_key["DPO NLL term: log p(chosen)"].curve.x) == cfg.dpo.train.num_steps + 1
 
   markdown = (workdir / "findings.md").read_text()
-  assert sum(line.startswith("| ") and "**" in line for line in markdown.splitlines()) == len(KEYS)
+  assert sum(line.startswith("| ") and "**" in line for line in markdown.splitlines()) == len(keys)
   saved = json.loads((workdir / "findings.json").read_text())
-  assert [f["key"] for f in saved] == KEYS and saved[0]["interval"]["n"] == cfg.seeds
+  assert [f["key"] for f in saved] == keys and saved[0]["interval"]["n"] == cfg.seeds
   assert (workdir / "findings.png").stat().st_size > 50_000
   assert "Stage times" in (workdir / "report.md").read_text()
 
@@ -52,13 +61,13 @@ def test_findings_smoke_and_resume(tmp_path, capsys, more_seeds):
   # seed's stages run): the finished seeds' stages are reused, only the new seed's run (and a
   # new average of the DPO runs, which now has another member).
   capsys.readouterr()
-  if more_seeds:
+  if full:
     cfg.seeds = 3
   more = findings_experiment.run(cfg, str(workdir))
   log = capsys.readouterr().out
   ran = {line[3:].split(":")[0] for line in log.splitlines()
          if line.startswith("== ") and ": finished in" in line}  # fmt: skip
-  if not more_seeds:
+  if not full:
     assert not ran and "done in an earlier run" in log, sorted(ran)
     assert [f.to_json() for f in more] == [f.to_json() for f in found]
   else:
@@ -77,7 +86,8 @@ def test_findings_smoke_and_resume(tmp_path, capsys, more_seeds):
   "field, value, match",
   [("seeds", 1, "seeds=1: an interval needs at least 2"),
    ("best_of_n.ns", "2,4", "best_of_n.ns='2,4': rising from 1"),
-   ("best_of_n.ns", "1,8", "at most num_samples")],
+   ("best_of_n.ns", "1,8", "at most num_samples"),
+   ("ablations", "dpo,ppo", "ablations='dpo,ppo': a comma-separated subset of reward_models")],
 )  # fmt: skip
 def test_unusable_values_are_refused_before_anything_is_written(tmp_path, field, value, match):
   cfg = findings_configs.get_config("smoke")
