@@ -88,7 +88,7 @@ def test_ppo_raises_the_reward_with_bounded_kl_and_resumes(sft_workdir, tmp_path
   assert resumed["iterations"] == 1 and len(read_metrics(tmp_path)) == 16
 
 
-@pytest.mark.slow
+@pytest.mark.full_size  # 30 s; the variants' advantages are checked by hand in tests/objectives
 @pytest.mark.parametrize("variant", ["tiny_rloo", "tiny_reinforce_pp", "tiny_dr_grpo"])
 def test_critic_free_variants_raise_the_reward(sft_workdir, tmp_path, variant):
   """RLOO, REINFORCE++ and Dr. GRPO through the same driver as GRPO (one config option)."""
@@ -103,7 +103,7 @@ def test_critic_free_variants_raise_the_reward(sft_workdir, tmp_path, variant):
   assert SHARED <= set(read_metrics(tmp_path)[-1])
 
 
-@pytest.mark.slow
+@pytest.mark.full_size  # 22 s; LoRA's steps are checked against the merged model in tests/model
 def test_grpo_with_lora_raises_the_reward_and_trains_only_adapters(sft_workdir, tmp_path):
   cfg = rl_config(grpo_configs, sft_workdir, batch_size=8, steps=24)
   cfg.grpo.group_size = 4

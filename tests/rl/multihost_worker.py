@@ -2,7 +2,7 @@
 
     multihost_worker.py forward PROCESS_ID PORT OUT_DIR HF_CHECKPOINT_DIR
     multihost_worker.py train   PROCESS_ID PORT OUT_DIR
-    multihost_worker.py rl      PROCESS_ID PORT OUT_DIR REWARD_MODEL_WORKDIR
+    multihost_worker.py rl      PROCESS_ID PORT OUT_DIR REWARD_MODEL_WORKDIR grpo|ppo
 
 `train_run` and `rl_run` are also imported by the test to compute the single-process
 references.
@@ -126,13 +126,12 @@ def rl_run(algorithm: str, workdir: str, reward_model: str, steps: int) -> dict:
   return launcher.run(cfg, workdir)
 
 
-def rl(process_id: int, out: str, reward_model: str) -> None:
-  """GRPO and PPO: 1 iteration, then a fresh launch to 2 that resumes from the checkpoint."""
+def rl(process_id: int, out: str, reward_model: str, algorithm: str) -> None:
+  """GRPO or PPO: 1 iteration, then a fresh launch to 2 that resumes from the checkpoint."""
   del process_id
-  for algorithm in ("grpo", "ppo"):
-    workdir = os.path.join(out, algorithm)
-    rl_run(algorithm, workdir, reward_model, steps=1)
-    rl_run(algorithm, workdir, reward_model, steps=2)
+  workdir = os.path.join(out, algorithm)
+  rl_run(algorithm, workdir, reward_model, steps=1)
+  rl_run(algorithm, workdir, reward_model, steps=2)
 
 
 def forward(process_id: int, out: str, checkpoint: str) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 import transformers
 
 from experiments.configs.base import TINY_MODEL
@@ -102,18 +103,22 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
 RL_KEYS = ("loss/policy", "objective/kl", "policy/entropy", "score/mean", "score/std")
 
 
-def test_two_processes_run_grpo_and_ppo_like_one_process_with_eight_devices(tmp_path):
+@pytest.mark.parametrize(
+  "algorithm, extra",
+  [("grpo", ()),
+   pytest.param("ppo", ("loss/value", "kl_coef"), marks=pytest.mark.full_size)],  # 35 s more
+)  # fmt: skip
+def test_two_processes_run_rl_like_one_process_with_eight_devices(tmp_path, algorithm, extra):
   """Each process rewards (with a reward model sharded over both) and turns into rows the
   responses its devices sampled; the iterations, their resume from a checkpoint included,
   equal one process driving all 8 devices."""
   rm_dir = make_rm_workdir(tmp_path / "rm")
-  run_two_processes("rl", tmp_path, rm_dir)
-  for algorithm, extra in (("grpo", ()), ("ppo", ("loss/value", "kl_coef"))):
-    multihost_worker.rl_run(algorithm, str(tmp_path / f"one_{algorithm}"), rm_dir, steps=2)
-    one, two = (read_metrics(tmp_path / d) for d in (f"one_{algorithm}", algorithm))
-    assert [r["step"] for r in two] == [1, 2] == [r["step"] for r in one], algorithm
-    assert all(r["score/std"] > 0 for r in one)  # the RM's rewards carry signal
-    for key in RL_KEYS + extra:
-      np.testing.assert_allclose(
-        [r[key] for r in two], [r[key] for r in one], rtol=1e-5, atol=1e-6, err_msg=key
-      )
+  run_two_processes("rl", tmp_path, rm_dir, algorithm)
+  multihost_worker.rl_run(algorithm, str(tmp_path / f"one_{algorithm}"), rm_dir, steps=2)
+  one, two = (read_metrics(tmp_path / d) for d in (f"one_{algorithm}", algorithm))
+  assert [r["step"] for r in two] == [1, 2] == [r["step"] for r in one], algorithm
+  assert all(r["score/std"] > 0 for r in one)  # the RM's rewards carry signal
+  for key in RL_KEYS + extra:
+    np.testing.assert_allclose(
+      [r[key] for r in two], [r[key] for r in one], rtol=1e-5, atol=1e-6, err_msg=key
+    )
