@@ -34,8 +34,9 @@ findings: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
-# The end-to-end checks at full size (marker full_size), which `make test` runs at smoke size:
-# 5 random kills of a training run, the findings resumed with a third seed.
+# The end-to-end checks that need more training or more stages (marker full_size), beside the
+# smoke-size ones `make test` runs: 5 random kills of a training run, every findings ablation
+# with a third seed, DPO's learning checks, the critic-free and LoRA GRPO runs, two-process PPO.
 test-full: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 -m full_size
 

@@ -41,17 +41,22 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # xdist hands tests out in collection order. The long files go first, longest first, so that
 # two workers share them instead of one worker finishing them alone at the end of the run.
 LONG_FILES = (  # (file, whether all of it is end-to-end: marked slow)
-  ("test_findings.py", True),
-  ("test_recipes.py", True),
-  ("test_multihost.py", True),
   ("test_rl_experiments.py", True),
-  ("test_attention.py", False),  # splash kernels in Pallas' interpreter
-  ("test_reliability.py", True),
-  ("test_dpo_experiment.py", True),
   ("test_lora.py", False),
-  ("test_post_training.py", False),
+  ("test_recipes.py", True),
+  ("test_compile_check.py", False),
+  ("test_reliability.py", True),
+  ("test_multihost.py", True),
+  ("test_findings.py", True),
+  ("test_gguf.py", False),  # the real SmolLM2 against transformers
   ("test_lm_experiment.py", True),
-  ("test_smollm2.py", True),
+  ("test_dpo.py", False),
+  ("test_reward_experiment.py", False),
+  ("test_tensor_parallel.py", False),
+  ("test_notebooks.py", False),
+  ("test_attention.py", False),  # splash kernels in Pallas' interpreter
+  ("test_dpo_experiment.py", True),  # full size only
+  ("test_smollm2.py", True),  # real model: opt-in
 )
 SLOW_FILES = tuple(name for name, slow in LONG_FILES if slow)
 _ORDER = {name: i for i, (name, _) in enumerate(LONG_FILES)}
