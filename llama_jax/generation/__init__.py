@@ -8,6 +8,10 @@ Layers, from arrays to text:
 - `decode`: `GenerationConfig`, `generate_tokens(config, params, prompt_ids, key, gen,
   mesh=None)`: one compiled prefill + `while_loop` decode per prompt-length bucket.
 - `api`: `generate(config, params, tokenizer, prompts, ...)` for texts and chats.
+- `engine`: `Engine(model, params, EngineConfig(...)).generate([Request(...)])`: a paged KV
+  cache and continuous batching over token-in / token-out requests, each with its own
+  sampling rule, stop ids / strings, samples and seed (the static decoder's tokens, batch
+  independent).
 """
 
 from llama_jax.generation.api import Generation, Prompt, encode_prompt, generate, response_text
@@ -20,13 +24,18 @@ from llama_jax.generation.decode import (
   pad_prompts,
   sample_keys,
 )
-from llama_jax.generation.sampling import SamplingConfig, sample, sampling_logits
+from llama_jax.generation.engine import Completion, Engine, EngineConfig, Request
+from llama_jax.generation.sampling import SamplingConfig, sample, sample_rows, sampling_logits
 
 __all__ = [
+  "Completion",
+  "Engine",
+  "EngineConfig",
   "Generation",
   "GenerationConfig",
   "GenerationOutput",
   "Prompt",
+  "Request",
   "SamplingConfig",
   "bucket_length",
   "encode_prompt",
@@ -37,5 +46,6 @@ __all__ = [
   "response_text",
   "sample",
   "sample_keys",
+  "sample_rows",
   "sampling_logits",
 ]

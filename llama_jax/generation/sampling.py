@@ -100,5 +100,32 @@ def sample(
   return tokens, logprobs, _take(model_logprobs, tokens)
 
 
+def sample_rows(
+  keys: jax.Array, logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`sample` with a sampling rule per row: temperature, top_k, top_p [B] (traced, so rows
+  with different rules share one compiled program; temperature 0 is greedy). Each row draws
+  what `sample` draws with its rule and key, the top-k / top-p thresholds taken from one sort
+  of the row's logits."""
+  logits = logits.astype(jnp.float32)
+  vocab = logits.shape[-1]
+  model_logprobs = jax.nn.log_softmax(logits, axis=-1)
+  greedy = temperature == 0
+  tempered = logits / jnp.where(greedy, 1.0, temperature)[:, None]
+  ranked = -jnp.sort(-tempered, axis=-1)  # [B, V] descending
+  use_k = (top_k > 0) & (top_k < vocab)
+  kth = jnp.take_along_axis(ranked, jnp.clip(top_k - 1, 0, vocab - 1)[:, None], axis=-1)
+  ranked = jnp.where(use_k[:, None] & (ranked < kth), -jnp.inf, ranked)
+  warped = jnp.where(use_k[:, None], _keep_at_least(tempered, kth), tempered)
+  probs = jax.nn.softmax(ranked, axis=-1)
+  inside = jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]
+  threshold = jnp.min(jnp.where(inside, ranked, jnp.inf), axis=-1, keepdims=True)
+  warped = jnp.where((top_p < 1)[:, None], _keep_at_least(warped, threshold), warped)
+  drawn = jax.vmap(jax.random.categorical)(keys, warped).astype(jnp.int32)
+  tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), drawn)
+  logprobs = jnp.where(greedy, 0.0, _take(jax.nn.log_softmax(warped, axis=-1), tokens))
+  return tokens, logprobs, _take(model_logprobs, tokens)
+
+
 def _take(logprobs: jax.Array, tokens: jax.Array) -> jax.Array:
   return jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]

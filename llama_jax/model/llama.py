@@ -147,6 +147,43 @@ class KVCache:
     )
 
 
+@flax.struct.dataclass
+class PagedKV:
+  """Keys and values in fixed-size pages of one pool, for the rollout engine
+  (`llama_jax.generation.engine`).
+
+  Row b's token at position p lives in page `page_table[b, p // page_size]` at offset
+  `p % page_size`. Rows may share pages (the prompt of several samples). A call with T new
+  tokens per row writes them at positions `lengths[b]` … and attends to every earlier position
+  of its row; tokens with segment id 0 are padding, written to page 0, which the engine keeps
+  as scratch and never hands out.
+  """
+
+  k: jax.Array  # [L, pages, page_size, K, H]
+  v: jax.Array  # [L, pages, page_size, K, H]
+  page_table: jax.Array  # [B, pages per row] int32
+  lengths: jax.Array  # [B] int32: tokens already cached per row
+
+  @classmethod
+  def init_pages(cls, config: LlamaConfig, num_pages: int, page_size: int, dtype=None):
+    """Empty (k, v) page pools of `num_pages` pages."""
+    shape = (config.num_layers, num_pages, page_size, config.num_kv_heads, config.head_dim)
+    dtype = jnp.dtype(dtype or config.dtype)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+
+@flax.struct.dataclass
+class PagedLayerCache:
+  """A `PagedKV` as carried through the layers of one call: where each new token goes."""
+
+  k: jax.Array  # [L, pages, page_size, K, H]
+  v: jax.Array
+  layer: jax.Array  # [] int32: the layer about to run
+  page_table: jax.Array  # [B, pages per row]
+  write_page: jax.Array  # [B, T]: the page of each new token (0 for padding)
+  write_offset: jax.Array  # [B, T]
+
+
 # --------------------------------------------------------------------------- attention
 
 
@@ -266,6 +303,11 @@ class Attention(nn.Module):
     q, k, v = constrain(q, heads), constrain(k, kv_heads), constrain(v, kv_heads)
     q, k = rotate(q, rope), rotate(k, rope)
 
+    if isinstance(cache, PagedLayerCache):  # write the new tokens into their pages, then read
+      out, cache = _paged_attention(q, k, v, masks.part_masks[0], cache)
+      out = constrain(out, heads)
+      y = proj("o", out, "BTNH,NHD->BTD", (n, h, d), ("q_heads", "head_dim", "embed"))
+      return y, cache
     if cache is not None:  # write first, then read (see the class docstring)
       layer, at = cache.layer, (cache.layer, 0, cache.index, 0, 0)
       cache = cache.replace(
@@ -285,6 +327,24 @@ class Attention(nn.Module):
     out = constrain(out, heads)
     y = proj("o", out, "BTNH,NHD->BTD", (n, h, d), ("q_heads", "head_dim", "embed"))
     return y, cache
+
+
+def _paged_attention(q, k, v, mask, cache: PagedLayerCache):
+  """Writes this layer's new keys/values k, v [B, T, K, H] into their pages, then attends q
+  [B, T, N, H] to each row's pages gathered in position order ([B, pages per row · page_size]
+  keys, `mask` [B, T, S] marking the earlier positions). The XLA path, for every backend."""
+  layer = cache.layer
+  at = (layer, cache.write_page, cache.write_offset)
+  pages_k = cache.k.at[at].set(k.astype(cache.k.dtype))
+  pages_v = cache.v.at[at].set(v.astype(cache.v.dtype))
+  b, m = cache.page_table.shape
+
+  def gather(pages):  # [B, pages per row · page_size, K, H]
+    rows = jax.lax.dynamic_index_in_dim(pages, layer, keepdims=False)[cache.page_table]
+    return rows.reshape(b, m * pages.shape[2], *pages.shape[3:]).astype(q.dtype)
+
+  out = attend_xla(q, [(gather(pages_k), gather(pages_v), mask)])
+  return out, cache.replace(k=pages_k, v=pages_v, layer=layer + 1)
 
 
 class MLP(nn.Module):
@@ -414,13 +474,43 @@ class Llama(nn.Module):
     tokens,
     positions=None,
     segment_ids=None,
-    cache: KVCache | None = None,
+    cache: KVCache | PagedKV | None = None,
     *,
     prefix: KVCache | None = None,
   ):
-    hidden, cache = self.hidden_states(tokens, positions, segment_ids, cache, prefix=prefix)
+    if isinstance(cache, PagedKV):
+      hidden, cache = self.paged_hidden_states(tokens, segment_ids, cache)
+    else:
+      hidden, cache = self.hidden_states(tokens, positions, segment_ids, cache, prefix=prefix)
     logits = self.logits(hidden)
     return logits if cache is None else (logits, cache)
+
+  def paged_hidden_states(self, tokens, segment_ids, cache: PagedKV):
+    """Final-normed hidden states [B, T, D] of T new tokens per row appended to a `PagedKV`
+    (right-padded: segment id 0 after a row's real tokens), and the cache with them written.
+    Positions follow `cache.lengths`; `lengths` is not advanced (the engine's pool tracks it).
+    """
+    if segment_ids is None:
+      segment_ids = jnp.ones(tokens.shape, jnp.int32)
+    valid = segment_ids != 0
+    page_size = cache.k.shape[2]
+    positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1])[None, :]  # [B, T]
+    pages = jnp.take_along_axis(cache.page_table, positions // page_size, axis=1, mode="clip")
+    keys = jnp.arange(cache.page_table.shape[1] * page_size)  # [S]: positions in page order
+    mask = (keys[None, None, :] <= positions[:, :, None]) & valid[:, :, None]  # [B, T, S]
+    layer_cache = PagedLayerCache(
+      k=cache.k,
+      v=cache.v,
+      layer=jnp.zeros((), jnp.int32),
+      page_table=cache.page_table,
+      write_page=jnp.where(valid, pages, 0),
+      write_offset=positions % page_size,
+    )
+    x = jnp.take(self.embedding, tokens, axis=0).astype(self.config.dtype)
+    x = nn.with_logical_constraint(x, ("act_batch", "act_seq", "act_embed"))
+    masks = AttentionMasks(part_masks=(mask,))
+    x, layer_cache = self._run_layers(x, positions, masks, (), layer_cache)
+    return self.final_norm(x), cache.replace(k=layer_cache.k, v=layer_cache.v)
 
   def hidden_states(
     self, tokens, positions=None, segment_ids=None, cache=None, *, prefix=None, attention_mask=None

@@ -1,0 +1,422 @@
+"""A rollout engine: a paged KV cache, continuous batching, token-in / token-out requests.
+
+    engine = Engine(model, params, EngineConfig(page_size=16, num_pages=512, max_seqs=32))
+    done = engine.generate([Request(prompt=ids, max_new_tokens=256, num_samples=4, seed=7,
+                                    sampling=SamplingConfig(temperature=1.0), stop_ids=eos)])
+    done[0][2].tokens, done[0][2].logprobs, done[0][2].finish_reason   # request 0, sample 2
+
+How it works:
+
+- **Memory.** Keys and values live in fixed-size pages of one pool ([L, pages, page_size, K,
+  H], `model.llama.PagedKV`); a sequence holds a page table. Page 0 is scratch: padding
+  tokens write there and nothing reads it.
+- **Admission.** A request is admitted when a decode slot is free for each of its samples and
+  the pool holds the pages its samples can ever need (prompt plus `max_new_tokens`); they are
+  taken at once, so a running sequence never waits for memory. A finished sample's slot and
+  pages go back at once, and the next waiting request takes them (continuous batching).
+- **Prefill.** A prompt but its last token is prefilled in chunks of `prefill_chunk` tokens,
+  `prefill_rows` sequences per compiled step. The samples of a prompt share its full pages
+  (a reference count per page) and copy only its last, partly filled page.
+- **Decode.** One compiled step feeds every decoding sequence's next token (the prompt's last
+  token first), writes its keys/values into its pages and samples the token after it.
+- **Compilation.** Two compiled shapes, [prefill_rows, prefill_chunk] and [max_seqs, 1],
+  plus a page copy: no recompilation however requests arrive (`compilations()`).
+- **Independence.** Sample r of a request draws its i-th token with
+  `fold_in(fold_in(key, r), i)`, `key` the request's seed: its output depends on its own
+  seed and parameters, not on the batch it shared or when it arrived.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax.generation.sampling import SamplingConfig, sample_rows
+from llama_jax.model.llama import PagedKV, as_model
+from llama_jax.parallel import sharding
+
+SCRATCH_PAGE = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+  """The engine's memory and compiled shapes.
+
+  Attributes:
+    page_size: tokens per page.
+    num_pages: pages in the pool, the scratch page included; with `page_size` it sets the
+      KV memory: L · num_pages · page_size · K · H · 2 values.
+    max_seqs: sequences decoded together (the decode step's rows).
+    max_seq_len: the longest sequence (prompt + new tokens); 0: the model's `max_seq_len`.
+    prefill_chunk: prompt tokens per sequence per prefill step.
+    prefill_rows: sequences prefilled together in one step.
+  """
+
+  page_size: int = 16
+  num_pages: int = 256
+  max_seqs: int = 16
+  max_seq_len: int = 0
+  prefill_chunk: int = 64
+  prefill_rows: int = 4
+
+  def __post_init__(self):
+    for name in ("page_size", "max_seqs", "prefill_chunk", "prefill_rows"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"EngineConfig.{name}={getattr(self, name)}; expected >= 1")
+    if self.num_pages < 2:
+      raise ValueError(f"EngineConfig.num_pages={self.num_pages}; expected >= 2 (1 is scratch)")
+    if self.max_seq_len < 0:
+      raise ValueError(f"EngineConfig.max_seq_len={self.max_seq_len}; expected >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """One prompt to continue, token in / token out.
+
+  Attributes:
+    prompt: token ids.
+    max_new_tokens: the most tokens generated per sample (a stop id included).
+    sampling: temperature / top-k / top-p of this request.
+    stop_ids: a sample ends after emitting any of these.
+    stop_strings: a sample ends once its decoded text contains one of these (needs the
+      engine's `detokenize`); the tokens up to the one that completes it are kept.
+    num_samples: samples of the prompt, sharing its prefilled pages.
+    seed: the request's PRNG seed (an int, or a key's `jax.random.key_data`).
+  """
+
+  prompt: Sequence[int]
+  max_new_tokens: int = 64
+  sampling: SamplingConfig = SamplingConfig()
+  stop_ids: Sequence[int] = ()
+  stop_strings: Sequence[str] = ()
+  num_samples: int = 1
+  seed: Any = 0
+
+
+@dataclasses.dataclass
+class Completion:
+  """One sample: its tokens (a stop id included), their log-probs under the sampling
+  distribution and under the model, and why it ended: "stop" (a stop id or string) or
+  "length" (`max_new_tokens`)."""
+
+  tokens: list[int] = dataclasses.field(default_factory=list)
+  logprobs: list[float] = dataclasses.field(default_factory=list)
+  model_logprobs: list[float] = dataclasses.field(default_factory=list)
+  finish_reason: str = ""
+
+
+@dataclasses.dataclass(eq=False)
+class _Sequence:
+  """A sample in flight (or the shared prefill of a request's samples)."""
+
+  request: int
+  sample: int  # -1: the prefill shared by the request's samples
+  tokens: list[int]  # the prompt, then the generated tokens
+  prefill_to: int  # tokens cached by prefill steps (the prompt but its last token)
+  pages: list[int]
+  key: np.ndarray | None = None  # key data [2] of this sample
+  cached: int = 0
+  out: Completion = dataclasses.field(default_factory=Completion)
+
+
+def _pages_for(tokens: int, page_size: int) -> int:
+  return -(-tokens // page_size)
+
+
+class PagePool:
+  """Page ids 1 … num_pages-1 with reference counts (page 0 is scratch)."""
+
+  def __init__(self, num_pages: int):
+    self.free = deque(range(1, num_pages))
+    self.refs = np.zeros(num_pages, np.int32)
+
+  def take(self, n: int) -> list[int]:
+    pages = [self.free.popleft() for _ in range(n)]
+    self.refs[pages] += 1
+    return pages
+
+  def share(self, pages: Sequence[int]) -> None:
+    self.refs[list(pages)] += 1
+
+  def release(self, pages: Sequence[int]) -> None:
+    for page in pages:
+      self.refs[page] -= 1
+      if self.refs[page] == 0:
+        self.free.append(page)
+
+
+def _step(model, params, k, v, tokens, segment_ids, page_table, lengths, keys, draws,
+          temperature, top_k, top_p):  # fmt: skip
+  """One compiled engine step: T tokens per row into the pages, then a sample of the token
+  after each row's last real one, with key `fold_in(keys[b], draws[b])`. Returns `(k, v,
+  tokens [B], logprobs [B], model_logprobs [B])`."""
+  cache = PagedKV(k=k, v=v, page_table=page_table, lengths=lengths)
+  logits, cache = model.apply({"params": params}, tokens, segment_ids=segment_ids, cache=cache)
+  last = jnp.maximum(jnp.sum(segment_ids != 0, axis=1) - 1, 0)
+  logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]  # [B, V]
+  keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keys), draws)
+  token, logprob, model_logprob = sample_rows(keys, logits, temperature, top_k, top_p)
+  return cache.k, cache.v, token, logprob, model_logprob
+
+
+def _copy_pages(k, v, src, dst):
+  """Copies pages src [n] onto dst [n] in every layer (pairs (0, 0) pad)."""
+  return k.at[:, dst].set(k[:, src]), v.at[:, dst].set(v[:, src])
+
+
+class Engine:
+  """Continuous-batching generation over a paged KV cache; see the module docstring.
+
+  Args:
+    model: the model (`Llama(config, lora=...)` or a `LlamaConfig`).
+    params: its parameters.
+    config: memory and compiled shapes (`EngineConfig`).
+    detokenize: ids -> text, for requests with `stop_strings`.
+    dtype: the KV pages' dtype (default: the model's activation dtype).
+  """
+
+  def __init__(
+    self,
+    model: sharding.Model,
+    params,
+    config: EngineConfig = EngineConfig(),
+    *,
+    detokenize: Callable[[Sequence[int]], str] | None = None,
+    dtype=None,
+  ):
+    self.model, self.params, self.config = as_model(model), params, config
+    self.detokenize = detokenize
+    cfg = self.model.config
+    self.max_seq_len = config.max_seq_len or cfg.max_seq_len
+    if self.max_seq_len > cfg.max_seq_len:
+      raise ValueError(
+        f"EngineConfig.max_seq_len={self.max_seq_len} exceeds the model's max_seq_len="
+        f"{cfg.max_seq_len}"
+      )
+    self.pages_per_seq = _pages_for(self.max_seq_len, config.page_size)
+    if self.pages_per_seq > config.num_pages - 1:
+      raise ValueError(
+        f"EngineConfig.num_pages={config.num_pages} cannot hold one sequence of max_seq_len="
+        f"{self.max_seq_len}: that takes {self.pages_per_seq} pages of {config.page_size} "
+        "tokens, plus the scratch page"
+      )
+    self.k, self.v = PagedKV.init_pages(cfg, config.num_pages, config.page_size, dtype)
+    self.pool = PagePool(config.num_pages)
+    step = functools.partial(_step, self.model)
+    self._step = jax.jit(step, donate_argnums=(1, 2))
+    # A partial per engine: its own compilation count (`compilations`).
+    self._copy = jax.jit(functools.partial(_copy_pages), donate_argnums=(0, 1))
+
+  def update_weights(self, params) -> None:
+    """New weights (same shapes and shardings) for the next requests: no recompilation."""
+    self.params = params
+
+  def compilations(self) -> int:
+    """Programs compiled so far (steps and page copies, all shapes)."""
+    return self._step._cache_size() + self._copy._cache_size()
+
+  # ------------------------------------------------------------------------- requests
+
+  def check(self, index: int, request: Request) -> None:
+    """Raises ValueError naming the request and the limit it breaks."""
+    vocab = self.model.config.vocab_size
+    name = f"Request {index}"
+    if not len(request.prompt):
+      raise ValueError(f"{name}: the prompt is empty")
+    if request.max_new_tokens < 1:
+      raise ValueError(f"{name}: max_new_tokens={request.max_new_tokens}; expected >= 1")
+    if request.num_samples < 1:
+      raise ValueError(f"{name}: num_samples={request.num_samples}; expected >= 1")
+    if request.num_samples > self.config.max_seqs:
+      raise ValueError(
+        f"{name}: num_samples={request.num_samples} exceeds EngineConfig.max_seqs="
+        f"{self.config.max_seqs}, the sequences decoded together"
+      )
+    for what, ids in (("prompt", request.prompt), ("stop_ids", request.stop_ids)):
+      bad = [int(t) for t in ids if not 0 <= int(t) < vocab]
+      if bad:
+        raise ValueError(f"{name}: {what} has id {bad[0]} outside the vocabulary [0, {vocab})")
+    total = len(request.prompt) + request.max_new_tokens - 1  # the last token is not cached
+    if total > self.max_seq_len:
+      raise ValueError(
+        f"{name}: the prompt ({len(request.prompt)} tokens) + max_new_tokens="
+        f"{request.max_new_tokens} exceeds the engine's max_seq_len={self.max_seq_len}"
+      )
+    if request.stop_strings and self.detokenize is None:
+      raise ValueError(f"{name}: stop_strings need the engine's `detokenize`")
+    if self._pages_needed(request) > self.config.num_pages - 1:
+      raise ValueError(
+        f"{name}: its {request.num_samples} samples need {self._pages_needed(request)} pages; "
+        f"the pool has {self.config.num_pages - 1}"
+      )
+
+  def _pages_needed(self, request: Request) -> int:
+    ps, p = self.config.page_size, len(request.prompt)
+    per_sample = _pages_for(p + request.max_new_tokens - 1, ps)
+    if request.num_samples == 1:
+      return per_sample
+    shared = (p - 1) // ps  # the prompt's full pages
+    return _pages_for(p - 1, ps) + request.num_samples * (per_sample - shared)
+
+  def generate(self, requests: Sequence[Request]) -> list[list[Completion]]:
+    """Runs `requests` to completion; returns, per request, its samples' completions."""
+    for i, request in enumerate(requests):
+      self.check(i, request)
+    cfg = self.config
+    pool = self.pool = PagePool(cfg.num_pages)
+    waiting = deque(range(len(requests)))
+    prefilling: list[_Sequence] = []
+    decoding: list[_Sequence] = []
+    results: list[list[Completion]] = [[] for _ in requests]
+
+    def admit() -> None:
+      while waiting:
+        request = requests[waiting[0]]
+        busy = len(decoding) + sum(requests[s.request].num_samples for s in prefilling)
+        if busy + request.num_samples > cfg.max_seqs or (
+          self._pages_needed(request) > len(pool.free)
+        ):
+          return
+        index = waiting.popleft()
+        results[index] = [Completion() for _ in range(request.num_samples)]
+        seq = self._start(index, request, pool)
+        if seq.prefill_to > 0:
+          prefilling.append(seq)
+        elif seq.sample < 0:  # a one-token prompt: nothing to prefill or share
+          self._fork(seq, request, pool, decoding)
+        else:
+          decoding.append(seq)
+
+    admit()
+    while prefilling or decoding:
+      if prefilling:
+        for parent in self._prefill(prefilling[: cfg.prefill_rows]):
+          prefilling.remove(parent)
+          if parent.sample < 0:
+            self._fork(parent, requests[parent.request], pool, decoding)
+          else:
+            decoding.append(parent)
+      else:
+        for seq in self._decode(decoding, requests):
+          decoding.remove(seq)
+          pool.release(seq.pages)
+          results[seq.request][seq.sample] = seq.out
+      admit()
+    return results
+
+  def _start(self, index: int, request: Request, pool: PagePool) -> _Sequence:
+    """The request's sequence: its one sample, or the prefill its samples share."""
+    prompt = [int(t) for t in request.prompt]
+    key = np.asarray(jax.random.key_data(_as_key(request.seed)))
+    if request.num_samples > 1:
+      pages = pool.take(_pages_for(len(prompt) - 1, self.config.page_size))
+      return _Sequence(index, -1, prompt, len(prompt) - 1, pages, key)
+    pages = pool.take(_pages_for(len(prompt) + request.max_new_tokens - 1, self.config.page_size))
+    return _Sequence(index, 0, prompt, len(prompt) - 1, pages, _fold(key, 0))
+
+  def _fork(self, parent: _Sequence, request: Request, pool: PagePool, decoding: list) -> None:
+    """The samples of a prefilled prompt: they share its full pages and copy its last,
+    partly filled one."""
+    ps, cached = self.config.page_size, parent.cached
+    full = parent.pages[: cached // ps]
+    partial = parent.pages[cached // ps :]  # at most one page
+    own = _pages_for(len(parent.tokens) + request.max_new_tokens - 1, ps) - len(full)
+    copies = []
+    for r in range(request.num_samples):
+      pool.share(full)
+      pages = pool.take(own)
+      if partial:
+        copies.append((partial[0], pages[0]))
+      seq = _Sequence(parent.request, r, list(parent.tokens), parent.prefill_to, full + pages)
+      seq.key, seq.cached = _fold(parent.key, r), cached
+      decoding.append(seq)
+    if copies:
+      src, dst = (np.zeros(self.config.max_seqs, np.int32) for _ in range(2))
+      src[: len(copies)], dst[: len(copies)] = zip(*copies, strict=True)
+      self.k, self.v = self._copy(self.k, self.v, src, dst)
+    pool.release(parent.pages)
+
+  def _tables(self, seqs: Sequence[_Sequence], rows: int) -> np.ndarray:
+    table = np.full((rows, self.pages_per_seq), SCRATCH_PAGE, np.int32)
+    for i, seq in enumerate(seqs):
+      table[i, : len(seq.pages)] = seq.pages
+    return table
+
+  def _run(self, seqs, rows, width, feed, requests=None):
+    """One compiled step over `seqs` padded to `rows` × `width` tokens; `feed(seq)` gives a
+    sequence's new tokens. Returns the sampled (tokens, logprobs, model_logprobs)."""
+    tokens = np.zeros((rows, width), np.int32)
+    segments = np.zeros((rows, width), np.int32)
+    lengths = np.zeros(rows, np.int32)
+    keys = np.zeros((rows, 2), np.uint32)
+    draws = np.zeros(rows, np.int32)
+    temperature = np.zeros(rows, np.float32)
+    top_k = np.zeros(rows, np.int32)
+    top_p = np.ones(rows, np.float32)
+    for i, seq in enumerate(seqs):
+      new = feed(seq)
+      tokens[i, : len(new)], segments[i, : len(new)], lengths[i] = new, 1, seq.cached
+      if requests is not None:
+        sampling = requests[seq.request].sampling
+        keys[i], draws[i] = seq.key, len(seq.out.tokens)
+        temperature[i], top_k[i], top_p[i] = sampling.temperature, sampling.top_k, sampling.top_p
+    self.k, self.v, *sampled = self._step(
+      self.params, self.k, self.v, tokens, segments, self._tables(seqs, rows), lengths, keys,
+      draws, temperature, top_k, top_p,
+    )  # fmt: skip
+    return jax.device_get(sampled)
+
+  def _prefill(self, seqs: Sequence[_Sequence]) -> list[_Sequence]:
+    """One prefill chunk of each of `seqs`; returns those whose prefill is done."""
+    chunk = self.config.prefill_chunk
+    feed = lambda s: s.tokens[s.cached : min(s.cached + chunk, s.prefill_to)]
+    self._run(seqs, self.config.prefill_rows, chunk, feed)
+    for seq in seqs:
+      seq.cached = min(seq.cached + chunk, seq.prefill_to)
+    return [s for s in seqs if s.cached == s.prefill_to]
+
+  def _decode(self, seqs: Sequence[_Sequence], requests) -> list[_Sequence]:
+    """One token for every decoding sequence; returns the finished ones."""
+    feed = lambda s: [s.tokens[s.cached]]
+    tokens, logprobs, model_logprobs = self._run(seqs, self.config.max_seqs, 1, feed, requests)
+    finished = []
+    for i, seq in enumerate(seqs):
+      request, token, out = requests[seq.request], int(tokens[i]), seq.out
+      seq.cached += 1
+      seq.tokens.append(token)
+      out.tokens.append(token)
+      out.logprobs.append(float(logprobs[i]))
+      out.model_logprobs.append(float(model_logprobs[i]))
+      if token in request.stop_ids or self._has_stop_string(request, out.tokens):
+        out.finish_reason = "stop"
+      elif len(out.tokens) == request.max_new_tokens:
+        out.finish_reason = "length"
+      if out.finish_reason:
+        finished.append(seq)
+    return finished
+
+  def _has_stop_string(self, request: Request, tokens: list[int]) -> bool:
+    if not request.stop_strings:
+      return False
+    text = self.detokenize(tokens)
+    return any(s in text for s in request.stop_strings)
+
+
+def _as_key(seed) -> jax.Array:
+  if isinstance(seed, (int, np.integer)):
+    return jax.random.key(int(seed))
+  seed = jnp.asarray(seed)
+  return seed if jnp.issubdtype(seed.dtype, jax.dtypes.prng_key) else jax.random.wrap_key_data(seed)
+
+
+def _fold(key_data: np.ndarray, i: int) -> np.ndarray:
+  """`fold_in` on key data, as numpy: a sample's key, once per sample."""
+  key = jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(key_data)), i)
+  return np.asarray(jax.random.key_data(key))

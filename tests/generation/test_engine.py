@@ -1,0 +1,157 @@
+"""The rollout engine (`llama_jax.generation.engine`): paged KV, continuous batching, token-in /
+token-out requests. Its outputs are the static decoder's, token for token, whatever the batch;
+its log-probs are the training forward's; its compiled shapes stay fixed; bad requests are
+named."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama_jax import LlamaConfig
+from llama_jax.generation import decode
+from llama_jax.generation.engine import Engine, EngineConfig, Request
+from llama_jax.generation.sampling import SamplingConfig
+from llama_jax.model.llama import Llama
+
+CFG = LlamaConfig.preset(
+  "tiny", vocab_size=256, num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16,
+  mlp_dim=128, max_seq_len=128,
+)  # fmt: skip
+SMALL = EngineConfig(page_size=4, num_pages=64, max_seqs=4, prefill_chunk=8, prefill_rows=2)
+# Prompt lengths around the 4-token pages: shared prompts end inside a page and are copied.
+PROMPTS = [list(np.random.default_rng(0).integers(1, 256, n)) for n in (6, 17, 1, 11, 33, 2)]
+STOP = (7,)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return Llama(CFG).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def requests(sampling, num_samples, key, max_new_tokens=12):
+  """One request per prompt, with the keys of the static decoder's prompts."""
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(len(PROMPTS)))
+  return [
+    Request(prompt=p, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=STOP,
+            num_samples=num_samples, seed=np.asarray(jax.random.key_data(k)))
+    for p, k in zip(PROMPTS, keys, strict=True)
+  ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+  "sampling, num_samples",
+  [(SamplingConfig(temperature=0), 1), (SamplingConfig(temperature=1.0), 3),
+   (SamplingConfig(temperature=0.8, top_k=20, top_p=0.9), 2)],
+  ids=["greedy", "temperature", "top_k_top_p"],
+)  # fmt: skip
+def test_the_static_decoders_samples_token_for_token(params, sampling, num_samples):
+  key = jax.random.key(42)
+  gen = decode.GenerationConfig(max_new_tokens=12, num_samples=num_samples, sampling=sampling,
+                                stop_ids=STOP)  # fmt: skip
+  static = jax.device_get(decode.generate_tokens(CFG, params, PROMPTS, key, gen))
+  engine = Engine(CFG, params, SMALL)
+  out = engine.generate(requests(sampling, num_samples, key))
+  for b, samples in enumerate(out):
+    assert len(samples) == num_samples
+    for r, done in enumerate(samples):
+      n = int(static.mask[b, r].sum())
+      assert done.tokens == static.tokens[b, r, :n].tolist(), (b, r)
+      assert done.finish_reason == ("stop" if done.tokens[-1] in STOP else "length")
+      np.testing.assert_allclose(done.model_logprobs, static.model_logprobs[b, r, :n], atol=2e-6)
+      np.testing.assert_allclose(done.logprobs, static.logprobs[b, r, :n], atol=2e-6)
+  # Every page went back to the pool; nothing is still referenced.
+  assert len(engine.pool.free) == SMALL.num_pages - 1 and not engine.pool.refs.any()
+
+
+def test_a_request_does_not_depend_on_its_batch_or_arrival(params):
+  sampling = SamplingConfig(temperature=1.0, top_k=50)
+  batch = requests(sampling, 2, jax.random.key(3))
+  engine = Engine(CFG, params, SMALL)
+  together = engine.generate(batch)
+  reordered = engine.generate(batch[::-1])[::-1]
+  alone = [engine.generate([r])[0] for r in batch[:3]]
+  other = dict(temperature=0.0, top_k=0)  # neighbours with other rules and seeds
+  mixed = engine.generate([Request(prompt=[5, 6], sampling=SamplingConfig(**other), seed=9),
+                           batch[1], Request(prompt=[9] * 30, max_new_tokens=3)])  # fmt: skip
+  tokens = lambda samples: [s.tokens for s in samples]
+  for i in range(len(batch)):
+    assert tokens(together[i]) == tokens(reordered[i]), i
+  for i in range(3):
+    assert tokens(together[i]) == tokens(alone[i]), i
+  assert tokens(mixed[1]) == tokens(together[1])
+
+
+def test_log_probs_are_the_training_forwards(params):
+  """The engine's model log-probs of its tokens equal a teacher-forced forward's."""
+  out = Engine(CFG, params, SMALL).generate(requests(SamplingConfig(1.0), 1, jax.random.key(5)))
+  rows = [prompt + done.tokens for prompt, (done,) in zip(PROMPTS, out, strict=True)]
+  ids = np.zeros((len(rows), max(map(len, rows))), np.int32)  # right-padded: causal, harmless
+  for i, row in enumerate(rows):
+    ids[i, : len(row)] = row
+  logprobs = jax.nn.log_softmax(Llama(CFG).apply({"params": params}, ids), axis=-1)
+  for i, (prompt, (done,)) in enumerate(zip(PROMPTS, out, strict=True)):
+    at = np.arange(len(prompt), len(rows[i]))
+    np.testing.assert_allclose(done.model_logprobs, logprobs[i, at - 1, ids[i, at]], atol=1e-6)
+
+
+def test_compiled_shapes_stay_fixed_over_a_long_mixed_run(params):
+  """Continuous batching through 40 requests of mixed lengths, rules and sample counts in a
+  pool that holds a few at a time: a prefill step, a decode step and a page copy compile
+  once, and the weights change without a recompilation."""
+  rng = np.random.default_rng(1)
+  mixed = [
+    Request(prompt=list(rng.integers(1, 256, rng.integers(1, 40))),
+            max_new_tokens=int(rng.integers(1, 20)), num_samples=int(rng.integers(1, 4)),
+            sampling=SamplingConfig(temperature=float(rng.choice([0, 0.7, 1.0]))), seed=i)
+    for i in range(40)
+  ]  # fmt: skip
+  engine = Engine(CFG, params, EngineConfig(page_size=4, num_pages=40, max_seqs=4,
+                                            prefill_chunk=8, prefill_rows=2))  # fmt: skip
+  first = engine.generate(mixed)
+  assert engine.compilations() == 3
+  assert all(len(s.tokens) == r.max_new_tokens or s.finish_reason == "stop"
+             for r, samples in zip(mixed, first, strict=True) for s in samples)  # fmt: skip
+  # New weights: the next requests sample from them, through the same programs.
+  new = jax.tree.map(lambda x: x * 1.5, params)
+  engine.update_weights(new)
+  greedy = [Request(prompt=p, max_new_tokens=8, sampling=SamplingConfig(0.0)) for p in PROMPTS]
+  second = engine.generate(greedy)
+  assert engine.compilations() == 3
+  gen = decode.GenerationConfig(max_new_tokens=8, sampling=SamplingConfig(0.0))
+  static = decode.generate_tokens(CFG, new, PROMPTS, 0, gen).tokens[:, 0]
+  assert [s.tokens for (s,) in second] == np.asarray(static).tolist()
+
+
+def test_stop_strings_end_a_sample_where_the_text_has_them(params):
+  detokenize = lambda ids: " ".join(map(str, ids))
+  engine = Engine(CFG, params, SMALL, detokenize=detokenize)
+  greedy = Request(prompt=PROMPTS[1], max_new_tokens=10, sampling=SamplingConfig(0.0))
+  ((free,),) = engine.generate([greedy])
+  stop = str(free.tokens[3])
+  ((done,),) = engine.generate([dataclasses.replace(greedy, stop_strings=(stop,))])
+  first = next(i for i in range(len(free.tokens)) if stop in detokenize(free.tokens[: i + 1]))
+  assert done.tokens == free.tokens[: first + 1] and done.finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+  "request_, match",
+  [(Request(prompt=[1] * 120, max_new_tokens=10), r"Request 0: the prompt \(120 tokens\) \+ "
+                                                   r"max_new_tokens=10 exceeds .* max_seq_len=128"),
+   (Request(prompt=[1, 2], max_new_tokens=0), "Request 0: max_new_tokens=0; expected >= 1"),
+   (Request(prompt=[1, 2], stop_ids=(300,)), r"Request 0: stop_ids has id 300 outside .*256"),
+   (Request(prompt=[], max_new_tokens=3), "Request 0: the prompt is empty"),
+   (Request(prompt=[1, 2], stop_strings=("x",)), "stop_strings need the engine's `detokenize`"),
+   (Request(prompt=[1] * 60, max_new_tokens=60, num_samples=4),
+    "Request 0: its 4 samples need 79 pages; the pool has 63")],
+)  # fmt: skip
+def test_bad_requests_are_named_with_their_limit(params, request_, match):
+  with pytest.raises(ValueError, match=match):
+    Engine(CFG, params, SMALL).generate([request_])
+
+
+def test_a_pool_too_small_for_one_sequence_is_refused(params):
+  with pytest.raises(ValueError, match=r"num_pages=8 cannot hold one sequence of max_seq_len=128"):
+    Engine(CFG, params, EngineConfig(page_size=16, num_pages=8))
