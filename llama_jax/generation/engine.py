@@ -19,8 +19,10 @@ How it works:
   (a reference count per page) and copy only its last, partly filled page.
 - **Decode.** One compiled step feeds every decoding sequence's next token (the prompt's last
   token first), writes its keys/values into its pages and samples the token after it.
-- **Compilation.** Two compiled shapes, [prefill_rows, prefill_chunk] and [max_seqs, 1],
-  plus a page copy: no recompilation however requests arrive (`compilations()`).
+- **Compilation.** Two step shapes, [prefill_rows, prefill_chunk] and [max_seqs, 1], each at
+  a few page-table widths (powers of two up to a sequence's pages: attention reads only as
+  many pages as the longest row needs), plus a page copy: a fixed set, however requests
+  arrive (`compilations()`).
 - **Independence.** Sample r of a request draws its i-th token with
   `fold_in(fold_in(key, r), i)`, `key` the request's seed: its output depends on its own
   seed and parameters, not on the batch it shared or when it arrived.
@@ -343,17 +345,24 @@ class Engine:
       self.k, self.v = self._copy(self.k, self.v, src, dst)
     pool.release(parent.pages)
 
-  def _tables(self, seqs: Sequence[_Sequence], rows: int) -> np.ndarray:
-    table = np.full((rows, self.pages_per_seq), SCRATCH_PAGE, np.int32)
+  def _tables(self, seqs: Sequence[_Sequence], rows: int, tokens: int) -> np.ndarray:
+    """Page tables [rows, W]: W pages cover every row's first `cached + tokens` positions,
+    rounded up to a power of two (so attention reads no more pages than the longest row
+    needs, through at most log2(pages per sequence) + 1 compiled widths)."""
+    ps = self.config.page_size
+    needed = max(_pages_for(s.cached + tokens, ps) for s in seqs)
+    width = min(1 << (needed - 1).bit_length(), self.pages_per_seq)
+    table = np.full((rows, width), SCRATCH_PAGE, np.int32)
     for i, seq in enumerate(seqs):
-      table[i, : len(seq.pages)] = seq.pages
+      pages = seq.pages[:width]
+      table[i, : len(pages)] = pages
     return table
 
-  def _run(self, seqs, rows, width, feed, requests=None):
-    """One compiled step over `seqs` padded to `rows` × `width` tokens; `feed(seq)` gives a
+  def _run(self, seqs, rows, t, feed, requests=None):
+    """One compiled step over `seqs` padded to `rows` × `t` tokens; `feed(seq)` gives a
     sequence's new tokens. Returns the sampled (tokens, logprobs, model_logprobs)."""
-    tokens = np.zeros((rows, width), np.int32)
-    segments = np.zeros((rows, width), np.int32)
+    tokens = np.zeros((rows, t), np.int32)
+    segments = np.zeros((rows, t), np.int32)
     lengths = np.zeros(rows, np.int32)
     keys = np.zeros((rows, 2), np.uint32)
     draws = np.zeros(rows, np.int32)
@@ -368,8 +377,8 @@ class Engine:
         keys[i], draws[i] = seq.key, len(seq.out.tokens)
         temperature[i], top_k[i], top_p[i] = sampling.temperature, sampling.top_k, sampling.top_p
     self.k, self.v, *sampled = self._step(
-      self.params, self.k, self.v, tokens, segments, self._tables(seqs, rows), lengths, keys,
-      draws, temperature, top_k, top_p,
+      self.params, self.k, self.v, tokens, segments, self._tables(seqs, rows, t), lengths,
+      keys, draws, temperature, top_k, top_p,
     )  # fmt: skip
     return jax.device_get(sampled)
 

@@ -112,18 +112,31 @@ def sample_rows(
   model_logprobs = jax.nn.log_softmax(logits, axis=-1)
   greedy = temperature == 0
   tempered = logits / jnp.where(greedy, 1.0, temperature)[:, None]
-  ranked = -jnp.sort(-tempered, axis=-1)  # [B, V] descending
   use_k = (top_k > 0) & (top_k < vocab)
-  kth = jnp.take_along_axis(ranked, jnp.clip(top_k - 1, 0, vocab - 1)[:, None], axis=-1)
-  ranked = jnp.where(use_k[:, None] & (ranked < kth), -jnp.inf, ranked)
-  warped = jnp.where(use_k[:, None], _keep_at_least(tempered, kth), tempered)
-  probs = jax.nn.softmax(ranked, axis=-1)
-  inside = jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]
-  threshold = jnp.min(jnp.where(inside, ranked, jnp.inf), axis=-1, keepdims=True)
-  warped = jnp.where((top_p < 1)[:, None], _keep_at_least(warped, threshold), warped)
-  drawn = jax.vmap(jax.random.categorical)(keys, warped).astype(jnp.int32)
-  tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), drawn)
-  logprobs = jnp.where(greedy, 0.0, _take(jax.nn.log_softmax(warped, axis=-1), tokens))
+  use_p = top_p < 1
+
+  def truncate(tempered):  # top-k, then top-p: one sort of the vocabulary per row
+    ranked = -jnp.sort(-tempered, axis=-1)  # [B, V] descending
+    kth = jnp.take_along_axis(ranked, jnp.clip(top_k - 1, 0, vocab - 1)[:, None], axis=-1)
+    ranked = jnp.where(use_k[:, None] & (ranked < kth), -jnp.inf, ranked)
+    warped = jnp.where(use_k[:, None], _keep_at_least(tempered, kth), tempered)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    inside = jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]
+    threshold = jnp.min(jnp.where(inside, ranked, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(use_p[:, None], _keep_at_least(warped, threshold), warped)
+
+  # The sort is most of a decode step's sampling on a CPU: skipped when no row truncates.
+  warped = jax.lax.cond(jnp.any(use_k | use_p), truncate, lambda t: t, tempered)
+  argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def draw(warped):
+    drawn = jax.vmap(jax.random.categorical)(keys, warped).astype(jnp.int32)
+    tokens = jnp.where(greedy, argmax, drawn)
+    return tokens, jnp.where(greedy, 0.0, _take(jax.nn.log_softmax(warped, axis=-1), tokens))
+
+  # All rows greedy (evaluations): no random draw over the vocabulary.
+  greedy_only = lambda _: (argmax, jnp.zeros(argmax.shape, jnp.float32))
+  tokens, logprobs = jax.lax.cond(jnp.all(greedy), greedy_only, draw, warped)
   return tokens, logprobs, _take(model_logprobs, tokens)
 
 

@@ -41,3 +41,15 @@ def test_generate_benchmark_runs(capsys):
   assert generate.hbm_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
   assert generate.hbm_bandwidth("NVIDIA H200") == 4.8e12
   assert generate.hbm_bandwidth("cpu") is None
+
+
+def test_engine_benchmark_runs(capsys):
+  from benchmarks import engine
+
+  engine.main(["--preset", "tiny", "--prompts", "8", "--batch", "4", "--prompt-len", "8",
+               "--median", "4", "--longest", "16", "--iters", "1"])  # fmt: skip
+  rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()
+          if line.startswith("| ") and "tok/s" not in line]  # fmt: skip
+  assert [r[0].split(" (")[0] for r in rows] == ["| long-tailed", "| uniform"]
+  assert rows[1][1] == "32"  # 8 prompts × 4 tokens: every useful token counted
+  assert all(float(r[-1].rstrip(" |×")) > 0 for r in rows)
