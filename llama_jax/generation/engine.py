@@ -91,6 +91,10 @@ class Request:
       engine's `detokenize`); the tokens up to the one that completes it are kept.
     num_samples: samples of the prompt, sharing its prefilled pages.
     seed: the request's PRNG seed (an int, or a key's `jax.random.key_data`).
+    keep: keep each sample's pages when it ends; its `Completion.handle` continues it.
+    continues: the handle of a kept sample this request extends (multi-turn: a tool's
+      output, the next user turn): `prompt` holds only the new tokens, appended after the
+      sample's own, and only they are prefilled. One sample; the handle is used up.
   """
 
   prompt: Sequence[int]
@@ -100,18 +104,21 @@ class Request:
   stop_strings: Sequence[str] = ()
   num_samples: int = 1
   seed: Any = 0
+  keep: bool = False
+  continues: int | None = None
 
 
 @dataclasses.dataclass
 class Completion:
   """One sample: its tokens (a stop id included), their log-probs under the sampling
   distribution and under the model, and why it ended: "stop" (a stop id or string) or
-  "length" (`max_new_tokens`)."""
+  "length" (`max_new_tokens`). `handle`: with `Request.keep`, what `Request.continues` takes."""
 
   tokens: list[int] = dataclasses.field(default_factory=list)
   logprobs: list[float] = dataclasses.field(default_factory=list)
   model_logprobs: list[float] = dataclasses.field(default_factory=list)
   finish_reason: str = ""
+  handle: int | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -211,6 +218,9 @@ class Engine:
       )
     self.k, self.v = PagedKV.init_pages(cfg, config.num_pages, config.page_size, dtype)
     self.pool = PagePool(config.num_pages)
+    self.kept: dict[int, _Sequence] = {}  # handle -> a finished sample holding its pages
+    self._handles = 0
+    self.prefilled_tokens = 0  # prompt tokens run through prefill steps, for the curious
     step = functools.partial(_step, self.model)
     self._step = jax.jit(step, donate_argnums=(1, 2))
     # A partial per engine: its own compilation count (`compilations`).
@@ -219,6 +229,10 @@ class Engine:
   def update_weights(self, params) -> None:
     """New weights (same shapes and shardings) for the next requests: no recompilation."""
     self.params = params
+
+  def release(self, handle: int) -> None:
+    """Frees the pages of a kept sample that will not be continued."""
+    self.pool.release(self.kept.pop(handle).pages)
 
   def compilations(self) -> int:
     """Programs compiled so far (steps and page copies, all shapes)."""
@@ -236,6 +250,13 @@ class Engine:
       raise ValueError(f"{name}: max_new_tokens={request.max_new_tokens}; expected >= 1")
     if request.num_samples < 1:
       raise ValueError(f"{name}: num_samples={request.num_samples}; expected >= 1")
+    before = 0  # tokens of the sample a continuation extends
+    if request.continues is not None:
+      if request.continues not in self.kept:
+        raise ValueError(f"{name}: continues={request.continues}, not a kept sample's handle")
+      if request.num_samples != 1:
+        raise ValueError(f"{name}: a continuation has one sample (num_samples=1)")
+      before = len(self.kept[request.continues].tokens)
     if request.num_samples > self.config.max_seqs:
       raise ValueError(
         f"{name}: num_samples={request.num_samples} exceeds EngineConfig.max_seqs="
@@ -245,10 +266,11 @@ class Engine:
       bad = [int(t) for t in ids if not 0 <= int(t) < vocab]
       if bad:
         raise ValueError(f"{name}: {what} has id {bad[0]} outside the vocabulary [0, {vocab})")
-    total = len(request.prompt) + request.max_new_tokens - 1  # the last token is not cached
+    total = before + len(request.prompt) + request.max_new_tokens - 1  # the last: not cached
     if total > self.max_seq_len:
+      earlier = f"{before} earlier tokens + " if before else ""
       raise ValueError(
-        f"{name}: the prompt ({len(request.prompt)} tokens) + max_new_tokens="
+        f"{name}: {earlier}the prompt ({len(request.prompt)} tokens) + max_new_tokens="
         f"{request.max_new_tokens} exceeds the engine's max_seq_len={self.max_seq_len}"
       )
     if request.stop_strings and self.detokenize is None:
@@ -261,6 +283,10 @@ class Engine:
 
   def _pages_needed(self, request: Request) -> int:
     ps, p = self.config.page_size, len(request.prompt)
+    if request.continues is not None:  # more pages than the kept sample holds
+      kept = self.kept[request.continues]
+      return max(0, _pages_for(len(kept.tokens) + p + request.max_new_tokens - 1, ps)
+                 - len(kept.pages))  # fmt: skip
     per_sample = _pages_for(p + request.max_new_tokens - 1, ps)
     if request.num_samples == 1:
       return per_sample
@@ -271,8 +297,11 @@ class Engine:
     """Runs `requests` to completion; returns, per request, its samples' completions."""
     for i, request in enumerate(requests):
       self.check(i, request)
+    handles = [r.continues for r in requests if r.continues is not None]
+    if len(set(handles)) < len(handles):
+      raise ValueError(f"two requests continue the same kept sample: handles {sorted(handles)}")
     cfg = self.config
-    pool = self.pool = PagePool(cfg.num_pages)
+    pool = self.pool
     waiting = deque(range(len(requests)))
     prefilling: list[_Sequence] = []
     decoding: list[_Sequence] = []
@@ -308,7 +337,12 @@ class Engine:
       else:
         for seq in self._decode(decoding, requests):
           decoding.remove(seq)
-          pool.release(seq.pages)
+          if requests[seq.request].keep:
+            self._handles += 1
+            seq.out.handle = self._handles
+            self.kept[self._handles] = seq
+          else:
+            pool.release(seq.pages)
           results[seq.request][seq.sample] = seq.out
       admit()
     return results
@@ -317,6 +351,14 @@ class Engine:
     """The request's sequence: its one sample, or the prefill its samples share."""
     prompt = [int(t) for t in request.prompt]
     key = np.asarray(jax.random.key_data(_as_key(request.seed)))
+    if request.continues is not None:  # its tokens so far are cached but the last one
+      extra = pool.take(self._pages_needed(request))
+      seq = self.kept.pop(request.continues)
+      seq.pages += extra
+      seq.request, seq.sample, seq.key, seq.out = index, 0, _fold(key, 0), Completion()
+      seq.tokens += prompt
+      seq.prefill_to = len(seq.tokens) - 1
+      return seq
     if request.num_samples > 1:
       pages = pool.take(_pages_for(len(prompt) - 1, self.config.page_size))
       return _Sequence(index, -1, prompt, len(prompt) - 1, pages, key)
@@ -386,6 +428,7 @@ class Engine:
     """One prefill chunk of each of `seqs`; returns those whose prefill is done."""
     chunk = self.config.prefill_chunk
     feed = lambda s: s.tokens[s.cached : min(s.cached + chunk, s.prefill_to)]
+    self.prefilled_tokens += sum(len(feed(s)) for s in seqs)
     self._run(seqs, self.config.prefill_rows, chunk, feed)
     for seq in seqs:
       seq.cached = min(seq.cached + chunk, seq.prefill_to)

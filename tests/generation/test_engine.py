@@ -158,3 +158,30 @@ def test_bad_requests_are_named_with_their_limit(params, request_, match):
 def test_a_pool_too_small_for_one_sequence_is_refused(params):
   with pytest.raises(ValueError, match=r"num_pages=8 cannot hold one sequence of max_seq_len=128"):
     Engine(CFG, params, EngineConfig(page_size=16, num_pages=8))
+
+
+def test_a_kept_sample_continues_without_prefilling_it_again(params):
+  """Multi-turn: a kept sample extended with new tokens (a tool's output, the next turn)
+  generates what one request of the whole conversation generates, and only the new tokens
+  (and the last generated one) are prefilled."""
+  engine = Engine(CFG, params, SMALL)
+  greedy = SamplingConfig(0.0)
+  ((first,),) = engine.generate([Request(prompt=PROMPTS[3], max_new_tokens=6, sampling=greedy,
+                                         keep=True)])  # fmt: skip
+  turn = [11, 12, 13, 14, 15]
+  before = engine.prefilled_tokens
+  ((second,),) = engine.generate([Request(prompt=turn, max_new_tokens=6, sampling=greedy,
+                                          continues=first.handle)])  # fmt: skip
+  assert engine.prefilled_tokens - before == len(turn)  # the last generated token + turn[:-1]
+  whole = PROMPTS[3] + first.tokens + turn
+  ((fresh,),) = engine.generate([Request(prompt=whole, max_new_tokens=6, sampling=greedy)])
+  assert second.tokens == fresh.tokens
+  np.testing.assert_allclose(second.model_logprobs, fresh.model_logprobs, atol=1e-6)
+  assert not engine.kept and len(engine.pool.free) == SMALL.num_pages - 1  # the handle is used
+  with pytest.raises(ValueError, match=f"continues={first.handle}, not a kept sample's handle"):
+    engine.generate([Request(prompt=turn, continues=first.handle)])
+  # A kept sample nobody continues gives its pages back on release.
+  ((kept,),) = engine.generate([Request(prompt=PROMPTS[0], max_new_tokens=3, keep=True)])
+  assert len(engine.pool.free) < SMALL.num_pages - 1
+  engine.release(kept.handle)
+  assert len(engine.pool.free) == SMALL.num_pages - 1
