@@ -39,6 +39,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.generation.sampling import SamplingConfig, sample_rows
 from llama_jax.model.llama import PagedKV, as_model
@@ -161,18 +162,26 @@ class PagePool:
         self.free.append(page)
 
 
-def _step(model, params, k, v, tokens, segment_ids, page_table, lengths, keys, draws,
+def _step(model, mesh, params, k, v, tokens, segment_ids, page_table, lengths, keys, draws,
           temperature, top_k, top_p):  # fmt: skip
   """One compiled engine step: T tokens per row into the pages, then a sample of the token
   after each row's last real one, with key `fold_in(keys[b], draws[b])`. Returns `(k, v,
   tokens [B], logprobs [B], model_logprobs [B])`."""
   cache = PagedKV(k=k, v=v, page_table=page_table, lengths=lengths)
-  logits, cache = model.apply({"params": params}, tokens, segment_ids=segment_ids, cache=cache)
+  with sharding.activation_sharding(mesh):
+    logits, cache = model.apply({"params": params}, tokens, segment_ids=segment_ids, cache=cache)
   last = jnp.maximum(jnp.sum(segment_ids != 0, axis=1) - 1, 0)
   logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]  # [B, V]
   keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keys), draws)
   token, logprob, model_logprob = sample_rows(keys, logits, temperature, top_k, top_p)
   return cache.k, cache.v, token, logprob, model_logprob
+
+
+def page_shardings(model, mesh: Mesh) -> NamedSharding:
+  """The pages' sharding on `mesh`: kv heads over `tensor` where it divides them (as the k / v
+  weights are placed, `sharding.rules_for`), the rest replicated."""
+  rules = sharding.rules_for(model, mesh)
+  return sharding.named_sharding(mesh, (None, None, None, "act_kv_heads", None), rules)
 
 
 def _copy_pages(k, v, src, dst):
@@ -189,6 +198,9 @@ class Engine:
     config: memory and compiled shapes (`EngineConfig`).
     detokenize: ids -> text, for requests with `stop_strings`.
     dtype: the KV pages' dtype (default: the model's activation dtype).
+    mesh: the ('data', 'fsdp', 'tensor') mesh `params` are sharded on (e.g. the training
+      mesh: the engine reads them where they are); the pages split over kv heads as the k / v
+      weights do, the rows of a step are replicated.
   """
 
   def __init__(
@@ -199,6 +211,7 @@ class Engine:
     *,
     detokenize: Callable[[Sequence[int]], str] | None = None,
     dtype=None,
+    mesh: Mesh | None = None,
   ):
     self.model, self.params, self.config = as_model(model), params, config
     self.detokenize = detokenize
@@ -221,8 +234,21 @@ class Engine:
     self.kept: dict[int, _Sequence] = {}  # handle -> a finished sample holding its pages
     self._handles = 0
     self.prefilled_tokens = 0  # prompt tokens run through prefill steps, for the curious
-    step = functools.partial(_step, self.model)
-    self._step = jax.jit(step, donate_argnums=(1, 2))
+    self.mesh = mesh
+    step = functools.partial(_step, self.model, mesh)
+    if mesh is None:
+      self._step = jax.jit(step, donate_argnums=(1, 2))
+    else:  # the weights as the mesh holds them (no copy); pages split over kv heads
+      pages = page_shardings(self.model, mesh)
+      self.k, self.v = jax.device_put((self.k, self.v), pages)
+      replicated = NamedSharding(mesh, PartitionSpec())
+      self._step = jax.jit(
+        step,
+        in_shardings=(sharding.param_shardings(self.model, mesh), pages, pages)
+        + (replicated,) * 9,
+        out_shardings=(pages, pages) + (replicated,) * 3,
+        donate_argnums=(1, 2),
+      )
     # A partial per engine: its own compilation count (`compilations`).
     self._copy = jax.jit(functools.partial(_copy_pages), donate_argnums=(0, 1))
 

@@ -15,6 +15,7 @@ from llama_jax.generation import decode
 from llama_jax.generation.engine import Engine, EngineConfig, Request
 from llama_jax.generation.sampling import SamplingConfig
 from llama_jax.model.llama import Llama
+from llama_jax.parallel import sharding
 
 CFG = LlamaConfig.preset(
   "tiny", vocab_size=256, num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16,
@@ -185,3 +186,19 @@ def test_a_kept_sample_continues_without_prefilling_it_again(params):
   assert len(engine.pool.free) < SMALL.num_pages - 1
   engine.release(kept.handle)
   assert len(engine.pool.free) == SMALL.num_pages - 1
+
+
+def test_on_a_mesh_it_reads_the_sharded_weights_and_samples_the_same(params):
+  """fsdp = 4 × tensor = 2: the engine reads the training mesh's weights where they are and
+  samples what one device samples."""
+  mesh = sharding.make_mesh(fsdp=4, tensor=2)
+  sharded = jax.device_put(params, sharding.param_shardings(CFG, mesh))
+  batch = requests(SamplingConfig(temperature=1.0, top_p=0.9), 2, jax.random.key(8))[:3]
+  one = Engine(CFG, params, SMALL).generate(batch)
+  engine = Engine(CFG, sharded, SMALL, mesh=mesh)
+  many = engine.generate(batch)
+  assert engine.k.sharding.spec[3] == "tensor"  # pages split over the 2 kv heads
+  for a, b in zip(one, many, strict=True):
+    for x, y in zip(a, b, strict=True):
+      assert x.tokens == y.tokens
+      np.testing.assert_allclose(x.model_logprobs, y.model_logprobs, atol=1e-5)
