@@ -2,6 +2,7 @@
 
     python -m benchmarks.engine [--preset small_50m] [--prompts 256] [--batch 64]
                                 [--prompt-len 32] [--median 16] [--longest 128] [--iters 2]
+                                [--page-size 16] [--prefill-rows 16]
 
 Two workloads of `--prompts` random prompts, greedy:
 - long-tailed: request i may generate n_i tokens, drawn from a log-normal with median
@@ -71,6 +72,7 @@ def main(argv=None):
   parser.add_argument("--median", type=int, default=16)
   parser.add_argument("--longest", type=int, default=128)
   parser.add_argument("--page-size", type=int, default=16)
+  parser.add_argument("--prefill-rows", type=int, default=16)
   parser.add_argument("--iters", type=int, default=2)
   args = parser.parse_args(argv)
 
@@ -84,7 +86,8 @@ def main(argv=None):
     config,
     params,
     EngineConfig(page_size=args.page_size, num_pages=pages, max_seqs=args.batch,
-                 max_seq_len=seq_len, prefill_chunk=args.prompt_len, prefill_rows=8),
+                 max_seq_len=seq_len, prefill_chunk=args.prompt_len,
+                 prefill_rows=args.prefill_rows),
   )  # fmt: skip
   print(f"{args.preset}, {args.prompts} prompts of {args.prompt_len} tokens, "
         f"batch / decode slots {args.batch}, KV for {args.batch} × {seq_len} tokens, "

@@ -19,9 +19,11 @@ How it works:
   (a reference count per page) and copy only its last, partly filled page.
 - **Decode.** One compiled step feeds every decoding sequence's next token (the prompt's last
   token first), writes its keys/values into its pages and samples the token after it.
-- **Compilation.** Two step shapes, [prefill_rows, prefill_chunk] and [max_seqs, 1], each at
-  a few page-table widths (powers of two up to a sequence's pages: attention reads only as
-  many pages as the longest row needs), plus a page copy: a fixed set, however requests
+- **Compilation.** Prefill steps [prefill_rows, prefill_chunk] and decode steps [rows, 1],
+  rows the decoding sequences rounded up to a power of two (at most `max_seqs`), each at a
+  few page-table widths (powers of two up to a sequence's pages: attention reads only as many
+  pages as the longest row needs), plus a page copy: a fixed set of at most
+  (1 + log2 max_seqs + 1) · (log2 pages per sequence + 1) + 1 programs, however requests
   arrive (`compilations()`).
 - **Independence.** Sample r of a request draws its i-th token with
   `fold_in(fold_in(key, r), i)`, `key` the request's seed: its output depends on its own
@@ -463,7 +465,10 @@ class Engine:
   def _decode(self, seqs: Sequence[_Sequence], requests) -> list[_Sequence]:
     """One token for every decoding sequence; returns the finished ones."""
     feed = lambda s: [s.tokens[s.cached]]
-    tokens, logprobs, model_logprobs = self._run(seqs, self.config.max_seqs, 1, feed, requests)
+    # Rows: the decoding sequences rounded up to a power of two, so a step as the last long
+    # samples finish costs what they need, not `max_seqs` rows.
+    rows = min(1 << (len(seqs) - 1).bit_length(), self.config.max_seqs)
+    tokens, logprobs, model_logprobs = self._run(seqs, rows, 1, feed, requests)
     finished = []
     for i, seq in enumerate(seqs):
       request, token, out = requests[seq.request], int(tokens[i]), seq.out
