@@ -20,11 +20,11 @@ next request whenever a sequence ends. Useful tokens/s = Σ n_i / wall time, bes
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import numpy as np
 
+from benchmarks.generate import best_time
 from llama_jax import LlamaConfig
 from llama_jax.generation import decode
 from llama_jax.generation.engine import Engine, EngineConfig, Request
@@ -51,16 +51,6 @@ def static_run(config, params, prompts, budgets, batch):
 def engine_run(engine, prompts, budgets):
   pairs = zip(prompts, budgets, strict=True)
   engine.generate([Request(prompt=p, max_new_tokens=int(n), sampling=GREEDY) for p, n in pairs])
-
-
-def best_time(fn, iters: int) -> float:
-  fn()  # compile
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
 
 
 def main(argv=None):

@@ -55,7 +55,7 @@ def decode_bytes_per_token(config, context: float) -> float:
   return config.num_params() * itemsize + kv
 
 
-def _time(fn, iters: int) -> float:
+def best_time(fn, iters: int) -> float:
   """Best wall time of `iters` calls after a warm-up (compile) call."""
   fn()
   times = []
@@ -105,7 +105,7 @@ def _ours(config, params, prompts, new_tokens: int, iters: int):
     return lambda: jax.block_until_ready(generate_tokens(config, params, prompts, 0, gen))
 
   tokens = np.asarray(run(new_tokens)().tokens[:, 0])
-  return _time(run(new_tokens), iters), _time(run(1), iters), tokens
+  return best_time(run(new_tokens), iters), best_time(run(1), iters), tokens
 
 
 def _theirs(hf_model, prompts, new_tokens: int, iters: int):
@@ -120,7 +120,7 @@ def _theirs(hf_model, prompts, new_tokens: int, iters: int):
 
   with torch.no_grad():
     tokens = run(new_tokens)()[:, ids.shape[1] :].numpy()
-    return _time(run(new_tokens), iters), _time(run(1), iters), tokens
+    return best_time(run(new_tokens), iters), best_time(run(1), iters), tokens
 
 
 def main(argv=None):
