@@ -19,12 +19,12 @@ How it works:
   (a reference count per page) and copy only its last, partly filled page.
 - **Decode.** One compiled step feeds every decoding sequence's next token (the prompt's last
   token first), writes its keys/values into its pages and samples the token after it.
-- **Compilation.** Prefill steps [prefill_rows, prefill_chunk] and decode steps [rows, 1],
-  rows the decoding sequences rounded up to a power of two (at most `max_seqs`), each at a
-  few page-table widths (powers of two up to a sequence's pages: attention reads only as many
-  pages as the longest row needs), plus a page copy: a fixed set of at most
-  (1 + log2 max_seqs + 1) · (log2 pages per sequence + 1) + 1 programs, however requests
-  arrive (`compilations()`).
+- **Compilation.** Prefill steps [rows, prefill_chunk] and decode steps [rows, 1], rows the
+  step's sequences rounded up to a power of two (at most `prefill_rows` / `max_seqs`), each
+  at a few page-table widths (powers of two up to a sequence's pages: attention reads only as
+  many pages as the longest row needs), plus a page copy: a fixed set of at most
+  (log2 prefill_rows + log2 max_seqs + 2) · (log2 pages per sequence + 1) + 1 programs,
+  however requests arrive (`compilations()`).
 - **Independence.** Sample r of a request draws its i-th token with
   `fold_in(fold_in(key, r), i)`, `key` the request's seed: its output depends on its own
   seed and parameters, not on the batch it shared or when it arrived.
@@ -457,7 +457,7 @@ class Engine:
     chunk = self.config.prefill_chunk
     feed = lambda s: s.tokens[s.cached : min(s.cached + chunk, s.prefill_to)]
     self.prefilled_tokens += sum(len(feed(s)) for s in seqs)
-    self._run(seqs, self.config.prefill_rows, chunk, feed)
+    self._run(seqs, _rows(len(seqs), self.config.prefill_rows), chunk, feed)
     for seq in seqs:
       seq.cached = min(seq.cached + chunk, seq.prefill_to)
     return [s for s in seqs if s.cached == s.prefill_to]
@@ -465,9 +465,7 @@ class Engine:
   def _decode(self, seqs: Sequence[_Sequence], requests) -> list[_Sequence]:
     """One token for every decoding sequence; returns the finished ones."""
     feed = lambda s: [s.tokens[s.cached]]
-    # Rows: the decoding sequences rounded up to a power of two, so a step as the last long
-    # samples finish costs what they need, not `max_seqs` rows.
-    rows = min(1 << (len(seqs) - 1).bit_length(), self.config.max_seqs)
+    rows = _rows(len(seqs), self.config.max_seqs)
     tokens, logprobs, model_logprobs = self._run(seqs, rows, 1, feed, requests)
     finished = []
     for i, seq in enumerate(seqs):
@@ -490,6 +488,13 @@ class Engine:
       return False
     text = self.detokenize(tokens)
     return any(s in text for s in request.stop_strings)
+
+
+def _rows(live: int, most: int) -> int:
+  """A step's rows: its live sequences rounded up to a power of two, at most `most`. A step
+  then costs what its sequences need (the tail of a long-tailed batch, the one or two prompts
+  admitted as others finish), through a few compiled shapes."""
+  return min(1 << (live - 1).bit_length(), most)
 
 
 def _as_key(seed) -> jax.Array:
