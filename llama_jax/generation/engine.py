@@ -15,7 +15,7 @@ How it works:
   taken at once, so a running sequence never waits for memory. A finished sample's slot and
   pages go back at once, and the next waiting request takes them (continuous batching).
 - **Prefill.** A prompt but its last token is prefilled in chunks of `prefill_chunk` tokens,
-  `prefill_rows` sequences per compiled step. The samples of a prompt share its full pages
+  up to `prefill_rows` sequences per compiled step. The samples of a prompt share its full pages
   (a reference count per page) and copy only its last, partly filled page.
 - **Decode.** One compiled step feeds every decoding sequence's next token (the prompt's last
   token first), writes its keys/values into its pages and samples the token after it.
@@ -28,6 +28,11 @@ How it works:
 - **Independence.** Sample r of a request draws its i-th token with
   `fold_in(fold_in(key, r), i)`, `key` the request's seed: its output depends on its own
   seed and parameters, not on the batch it shared or when it arrived.
+- **Multi-turn.** `Request(keep=True)` keeps a sample's pages; `Request(continues=handle,
+  prompt=new_tokens)` appends a tool's output or the next turn and generates on, prefilling
+  only the new tokens.
+- **Weights.** `update_weights(params)` between RL iterations recompiles nothing; with
+  `mesh`, the engine reads the weights where the training mesh holds them.
 """
 
 from __future__ import annotations
