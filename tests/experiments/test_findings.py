@@ -56,6 +56,8 @@ def test_findings_smoke_and_resume(tmp_path, capsys, full):
   assert [f["key"] for f in saved] == keys and saved[0]["interval"]["n"] == cfg.seeds
   assert (workdir / "findings.png").stat().st_size > 50_000
   assert "Stage times" in (workdir / "report.md").read_text()
+  assert (workdir / "base" / "sft" / "final.json").exists()  # a finished stage: no plot
+  assert not (workdir / "base" / "sft" / "metrics.png").exists()  # (train.plot off)
 
   # A rerun reuses every stage and gives the same findings. Another seed (full size: a third
   # seed's stages run): the finished seeds' stages are reused, only the new seed's run (and a
