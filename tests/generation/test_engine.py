@@ -191,6 +191,9 @@ def test_a_kept_sample_continues_without_prefilling_it_again(params):
   # A kept sample nobody continues gives its pages back on release.
   ((kept,),) = engine.generate([Request(prompt=PROMPTS[0], max_new_tokens=3, keep=True)])
   assert len(engine.pool.free) < SMALL.num_pages - 1
+  twice = [Request(prompt=turn, continues=kept.handle)] * 2
+  with pytest.raises(ValueError, match=rf"two requests continue the same kept .*{kept.handle}"):
+    engine.generate(twice)
   engine.release(kept.handle)
   assert len(engine.pool.free) == SMALL.num_pages - 1
 
