@@ -1,4 +1,5 @@
-"""Useful tokens/s of the rollout engine vs the static decoder, same model, same KV memory.
+"""Useful tokens/s of the rollout engine vs the static decoder and batched
+`transformers.generate`, same weights, same KV memory.
 
     python -m benchmarks.engine [--preset small_50m] [--prompts 256] [--batch 64]
                                 [--prompt-len 32] [--median 16] [--longest 128] [--iters 2]
@@ -14,22 +15,24 @@ time and, with no stop id to end a row early, runs each batch to its longest req
 row's tokens past its own n_i are not useful. The engine holds the same KV memory (`--batch`
 sequences of prompt + longest tokens, in pages) and `--batch` decode slots, and admits the
 next request whenever a sequence ends. Useful tokens/s = Σ n_i / wall time, best of
-`--iters` after a warm-up run (compilation excluded).
+`--iters` after a warm-up run (compilation excluded). `transformers.generate` (greedy, KV
+cache, PyTorch CPU, the same weights) takes the same batches as the static decoder and runs
+each to its longest budget too; `--no-baseline` skips it. The engine's greedy tokens are
+checked against both before timing.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import jax
 import numpy as np
 
-from benchmarks.generate import best_time
-from llama_jax import LlamaConfig
+from benchmarks.generate import best_time, same_weights
 from llama_jax.generation import decode
 from llama_jax.generation.engine import Engine, EngineConfig, Request
 from llama_jax.generation.sampling import SamplingConfig
-from llama_jax.parallel import sharding
 
 GREEDY = SamplingConfig(temperature=0.0)
 
@@ -41,16 +44,42 @@ def lengths(args, rng) -> np.ndarray:
 
 
 def static_run(config, params, prompts, budgets, batch):
-  """Batches of `batch` prompts, each decoded to its longest budget."""
+  """Batches of `batch` prompts, each decoded to its longest budget; the tokens [B, N]."""
+  out = []
   for lo in range(0, len(prompts), batch):
     chunk = slice(lo, lo + batch)
     gen = decode.GenerationConfig(max_new_tokens=int(max(budgets[chunk])), sampling=GREEDY)
-    jax.block_until_ready(decode.generate_tokens(config, params, prompts[chunk], 0, gen).tokens)
+    tokens = decode.generate_tokens(config, params, prompts[chunk], 0, gen).tokens[:, 0]
+    out.extend(np.asarray(tokens).tolist())
+  return out
+
+
+def transformers_run(hf_model, prompts, budgets, batch):
+  """The same batches through `transformers.generate`; the tokens [B, N]."""
+  import torch
+
+  out = []
+  with torch.no_grad():
+    for lo in range(0, len(prompts), batch):
+      ids = torch.as_tensor(np.asarray(prompts[lo : lo + batch]))
+      n = int(max(budgets[lo : lo + batch]))
+      kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True)
+      tokens = hf_model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+      out.extend(tokens[:, ids.shape[1] :].numpy().tolist())
+  return out
 
 
 def engine_run(engine, prompts, budgets):
   pairs = zip(prompts, budgets, strict=True)
-  engine.generate([Request(prompt=p, max_new_tokens=int(n), sampling=GREEDY) for p, n in pairs])
+  done = engine.generate(
+    [Request(prompt=p, max_new_tokens=int(n), sampling=GREEDY) for p, n in pairs]
+  )
+  return [samples[0].tokens for samples in done]
+
+
+def same_tokens(ours, theirs, budgets) -> bool:
+  """Every request's tokens, up to its own budget, agree."""
+  return all(a[:n] == b[:n] for a, b, n in zip(ours, theirs, budgets, strict=True))
 
 
 def main(argv=None):
@@ -64,10 +93,14 @@ def main(argv=None):
   parser.add_argument("--page-size", type=int, default=16)
   parser.add_argument("--prefill-rows", type=int, default=16)
   parser.add_argument("--iters", type=int, default=2)
+  parser.add_argument("--no-baseline", action="store_true", help="no transformers (no torch)")
   args = parser.parse_args(argv)
 
-  config = LlamaConfig.preset(args.preset, max_seq_len=args.prompt_len + args.longest)
-  params = sharding.init_params(config, jax.random.key(0))
+  # The weights transformers holds too (`benchmarks.generate`), or random ones without it.
+  models = argparse.Namespace(preset=args.preset, dtype="float32", torch_threads=0,
+                              no_baseline=args.no_baseline)  # fmt: skip
+  config, params, hf_model = same_weights(models)
+  config = dataclasses.replace(config, max_seq_len=args.prompt_len + args.longest)
   rng = np.random.default_rng(0)
   prompts = [list(rng.integers(1, config.vocab_size, args.prompt_len)) for _ in range(args.prompts)]
   seq_len = args.prompt_len + args.longest
@@ -82,16 +115,26 @@ def main(argv=None):
   print(f"{args.preset}, {args.prompts} prompts of {args.prompt_len} tokens, "
         f"batch / decode slots {args.batch}, KV for {args.batch} × {seq_len} tokens, "
         f"{jax.devices()[0]}")  # fmt: skip
-  print("| workload | useful tokens | static decoder tok/s | engine tok/s | engine / static |")
-  print("|---|---|---|---|---|")
+  print("| workload | useful tokens | static decoder tok/s | transformers tok/s | engine tok/s "
+        "| engine / static | engine / transformers |")  # fmt: skip
+  print("|---|---|---|---|---|---|---|")
   for name, budgets in (("long-tailed", lengths(args, rng)),
                         ("uniform", np.full(args.prompts, args.median))):  # fmt: skip
     useful = int(budgets.sum())
-    static = best_time(lambda b=budgets: static_run(config, params, prompts, b, args.batch),
-                       args.iters)  # fmt: skip
-    ours = best_time(lambda b=budgets: engine_run(engine, prompts, b), args.iters)
+    ours_fn = lambda b=budgets: engine_run(engine, prompts, b)
+    static_fn = lambda b=budgets: static_run(config, params, prompts, b, args.batch)
+    hf_fn = lambda b=budgets: transformers_run(hf_model, prompts, b, args.batch)
+    tokens = ours_fn()
+    assert same_tokens(tokens, static_fn(), budgets), f"{name}: the static decoder differs"
+    if hf_model is not None:
+      assert same_tokens(tokens, hf_fn(), budgets), f"{name}: transformers differs"
+    ours, static = best_time(ours_fn, args.iters), best_time(static_fn, args.iters)
+    hf = best_time(hf_fn, args.iters) if hf_model is not None else float("nan")
     print(f"| {name} (median {int(np.median(budgets))}, longest {budgets.max()}) | {useful} | "
-          f"{useful / static:,.0f} | {useful / ours:,.0f} | {static / ours:.2f}× |")  # fmt: skip
+          f"{useful / static:,.0f} | {useful / hf:,.0f} | {useful / ours:,.0f} | "
+          f"{static / ours:.2f}× | {hf / ours:.2f}× |")  # fmt: skip
+  print("greedy tokens identical: engine, static decoder" + ("" if hf_model is None else
+        ", transformers"))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def best_time(fn, iters: int) -> float:
   return min(times)
 
 
-def _models(args):
+def same_weights(args):
   """(config, params, torch model or None) with the same weights."""
   from llama_jax import LlamaConfig
   from llama_jax.parallel.sharding import init_params
@@ -135,7 +135,7 @@ def main(argv=None):
   parser.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
   args = parser.parse_args(argv)
 
-  config, params, hf_model = _models(args)
+  config, params, hf_model = same_weights(args)
   device = jax.devices()[0]
   threads = "" if hf_model is None else f", torch threads {__import__('torch').get_num_threads()}"
   print(

@@ -44,12 +44,20 @@ def test_generate_benchmark_runs(capsys):
 
 
 def test_engine_benchmark_runs(capsys):
+  import torch
+
   from benchmarks import engine
 
-  engine.main(["--preset", "tiny", "--prompts", "8", "--batch", "4", "--prompt-len", "8",
-               "--median", "4", "--longest", "16", "--iters", "1"])  # fmt: skip
-  rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()
+  threads = torch.get_num_threads()
+  try:
+    engine.main(["--preset", "tiny", "--prompts", "8", "--batch", "4", "--prompt-len", "8",
+                 "--median", "4", "--longest", "16", "--iters", "1"])  # fmt: skip
+  finally:
+    torch.set_num_threads(threads)
+  out = capsys.readouterr().out
+  rows = [line.split(" | ") for line in out.splitlines()
           if line.startswith("| ") and "tok/s" not in line]  # fmt: skip
   assert [r[0].split(" (")[0] for r in rows] == ["| long-tailed", "| uniform"]
   assert rows[1][1] == "32"  # 8 prompts × 4 tokens: every useful token counted
-  assert all(float(r[-1].rstrip(" |×")) > 0 for r in rows)
+  assert all(float(r[-1].rstrip(" |×")) > 0 and float(r[-2].rstrip("×")) > 0 for r in rows)
+  assert "greedy tokens identical: engine, static decoder, transformers" in out
