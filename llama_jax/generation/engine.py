@@ -358,26 +358,36 @@ class Engine:
         else:
           decoding.append(seq)
 
-    admit()
-    while prefilling or decoding:
-      if prefilling:
-        for parent in self._prefill(prefilling[: cfg.prefill_rows]):
-          prefilling.remove(parent)
-          if parent.sample < 0:
-            self._fork(parent, requests[parent.request], pool, decoding)
-          else:
-            decoding.append(parent)
-      else:
-        for seq in self._decode(decoding, requests):
-          decoding.remove(seq)
-          if requests[seq.request].keep:
-            self._handles += 1
-            seq.out.handle = self._handles
-            self.kept[self._handles] = seq
-          else:
-            pool.release(seq.pages)
-          results[seq.request][seq.sample] = seq.out
+    try:
       admit()
+      while prefilling or decoding:
+        if prefilling:
+          for parent in self._prefill(prefilling[: cfg.prefill_rows]):
+            prefilling.remove(parent)
+            if parent.sample < 0:
+              self._fork(parent, requests[parent.request], pool, decoding)
+            else:
+              decoding.append(parent)
+        else:
+          for seq in self._decode(decoding, requests):
+            decoding.remove(seq)
+            if requests[seq.request].keep:
+              self._handles += 1
+              seq.out.handle = self._handles
+              self.kept[self._handles] = seq
+            else:
+              pool.release(seq.pages)
+            results[seq.request][seq.sample] = seq.out
+        admit()
+    finally:  # an interrupted call gives its sequences' pages back (kept samples stay)
+      for seq in prefilling + decoding:
+        pool.release(seq.pages)
+    if waiting:  # nothing runs, and the next request still does not fit: kept pages hold it
+      held = sum(len(s.pages) for s in self.kept.values())
+      raise ValueError(
+        f"Request {waiting[0]}: its samples need {self._pages_needed(requests[waiting[0]])} "
+        f"pages; {len(pool.free)} are free, {held} held by kept samples (Engine.release)"
+      )
     return results
 
   def _start(self, index: int, request: Request, pool: PagePool) -> _Sequence:

@@ -191,6 +191,9 @@ def test_a_kept_sample_continues_without_prefilling_it_again(params):
   # A kept sample nobody continues gives its pages back on release.
   ((kept,),) = engine.generate([Request(prompt=PROMPTS[0], max_new_tokens=3, keep=True)])
   assert len(engine.pool.free) < SMALL.num_pages - 1
+  whole_pool = Request(prompt=[1] * 9, max_new_tokens=120, num_samples=2)  # all 31 pages
+  with pytest.raises(ValueError, match=r"Request 0: its samples need 31 pages; 30 are free, 1 "):
+    engine.generate([whole_pool])
   twice = [Request(prompt=turn, continues=kept.handle)] * 2
   with pytest.raises(ValueError, match=rf"two requests continue the same kept .*{kept.handle}"):
     engine.generate(twice)
