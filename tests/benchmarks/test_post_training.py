@@ -22,7 +22,7 @@ def test_check_refuses_a_difference_beyond_tolerance_and_nan():
     post_training.check("loss", math.nan, 1.0, 1e-4)
 
 
-@pytest.mark.slow
+@pytest.mark.full_size  # 30 s: every workload against TRL; the refusal below stays in make test
 def test_post_training_benchmark_runs_with_parity(capsys, tmp_path):
   results = post_training.main([*TINY, *TINY_GRPO, "--json", str(tmp_path / "out.json")])
   out = capsys.readouterr().out

@@ -1,7 +1,7 @@
 """`experiments.findings` at smoke size: every finding is computed from real stage runs with
 a per-seed difference, an interval and a verdict; the report files are written; a rerun
 reuses every finished stage, and with another seed runs only the new seed's; any other change
-is refused. `make test` runs the reward-model and DPO ablations; `-m full_size` all of them and
+is refused. `make test` runs the DPO ablations (26 s); `-m full_size` all of them and
 a third seed."""
 
 import json
@@ -29,7 +29,7 @@ KEYS = {  # per ablation, in the papers' order
 def test_findings_smoke_and_resume(tmp_path, capsys, full):
   cfg = findings_configs.get_config("smoke")
   if not full:
-    cfg.ablations = "reward_models,dpo"
+    cfg.ablations = "dpo"
   assert list(KEYS) == list(findings_experiment.ABLATIONS)
   chosen = findings_experiment.names(cfg.ablations)
   keys = [key for name in findings_experiment.ABLATIONS if name in chosen for key in KEYS[name]]

@@ -1,6 +1,6 @@
 """`experiments.reward_model` end to end at tiny size: a short run from scratch learns the
-bundled helpfulness pairs, its checkpoint scores like its evaluation, and runs start from an
-LM workdir or a Hugging Face directory."""
+bundled helpfulness pairs (`-m full_size`), its checkpoint scores like its evaluation, and runs
+start from an LM workdir or a Hugging Face directory."""
 
 import json
 
@@ -37,14 +37,24 @@ def small(cfg, steps, **train):
   return cfg
 
 
-@pytest.fixture(scope="module")
-def helpful_run(tmp_path_factory):
+def helpful(tmp_path_factory, steps):
   workdir = tmp_path_factory.mktemp("rm_helpful")
-  # 160 steps: with annotator noise in the labels, 80 steps left the training loss flat.
-  results = rm_experiment.run(small(configs.get_config("tiny_helpful"), steps=160), str(workdir))
+  results = rm_experiment.run(small(configs.get_config("tiny_helpful"), steps=steps), str(workdir))
   return workdir, results
 
 
+@pytest.fixture(scope="module")
+def helpful_run(tmp_path_factory):
+  # 160 steps: with annotator noise in the labels, 80 steps left the training loss flat.
+  return helpful(tmp_path_factory, steps=160)
+
+
+@pytest.fixture(scope="module")
+def short_helpful_run(tmp_path_factory):
+  return helpful(tmp_path_factory, steps=8)
+
+
+@pytest.mark.full_size  # 30 s: the training behind it
 def test_tiny_helpfulness_rm_beats_chance_held_out(helpful_run):
   workdir, results = helpful_run
   print(json.dumps({k: round(v, 3) for k, v in results.items()}))
@@ -65,8 +75,9 @@ def test_tiny_helpfulness_rm_beats_chance_held_out(helpful_run):
   assert rows[0]["loss"] > rows[-2]["loss"]
 
 
-def test_checkpoint_scores_like_its_evaluation(helpful_run):
-  workdir, results = helpful_run
+def test_checkpoint_scores_like_its_evaluation(short_helpful_run):
+  workdir, results = short_helpful_run
+  assert (workdir / "reward_scores.png").read_bytes()[:4] == b"\x89PNG"
   scorer = rewards.RewardScorer.from_workdir(str(workdir), tiny_tokenizer("llama3"))
   test = ranking.filter_records(bundled.load("preference", "test"), concerns=["helpfulness"])
   prompts = [r["prompt"] for r in test]

@@ -1,8 +1,9 @@
 """`experiments.grpo` and `experiments.ppo` end to end at tiny size: from a short SFT run, on
 the bundled unsafe prompts with their verifiable reward (a refusal scores 1), a short run of
 each algorithm (GRPO, PPO, RLOO, REINFORCE++) raises the mean reward well above its start
-while the KL to the reference stays bounded; the runs write their metrics (under the names
-all algorithms share) and plots and resume."""
+while the KL to the reference stays bounded (`-m full_size`: about 2 minutes); at smoke size
+(`make test`) the runs write their metrics (under the names all algorithms share) and plots,
+resume, and sample on a mesh of their own as on the training mesh."""
 
 import dataclasses
 import json
@@ -30,16 +31,26 @@ from llama_jax.training.train_state import OptimizerConfig
 SMALL = dict(num_layers=2, d_model=64, head_dim=16, mlp_dim=128)
 
 
-@pytest.fixture(scope="module")
-def sft_workdir(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("sft")
+def sft_run(workdir, steps):
   cfg = sft_configs.get_config("tiny")
   cfg.model.update(**SMALL)
   cfg.data.update(seq_len=128, batch_size=16, eval_split="")
   cfg.optimizer.update(learning_rate=3e-3, warmup_steps=5)
-  cfg.train.update(num_steps=120, log_every=40, checkpoint_every=1000)
+  cfg.train.update(num_steps=steps, log_every=40, checkpoint_every=1000, plot=False)
   lm.run(cfg, str(workdir))
   return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def sft_workdir(tmp_path_factory):
+  """A policy that answers the tasks' format: what the learning checks start from (24 s)."""
+  return sft_run(tmp_path_factory.mktemp("sft"), steps=120)
+
+
+@pytest.fixture(scope="module")
+def short_sft_workdir(tmp_path_factory):
+  """A few SFT steps: enough for the checks that compare runs or read their files."""
+  return sft_run(tmp_path_factory.mktemp("short_sft"), steps=8)
 
 
 def rl_config(configs, sft_workdir, batch_size, steps=15):
@@ -60,6 +71,7 @@ def report(name, out, kl_key="objective/kl"):
   print(name, json.dumps({p: {k: round(out[p][k], 3) for k in keys} for p in ("start", "end")}))
 
 
+@pytest.mark.full_size  # 45 s with its SFT start; the short runs below check the files
 def test_grpo_raises_the_reward_with_bounded_kl(sft_workdir, tmp_path):
   cfg = rl_config(grpo_configs, sft_workdir, batch_size=8)
   cfg.grpo.group_size = 4
@@ -74,6 +86,7 @@ def test_grpo_raises_the_reward_with_bounded_kl(sft_workdir, tmp_path):
   assert (tmp_path / "metrics.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.full_size  # 20 s; `test_ppo_checkpoint_holds_both_models_and_resumes` below
 def test_ppo_raises_the_reward_with_bounded_kl_and_resumes(sft_workdir, tmp_path):
   cfg = rl_config(ppo_configs, sft_workdir, batch_size=16)
   out = ppo.run(cfg, str(tmp_path))
@@ -86,6 +99,18 @@ def test_ppo_raises_the_reward_with_bounded_kl_and_resumes(sft_workdir, tmp_path
   more = rl_config(ppo_configs, sft_workdir, batch_size=16, steps=16)
   resumed = ppo.run(more, str(tmp_path))
   assert resumed["iterations"] == 1 and len(read_metrics(tmp_path)) == 16
+
+
+def test_ppo_checkpoint_holds_both_models_and_resumes(short_sft_workdir, tmp_path):
+  """The learning check's files and resume at smoke size (2 iterations, then a third)."""
+  out = ppo.run(rl_config(ppo_configs, short_sft_workdir, batch_size=16, steps=2), str(tmp_path))
+  assert out["iterations"] == 2
+  assert {"loss/value", "value/explained_variance", "kl_coef"} | SHARED <= set(
+    read_metrics(tmp_path)[-1]
+  )
+  more = rl_config(ppo_configs, short_sft_workdir, batch_size=16, steps=3)
+  resumed = ppo.run(more, str(tmp_path))
+  assert resumed["iterations"] == 1 and len(read_metrics(tmp_path)) == 3
 
 
 @pytest.mark.full_size  # 30 s; the variants' advantages are checked by hand in tests/objectives
@@ -124,10 +149,12 @@ def test_grpo_with_lora_raises_the_reward_and_trains_only_adapters(sft_workdir, 
   assert any(float(abs(np.asarray(b)).max()) > 0 for b in jax.tree.leaves(trainable))
 
 
-def test_sampling_on_its_own_mesh_gives_the_shared_mesh_results(sft_workdir, tmp_path):
+def test_sampling_on_its_own_mesh_gives_the_shared_mesh_results(short_sft_workdir, tmp_path):
   """`sampling_mesh`: data-parallel sampling on all 8 devices, and on half of them with
   tensor = 2, beside fsdp = 8 training: the weights are resharded every iteration (timed)
-  and the iterations equal sampling on the training mesh."""
+  and the iterations equal sampling on the training mesh. The GRPO runs write the metrics all
+  algorithms share and their plot."""
+  sft_workdir = short_sft_workdir
 
   def run(name, **sampling):
     cfg = rl_config(grpo_configs, sft_workdir, batch_size=8, steps=2)
@@ -139,6 +166,10 @@ def test_sampling_on_its_own_mesh_gives_the_shared_mesh_results(sft_workdir, tmp
 
   shared = run("shared")
   assert all(r["time/weight_sync"] < 1e-3 for r in shared)  # nothing is copied
+  assert len(shared) == 2 and {"time/generation", "response/eos_rate", "loss/kl"} | SHARED <= set(
+    shared[-1]
+  )
+  assert (tmp_path / "shared" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
   cfg = rl_config(grpo_configs, sft_workdir, batch_size=8)
   cfg.mesh.update(data=1, fsdp=8, tensor=1)
   mesh = sections.build_mesh(cfg.mesh)

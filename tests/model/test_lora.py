@@ -195,7 +195,7 @@ def tiny_sft(workdir, *, rank=4, steps=6, init_from=""):
   return lm.run(cfg, str(workdir))
 
 
-@pytest.mark.slow
+@pytest.mark.full_size  # 45 s; each piece (resume, DPO step, merge) is checked above
 def test_lora_sft_resumes_chains_into_dpo_and_exports_merged_to_transformers(tmp_path):
   # A full SFT run, then LoRA SFT from it.
   tiny_sft(tmp_path / "base", rank=0, steps=3)
