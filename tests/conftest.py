@@ -6,11 +6,14 @@ import tempfile
 # The tests' programs are tiny, so compiling them is most of the suite's time (about 85%).
 # LLVM's optimizations are about 30% of a compile, and XLA:CPU's newer fusion emitters another
 # 30% of what remains (a tiny model's train step: 2.3 s -> 1.5 s, the same loss to the bit);
-# neither buys run time these programs need.
+# neither buys run time these programs need. Eigen's matmul thread pool costs more to wake
+# than its threads save on these small matrices, with two xdist workers on two cores (the
+# suite: 9% less time).
 # Prepended, so an optimization level in the caller's XLA_FLAGS wins. Subprocesses the
 # tests start (relaunched runs, notebook kernels) inherit these flags.
 os.environ["XLA_FLAGS"] = (
   "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false "
+  "--xla_cpu_multi_thread_eigen=false "
   + os.environ.get("XLA_FLAGS", "")
   + " --xla_force_host_platform_device_count=8"
 ).strip()

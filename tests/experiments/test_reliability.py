@@ -136,7 +136,8 @@ def test_random_kills_resume_to_the_uninterrupted_run(tmp_path, kills):
   for n, at in enumerate(kill_steps):
     proc = launch(killed, cache)
     if n == kills // 2:  # a second writer while this one runs: refused, with the holder named
-      assert wait_for(proc, lambda p=proc.pid: holds_lock(killed, p))
+      # (once it has logged a step: on a fresh workdir the lock comes before any metrics)
+      assert wait_for(proc, lambda p=proc.pid: holds_lock(killed, p) and logged_steps(killed))
       before = (killed / "metrics.jsonl").read_bytes()
       with pytest.raises(workdirs.WorkdirLocked, match=rf"in use by another run \(pid {proc.pid}"):
         lm.run(common_config(), str(killed))

@@ -103,13 +103,15 @@ def test_ppo_raises_the_reward_with_bounded_kl_and_resumes(sft_workdir, tmp_path
 
 def test_ppo_checkpoint_holds_both_models_and_resumes(short_sft_workdir, tmp_path):
   """The learning check's files and resume at smoke size (2 iterations, then a third)."""
-  out = ppo.run(rl_config(ppo_configs, short_sft_workdir, batch_size=16, steps=2), str(tmp_path))
+  cfg = rl_config(ppo_configs, short_sft_workdir, batch_size=16, steps=2)
+  cfg.generation.max_new_tokens = 8
+  out = ppo.run(cfg, str(tmp_path))
   assert out["iterations"] == 2
   assert {"loss/value", "value/explained_variance", "kl_coef"} | SHARED <= set(
     read_metrics(tmp_path)[-1]
   )
-  more = rl_config(ppo_configs, short_sft_workdir, batch_size=16, steps=3)
-  resumed = ppo.run(more, str(tmp_path))
+  cfg.train.num_steps = 3
+  resumed = ppo.run(cfg, str(tmp_path))
   assert resumed["iterations"] == 1 and len(read_metrics(tmp_path)) == 3
 
 
