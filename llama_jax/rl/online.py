@@ -44,7 +44,8 @@ its `mesh` and `num_minibatches`.
 Metric names are shared across algorithms: objective/kl (nats per response),
 objective/kl_per_token, objective/rewards (the mean reward), policy/entropy, policy/clipfrac,
 policy/approxkl, loss/policy, score/* (of the scorer's scores, before penalties), response/*,
-time/*.
+time/*, and rollout/logp_mismatch (the largest difference between a token's log-prob as the
+sampler gave it and as the training forward computes it).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -82,6 +84,7 @@ PLOT_PANELS = (
   ("response/length",),
   ("response/eos_rate",),
   ("time/weight_sync", "time/generation", "time/reward", "time/logps", "time/training"),
+  ("rollout/logp_mismatch",),
 )
 
 
@@ -204,6 +207,26 @@ def _take_rows(mesh: Mesh):
   return jax.jit(take, out_shardings=batch_sharding(mesh))
 
 
+@functools.lru_cache(maxsize=8)
+def _largest_difference(mesh: Mesh):
+  """Jitted `(a, b, mask) -> max |a − b|` over the masked entries of global [N, T] arrays,
+  replicated (the same scalar on every process)."""
+  fn = lambda a, b, mask: jnp.max(jnp.where(mask > 0, jnp.abs(a - b), 0.0))
+  return jax.jit(fn, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
+def logp_mismatch(rollout: Rollout, old_logp: jax.Array, rows, rows_sharding) -> float:
+  """rollout/logp_mismatch: the largest difference, over every response token, between the
+  log-prob the sampler gave a token (the unmodified model's) and the training forward's
+  (`old_logp` of the advantage pass, [N, T] on the mesh). The engine and the trainer share
+  the model code, so in float32 this is round-off; a large value means the ratios of the
+  policy loss start away from 1."""
+  n = len(rows["tokens"])
+  sampled = sharding.from_process_rows(rollout.sample_logp, rows_sharding, n)
+  mesh = rows_sharding.mesh
+  return float(_largest_difference(mesh)(old_logp, sampled, rows["response_mask"]))
+
+
 def rollout_metrics(rollout: Rollout, scores: np.ndarray, group_size: int) -> dict[str, float]:
   """score/* (of the scorer's scores, before penalties) and response/* of one rollout, over
   every process's responses (each process passes its own)."""
@@ -280,6 +303,9 @@ def make_iteration(
     clock.lap("time/training")
     metrics |= {k: float(v) for k, v in jax.device_get(pass_metrics).items()}
     metrics |= rollout_metrics(rollout, scores, sampler.gen.num_samples) | clock.laps
+    if rollout.sample_logp is not None and "old_logp" in arrays:  # GRPO's and PPO's passes
+      metrics["rollout/logp_mismatch"] = logp_mismatch(rollout, arrays["old_logp"], rows,
+                                                       rows_sharding)  # fmt: skip
     metrics["loss"] = metrics["loss/policy"]
     state, metrics = algorithm.finish(state, metrics)
     return state.replace(step=state.step + 1), metrics

@@ -160,6 +160,25 @@ def rollout_rows(
   return out
 
 
+def response_values(
+  prompt_ids: Sequence[Sequence[int]],  # [B] token ids
+  values: np.ndarray,  # [B, R, N] one value per generated token
+  mask: np.ndarray,  # [B, R, N] 1 on generated tokens
+  *,
+  seq_len: int,
+) -> np.ndarray:
+  """float32 [B·R, seq_len]: each generated token's value where `rollout_rows` puts its target
+  (the row of prompt b's sample r, from position len(prompt) − 1), 0 elsewhere."""
+  b, r, _ = values.shape
+  out = np.zeros((b * r, seq_len), np.float32)
+  for i, prompt in enumerate(prompt_ids):
+    start = len(prompt) - 1
+    for j in range(r):
+      length = int(mask[i, j].sum())
+      out[i * r + j, start : start + length] = values[i, j, :length]
+  return out
+
+
 def ended_with_stop(tokens: np.ndarray, mask: np.ndarray, stop_ids: Sequence[int]) -> np.ndarray:
   """bool [B, R]: whether each response's last generated token is a stop id."""
   lengths = mask.sum(-1)
@@ -182,6 +201,9 @@ class Rollout:
   stopped: np.ndarray
   num_rows: int = -1  # N, all processes' rows; -1: this process's rows are all of them
   rows_slice: slice | None = None  # this process's block of the N rows
+  # float32 [rows, T]: the sampler's log-prob of each response token under the unmodified
+  # model, where `rows` has its target (`response_values`); None if not recorded
+  sample_logp: np.ndarray | None = None
 
   def global_rows(self, batch: jax.sharding.Sharding) -> dict[str, jax.Array]:
     """The rows as global arrays [N, T] under `batch` (rows over the batch axes), built from
@@ -224,8 +246,10 @@ def sample_rollout(
     for j in range(r)
   ]
   seq_len = row_length(prompt_ids, gen.max_new_tokens, row_multiple)  # the same everywhere
+  model_logprobs = sharding.to_process_rows(out.model_logprobs)
   return Rollout(
     rows=rollout_rows(prompt_ids[mine], tokens, mask, seq_len=seq_len),
+    sample_logp=response_values(prompt_ids[mine], model_logprobs, mask, seq_len=seq_len),
     texts=texts,
     records=[rec for rec in records[mine] for _ in range(r)],
     lengths=mask.sum(-1).reshape(-1),

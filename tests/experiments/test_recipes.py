@@ -1,6 +1,8 @@
 """The Llama 2 and Llama 3 recipes end to end at smoke size (a few steps per stage): every
 stage runs, the report has every section with finite numbers, a rerun resumes by skipping
-finished stages, and the post-training notebook runs on the Llama 3 workdir."""
+finished stages, and the post-training notebook runs on the Llama 3 workdir. `make test` runs
+the Llama 3 recipe; the Llama 2 recipe (its RS, PPO and GAtt stages each tested on their own)
+runs under `-m full_size`."""
 
 import json
 import math
@@ -78,6 +80,7 @@ def test_llama3_recipe_smoke_resume_and_walkthrough(tmp_path, monkeypatch, capsy
   assert "answers changed their check" in text
 
 
+@pytest.mark.full_size  # 45 s; its stages run in their own tests, the recipe machinery above
 def test_llama2_recipe_smoke(tmp_path):
   workdir = tmp_path / "llama2"
   cfg = llama2_configs.get_config("smoke")

@@ -172,6 +172,8 @@ def test_sampling_on_its_own_mesh_gives_the_shared_mesh_results(short_sft_workdi
     shared[-1]
   )
   assert (tmp_path / "shared" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+  # The sampler's log-probs are the training forward's (float32: round-off).
+  assert all(r["rollout/logp_mismatch"] < 1e-4 for r in shared)
   cfg = rl_config(grpo_configs, sft_workdir, batch_size=8)
   cfg.mesh.update(data=1, fsdp=8, tensor=1)
   mesh = sections.build_mesh(cfg.mesh)

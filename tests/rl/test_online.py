@@ -77,6 +77,16 @@ def test_rollout_rows_line_up_with_the_sampled_log_probs(setup):
       rows["targets"][i][mask].tolist()
       == np.asarray(out.tokens).reshape(8, -1)[i][: mask.sum()].tolist()
     )
+    np.testing.assert_array_equal(rollout.sample_logp[i][mask], sampled)  # kept beside the row
+  # rollout/logp_mismatch: the largest of those differences, from global arrays on the mesh.
+  mask = rows["response_mask"] == 1
+  assert not rollout.sample_logp[~mask].any()
+  batch = step_lib.batch_sharding(sharding.make_mesh())
+  mismatch = online.logp_mismatch(
+    rollout, jax.device_put(logp, batch), rollout.global_rows(batch), batch
+  )
+  assert mismatch == pytest.approx(float(np.abs(logp - rollout.sample_logp)[mask].max()), rel=1e-6)
+  assert mismatch < 2e-4
 
 
 def test_prompt_iterator_resumes_and_reshuffles():
