@@ -7,8 +7,9 @@
 
 How it works:
 
-- **Memory.** Keys and values live in fixed-size pages of one pool ([L, pages, page_size, K,
-  H], `model.llama.PagedKV`); a sequence holds a page table. Page 0 is scratch: padding
+- **Memory.** Keys and values live in fixed-size pages of one pool ([L, pages, page_size, 2K,
+  H], keys and values interleaved on the head axis, `model.llama.PagedKV`); a sequence holds
+  a page table. Page 0 is scratch: padding
   tokens write there and nothing reads it.
 - **Admission.** A request is admitted when a decode slot is free for each of its samples and
   the pool holds the pages its samples can ever need (prompt plus `max_new_tokens`); they are
@@ -33,6 +34,9 @@ How it works:
   only the new tokens.
 - **Weights.** `update_weights(params)` between RL iterations recompiles nothing; with
   `mesh`, the engine reads the weights where the training mesh holds them.
+- **Attention** over the pages goes through a kernel table (`EngineConfig.attention`,
+  `model.attention.PAGED_KERNELS`): XLA everywhere, TPU's Pallas ragged paged attention on
+  TPU (chosen by "auto" where head_dim is a multiple of 128).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.generation.sampling import SamplingConfig, sample_rows
+from llama_jax.model import attention
 from llama_jax.model.llama import PagedKV, as_model
 from llama_jax.parallel import sharding
 
@@ -67,6 +72,9 @@ class EngineConfig:
     max_seq_len: the longest sequence (prompt + new tokens); 0: the model's `max_seq_len`.
     prefill_chunk: prompt tokens per sequence per prefill step.
     prefill_rows: sequences prefilled together in one step.
+    attention: the paged attention kernel (`model.attention.PAGED_KERNELS`): "xla", or
+      "ragged_paged" (TPU's Pallas kernel); "auto": the devices' kernel where the model's
+      head_dim suits it, else "xla".
   """
 
   page_size: int = 16
@@ -75,6 +83,7 @@ class EngineConfig:
   max_seq_len: int = 0
   prefill_chunk: int = 64
   prefill_rows: int = 4
+  attention: str = "auto"
 
   def __post_init__(self):
     for name in ("page_size", "max_seqs", "prefill_chunk", "prefill_rows"):
@@ -169,31 +178,32 @@ class PagePool:
         self.free.append(page)
 
 
-def _step(model, mesh, params, k, v, tokens, segment_ids, page_table, lengths, keys, draws,
+def _step(model, mesh, impl, params, kv, tokens, segment_ids, page_table, lengths, keys, draws,
           temperature, top_k, top_p):  # fmt: skip
   """One compiled engine step: T tokens per row into the pages, then a sample of the token
-  after each row's last real one, with key `fold_in(keys[b], draws[b])`. Returns `(k, v,
+  after each row's last real one, with key `fold_in(keys[b], draws[b])`. Returns `(kv,
   tokens [B], logprobs [B], model_logprobs [B])`."""
-  cache = PagedKV(k=k, v=v, page_table=page_table, lengths=lengths)
+  cache = PagedKV(kv=kv, page_table=page_table, lengths=lengths, impl=impl)
   with sharding.activation_sharding(mesh):
     logits, cache = model.apply({"params": params}, tokens, segment_ids=segment_ids, cache=cache)
   last = jnp.maximum(jnp.sum(segment_ids != 0, axis=1) - 1, 0)
   logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]  # [B, V]
   keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keys), draws)
   token, logprob, model_logprob = sample_rows(keys, logits, temperature, top_k, top_p)
-  return cache.k, cache.v, token, logprob, model_logprob
+  return cache.kv, token, logprob, model_logprob
 
 
 def page_shardings(model, mesh: Mesh) -> NamedSharding:
-  """The pages' sharding on `mesh`: kv heads over `tensor` where it divides them (as the k / v
-  weights are placed, `sharding.rules_for`), the rest replicated."""
+  """The pool's sharding on `mesh`: its interleaved key/value head axis over `tensor` where the
+  kv heads divide it (as the k / v weights are placed, `sharding.rules_for`; a shard then
+  holds whole heads' keys and values), the rest replicated."""
   rules = sharding.rules_for(model, mesh)
   return sharding.named_sharding(mesh, (None, None, None, "act_kv_heads", None), rules)
 
 
-def _copy_pages(k, v, src, dst):
+def _copy_pages(kv, src, dst):
   """Copies pages src [n] onto dst [n] in every layer (pairs (0, 0) pad)."""
-  return k.at[:, dst].set(k[:, src]), v.at[:, dst].set(v[:, src])
+  return kv.at[:, dst].set(kv[:, src])
 
 
 class Engine:
@@ -236,28 +246,29 @@ class Engine:
         f"{self.max_seq_len}: that takes {self.pages_per_seq} pages of {config.page_size} "
         "tokens, plus the scratch page"
       )
-    self.k, self.v = PagedKV.init_pages(cfg, config.num_pages, config.page_size, dtype)
+    self.kv = PagedKV.init_pages(cfg, config.num_pages, config.page_size, dtype)
     self.pool = PagePool(config.num_pages)
     self.kept: dict[int, _Sequence] = {}  # handle -> a finished sample holding its pages
     self._handles = 0
     self.prefilled_tokens = 0  # prompt tokens run through prefill steps, for the curious
     self.mesh = mesh
-    step = functools.partial(_step, self.model, mesh)
+    platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
+    self.attention = attention.check_paged_kernel(config.attention, cfg.head_dim, platform)
+    step = functools.partial(_step, self.model, mesh, self.attention)
     if mesh is None:
-      self._step = jax.jit(step, donate_argnums=(1, 2))
+      self._step = jax.jit(step, donate_argnums=(1,))
     else:  # the weights as the mesh holds them (no copy); pages split over kv heads
       pages = page_shardings(self.model, mesh)
-      self.k, self.v = jax.device_put((self.k, self.v), pages)
+      self.kv = jax.device_put(self.kv, pages)
       replicated = NamedSharding(mesh, PartitionSpec())
       self._step = jax.jit(
         step,
-        in_shardings=(sharding.param_shardings(self.model, mesh), pages, pages)
-        + (replicated,) * 9,
-        out_shardings=(pages, pages) + (replicated,) * 3,
-        donate_argnums=(1, 2),
+        in_shardings=(sharding.param_shardings(self.model, mesh), pages) + (replicated,) * 9,
+        out_shardings=(pages,) + (replicated,) * 3,
+        donate_argnums=(1,),
       )
     # A partial per engine: its own compilation count (`compilations`).
-    self._copy = jax.jit(functools.partial(_copy_pages), donate_argnums=(0, 1))
+    self._copy = jax.jit(functools.partial(_copy_pages), donate_argnums=(0,))
 
   def update_weights(self, params) -> None:
     """New weights (same shapes and shardings) for the next requests: no recompilation."""
@@ -427,7 +438,7 @@ class Engine:
     if copies:
       src, dst = (np.zeros(self.config.max_seqs, np.int32) for _ in range(2))
       src[: len(copies)], dst[: len(copies)] = zip(*copies, strict=True)
-      self.k, self.v = self._copy(self.k, self.v, src, dst)
+      self.kv = self._copy(self.kv, src, dst)
     pool.release(parent.pages)
 
   def _tables(self, seqs: Sequence[_Sequence], rows: int, tokens: int) -> np.ndarray:
@@ -461,8 +472,8 @@ class Engine:
         sampling = requests[seq.request].sampling
         keys[i], draws[i] = seq.key, len(seq.out.tokens)
         temperature[i], top_k[i], top_p[i] = sampling.temperature, sampling.top_k, sampling.top_p
-    self.k, self.v, *sampled = self._step(
-      self.params, self.k, self.v, tokens, segments, self._tables(seqs, rows, t), lengths,
+    self.kv, *sampled = self._step(
+      self.params, self.kv, tokens, segments, self._tables(seqs, rows, t), lengths,
       keys, draws, temperature, top_k, top_p,
     )  # fmt: skip
     return jax.device_get(sampled)

@@ -19,6 +19,7 @@ shared prefix, the cache) under one softmax.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as ragged
 from jax.sharding import PartitionSpec as P
 
 # A large finite negative instead of -inf: rows with every key masked (padding queries)
@@ -423,3 +425,139 @@ def attend(impl: str, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax
   """
   kernel = check_kernel(impl, extra_mask=extra_mask is not None, platform=mesh_platform())
   return kernel.fn(q, k, v, segment_ids, extra_mask)
+
+
+# --------------------------------------------------------------------------- paged attention
+
+# Attention over a paged KV pool (the rollout engine's steps): q [B, T, N, H] of T new tokens
+# per row, attending to the row's first `lengths[b] + t + 1` positions. The new tokens' keys
+# and values are already written. `pages` [pages, page_size, 2K, H] holds keys and values
+# interleaved on the head axis (`model.llama.PagedKV`), `page_table` [B, W] a row's pages in
+# position order, `lengths` [B] the tokens each row had cached before this call, `mask`
+# [B, T, W · page_size] those positions (rows right-padded: a padding query's output is
+# never read). Returns [B, T, N, H].
+PagedFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def _paged_xla(q, pages, page_table, lengths, mask):
+  """Each row's pages gathered in position order, then `attend_xla`."""
+  del lengths  # in the mask
+  b, w = page_table.shape
+  _, page_size, two_k, h = pages.shape
+  rows = pages[page_table].reshape(b, w * page_size, two_k // 2, 2, h).astype(q.dtype)
+  return attend_xla(q, [(rows[..., 0, :], rows[..., 1, :], mask)])
+
+
+def ragged_arguments(q, page_table, lengths):
+  """The arguments of `ragged_paged_attention` for a [B, T] step: the B·T query tokens flat
+  (padding included: each row's T queries), each row's key count with its new tokens
+  (`lengths + T`: query t then sees positions up to lengths + t, the causal rule), the
+  cumulative query counts and the row count. Returns `(q [B·T, N, H], kv_lens [B],
+  cu_q_lens [B + 1], num_seqs [1])`."""
+  b, t, n, h = q.shape
+  return (
+    q.reshape(b * t, n, h),
+    lengths.astype(jnp.int32) + t,
+    jnp.arange(b + 1, dtype=jnp.int32) * t,
+    jnp.asarray([b], jnp.int32),
+  )
+
+
+def _ragged_local(q, pages, page_table, lengths):
+  """jax's ragged paged attention Pallas kernel on one device's heads."""
+  b, t, n, h = q.shape
+  flat, kv_lens, cu_q_lens, num_seqs = ragged_arguments(q, page_table, lengths)
+  # Block sizes: the kernel's own defaults for shapes its tuned table lacks, given here
+  # because that table is looked up on `jax.devices()`, which compiling ahead of time for a
+  # TPU from another host does not have. Traced at the default matmul precision: Mosaic
+  # refuses 16-bit matmuls at "highest" (see `_at_default_precision`; no gradient here).
+  sixteen_bit = jnp.dtype(q.dtype).itemsize < 4
+  with jax.default_matmul_precision("default") if sixteen_bit else contextlib.nullcontext():
+    out = ragged.ragged_paged_attention(
+      flat, pages.astype(q.dtype), kv_lens, page_table.astype(jnp.int32), cu_q_lens, num_seqs,
+      sm_scale=h**-0.5, num_kv_pages_per_block=min(page_table.shape[1], 128),
+      num_queries_per_block=min(b * t, 32),
+    )  # fmt: skip
+  return out.reshape(b, t, n, h)
+
+
+def _paged_ragged(q, pages, page_table, lengths, mask):
+  """The ragged paged attention kernel (TPU: Mosaic), per device under a mesh: query heads and
+  the pool's kv heads split alike over the head axes of the current rules (contiguous ranges
+  keep GQA groups and each head's key and value together); where the kv heads cannot split,
+  neither do the query heads. Rows stay whole, as the engine's steps keep them."""
+  del mask  # the kernel's causal rule over `kv_lens`, see `ragged_arguments`
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.are_all_axes_manual:
+    return _ragged_local(q, pages, page_table, lengths)
+  n, kv_heads = q.shape[2], pages.shape[2] // 2
+  rules = fit_rules(
+    nn.get_logical_axis_rules() or _FALLBACK_RULES, mesh.shape,
+    {"act_heads": n, "act_kv_heads": kv_heads},
+  )
+  heads, kv_axes = (_mesh_axes(mesh, name, rules) for name in ("act_heads", "act_kv_heads"))
+  if heads != kv_axes:
+    heads = kv_axes = ()
+  q_spec = P(None, None, heads or None, None)
+  return jax.shard_map(
+    _ragged_local, mesh=mesh,
+    in_specs=(q_spec, P(None, None, kv_axes or None, None), P(), P()), out_specs=q_spec,
+    check_vma=False,  # pallas_call outputs carry no varying-axes annotation
+  )(q, pages, page_table, lengths)
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedKernel:
+  """One paged attention kernel and where it runs."""
+
+  name: str  # the `EngineConfig.attention` that selects it
+  fn: PagedFn
+  platforms: tuple[str, ...]
+  min_head_dim: int  # head_dim must be a multiple of this (TPU lanes: 128)
+  about: str
+
+
+PAGED_KERNELS: dict[str, PagedKernel] = {
+  k.name: k
+  for k in (
+    PagedKernel("xla", _paged_xla, ("cpu", "gpu", "tpu"), 1,
+                "each row's pages gathered, then XLA einsums (attend_xla)"),
+    PagedKernel("ragged_paged", _paged_ragged, ("tpu",), 128,
+                "Pallas ragged paged attention (TPU, jax.experimental.pallas.ops.tpu)"),
+  )
+}  # fmt: skip
+
+# EngineConfig.attention="auto": the platform's kernel where the model can use it, else XLA.
+# On GPU, jax's Pallas paged attention (`ops.gpu.paged_attention`) takes one query token per
+# row and separate key / value pools of another layout, so it cannot serve the prefill steps
+# or this pool; GPUs use the XLA path.
+PAGED_AUTO = {"tpu": "ragged_paged"}
+
+
+def check_paged_kernel(name: str, head_dim: int, platform: str | None,
+                       caller: str = "EngineConfig.attention") -> str:
+  """The paged kernel `name` stands for ("auto": `PAGED_AUTO`'s, if it can serve head_dim),
+  after checking it can run here; raises ValueError naming what is missing."""
+  if name == "auto":
+    name = PAGED_AUTO.get(platform, "xla")
+    if head_dim % PAGED_KERNELS[name].min_head_dim:
+      name = "xla"
+  if name not in PAGED_KERNELS:
+    raise ValueError(f"{caller}={name!r}: unknown; known: {sorted(PAGED_KERNELS)} and 'auto'")
+  kernel = PAGED_KERNELS[name]
+  if platform is not None and platform not in kernel.platforms:
+    raise ValueError(
+      f"{caller}={name!r} ({kernel.about}) runs on {kernel.platforms}, not on {platform!r}"
+    )
+  if head_dim % kernel.min_head_dim:
+    raise ValueError(
+      f"{caller}={name!r} ({kernel.about}) needs head_dim a multiple of {kernel.min_head_dim}; "
+      f"the model has {head_dim}"
+    )
+  return name
+
+
+def paged_attention(impl: str, q, pages, page_table, lengths, mask) -> jax.Array:
+  """Attention of q [B, T, N, H] over a paged pool through the kernel `impl` (a resolved
+  `PAGED_KERNELS` name, see `check_paged_kernel`); shapes as `PagedFn` says."""
+  return PAGED_KERNELS[impl].fn(q, pages, page_table, lengths, mask)

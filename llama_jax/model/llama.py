@@ -157,31 +157,36 @@ class PagedKV:
   tokens per row writes them at positions `lengths[b]` … and attends to every earlier position
   of its row; tokens with segment id 0 are padding, written to page 0, which the engine keeps
   as scratch and never hands out.
+
+  The pool is the layout of TPU's ragged paged attention kernel: keys and values interleaved
+  on one head axis (kv head j's key at 2j, its value at 2j + 1), so a tensor-parallel split of
+  that axis keeps each head's key and value together, as the k / v weights are split.
+  `impl` names the paged attention kernel (`attention.PAGED_KERNELS`).
   """
 
-  k: jax.Array  # [L, pages, page_size, K, H]
-  v: jax.Array  # [L, pages, page_size, K, H]
+  kv: jax.Array  # [L, pages, page_size, 2K, H]
   page_table: jax.Array  # [B, pages per row] int32
   lengths: jax.Array  # [B] int32: tokens already cached per row
+  impl: str = flax.struct.field(pytree_node=False, default="xla")
 
   @classmethod
   def init_pages(cls, config: LlamaConfig, num_pages: int, page_size: int, dtype=None):
-    """Empty (k, v) page pools of `num_pages` pages."""
-    shape = (config.num_layers, num_pages, page_size, config.num_kv_heads, config.head_dim)
-    dtype = jnp.dtype(dtype or config.dtype)
-    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+    """An empty page pool [L, num_pages, page_size, 2K, H]."""
+    shape = (config.num_layers, num_pages, page_size, 2 * config.num_kv_heads, config.head_dim)
+    return jnp.zeros(shape, jnp.dtype(dtype or config.dtype))
 
 
 @flax.struct.dataclass
 class PagedLayerCache:
   """A `PagedKV` as carried through the layers of one call: where each new token goes."""
 
-  k: jax.Array  # [L, pages, page_size, K, H]
-  v: jax.Array
+  kv: jax.Array  # [L, pages, page_size, 2K, H]
   layer: jax.Array  # [] int32: the layer about to run
   page_table: jax.Array  # [B, pages per row]
+  lengths: jax.Array  # [B]: tokens cached per row before this call
   write_page: jax.Array  # [B, T]: the page of each new token (0 for padding)
   write_offset: jax.Array  # [B, T]
+  impl: str = flax.struct.field(pytree_node=False, default="xla")
 
 
 # --------------------------------------------------------------------------- attention
@@ -331,20 +336,15 @@ class Attention(nn.Module):
 
 def _paged_attention(q, k, v, mask, cache: PagedLayerCache):
   """Writes this layer's new keys/values k, v [B, T, K, H] into their pages, then attends q
-  [B, T, N, H] to each row's pages gathered in position order ([B, pages per row · page_size]
-  keys, `mask` [B, T, S] marking the earlier positions). The XLA path, for every backend."""
+  [B, T, N, H] to each row's earlier positions through the kernel `cache.impl`
+  (`attention.paged_attention`; `mask` [B, T, S] marks them for the XLA path)."""
   layer = cache.layer
-  at = (layer, cache.write_page, cache.write_offset)
-  pages_k = cache.k.at[at].set(k.astype(cache.k.dtype))
-  pages_v = cache.v.at[at].set(v.astype(cache.v.dtype))
-  b, m = cache.page_table.shape
-
-  def gather(pages):  # [B, pages per row · page_size, K, H]
-    rows = jax.lax.dynamic_index_in_dim(pages, layer, keepdims=False)[cache.page_table]
-    return rows.reshape(b, m * pages.shape[2], *pages.shape[3:]).astype(q.dtype)
-
-  out = attend_xla(q, [(gather(pages_k), gather(pages_v), mask)])
-  return out, cache.replace(k=pages_k, v=pages_v, layer=layer + 1)
+  b, t, kh, h = k.shape
+  new = jnp.stack([k, v], axis=3).reshape(b, t, 2 * kh, h)  # interleaved: k_j at 2j, v_j at 2j+1
+  kv = cache.kv.at[layer, cache.write_page, cache.write_offset].set(new.astype(cache.kv.dtype))
+  pages = jax.lax.dynamic_index_in_dim(kv, layer, keepdims=False)  # [pages, page_size, 2K, H]
+  out = attention.paged_attention(cache.impl, q, pages, cache.page_table, cache.lengths, mask)
+  return out, cache.replace(kv=kv, layer=layer + 1)
 
 
 class MLP(nn.Module):
@@ -493,24 +493,25 @@ class Llama(nn.Module):
     if segment_ids is None:
       segment_ids = jnp.ones(tokens.shape, jnp.int32)
     valid = segment_ids != 0
-    page_size = cache.k.shape[2]
+    page_size = cache.kv.shape[2]
     positions = cache.lengths[:, None] + jnp.arange(tokens.shape[1])[None, :]  # [B, T]
     pages = jnp.take_along_axis(cache.page_table, positions // page_size, axis=1, mode="clip")
     keys = jnp.arange(cache.page_table.shape[1] * page_size)  # [S]: positions in page order
     mask = (keys[None, None, :] <= positions[:, :, None]) & valid[:, :, None]  # [B, T, S]
     layer_cache = PagedLayerCache(
-      k=cache.k,
-      v=cache.v,
+      kv=cache.kv,
       layer=jnp.zeros((), jnp.int32),
       page_table=cache.page_table,
+      lengths=cache.lengths,
       write_page=jnp.where(valid, pages, 0),
       write_offset=positions % page_size,
+      impl=cache.impl,
     )
     x = jnp.take(self.embedding, tokens, axis=0).astype(self.config.dtype)
     x = nn.with_logical_constraint(x, ("act_batch", "act_seq", "act_embed"))
     masks = AttentionMasks(part_masks=(mask,))
     x, layer_cache = self._run_layers(x, positions, masks, (), layer_cache)
-    return self.final_norm(x), cache.replace(k=layer_cache.k, v=layer_cache.v)
+    return self.final_norm(x), cache.replace(kv=layer_cache.kv)
 
   def hidden_states(
     self, tokens, positions=None, segment_ids=None, cache=None, *, prefix=None, attention_mask=None

@@ -210,8 +210,96 @@ def test_on_a_mesh_it_reads_the_sharded_weights_and_samples_the_same(params):
   one = Engine(CFG, params, SMALL).generate(batch)
   engine = Engine(CFG, sharded, SMALL, mesh=mesh)
   many = engine.generate(batch)
-  assert engine.k.sharding.spec[3] == "tensor"  # pages split over the 2 kv heads
+  assert engine.kv.sharding.spec[3] == "tensor"  # the pool split over the 2 kv heads
   for a, b in zip(one, many, strict=True):
     for x, y in zip(a, b, strict=True):
       assert x.tokens == y.tokens
       np.testing.assert_allclose(x.model_logprobs, y.model_logprobs, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- paged kernels
+
+
+def paged_step_inputs(t=4, h=128, page_size=8, width=4):
+  """A [3, t] step over a random pool: a row prefilling t tokens after 5 cached, one with 2
+  real tokens then padding after 11, one decoding its first token; masks as
+  `Llama.paged_hidden_states` builds them."""
+  rng = np.random.default_rng(0)
+  n, k = 4, 2
+  pages = jnp.asarray(rng.normal(size=(12, page_size, 2 * k, h)), jnp.float32)
+  q = jnp.asarray(rng.normal(size=(3, t, n, h)), jnp.float32)
+  table = jnp.asarray([[1, 2, 3, 4], [5, 6, 7, 0], [8, 9, 0, 0]], jnp.int32)[:, :width]
+  lengths = jnp.asarray([5, 11, 0], jnp.int32)
+  real = np.asarray([t, 2, 1])
+  valid = np.arange(t)[None, :] < real[:, None]
+  positions = np.asarray(lengths)[:, None] + np.arange(t)[None, :]
+  keys = np.arange(width * page_size)
+  mask = (keys[None, None, :] <= positions[:, :, None]) & valid[:, :, None]
+  return q, pages, table, lengths, jnp.asarray(mask), valid
+
+
+def test_the_ragged_kernels_arguments_give_the_xla_paged_attention():
+  """TPU's ragged paged attention, fed what `attention._paged_ragged` feeds it, computes the
+  XLA path's attention at every real query. Checked through the kernel's own reference
+  (`ref_ragged_paged_attention`): in jax 0.10's TPU interpreter the kernel itself stops at a
+  reshaped DMA buffer (`ReshapeTransform ... has no attribute 'indices'`), so it cannot run
+  on a CPU; `test_the_engine_compiles_ragged_paged_attention_for_a_tpu` compiles it."""
+  from jax.experimental.pallas.ops.tpu.ragged_paged_attention import kernel as ragged
+
+  from llama_jax.model import attention
+
+  q, pages, table, lengths, mask, valid = paged_step_inputs()
+  ours = attention.paged_attention("xla", q, pages, table, lengths, mask)
+  flat, kv_lens, cu_q_lens, num_seqs = attention.ragged_arguments(q, table, lengths)
+  theirs = ragged.ref_ragged_paged_attention(
+    flat, pages, kv_lens, table, cu_q_lens, num_seqs, sm_scale=q.shape[-1] ** -0.5
+  ).reshape(q.shape)
+  scale = float(jnp.abs(ours).max())
+  np.testing.assert_allclose(np.asarray(theirs)[valid], np.asarray(ours)[valid],
+                             atol=1e-6 * scale, rtol=1e-5)  # fmt: skip
+
+
+def test_the_engine_compiles_ragged_paged_attention_for_a_tpu():
+  """Ahead of time, for a v5p-8 this host does not have: a prefill and a decode step of the
+  engine with the Mosaic kernel (bfloat16 pages, head_dim 128, tensor-parallel kv heads)."""
+  pytest.importorskip("libtpu", reason="TPU descriptions need libtpu: pip install 'jax[tpu]'")
+  import functools
+
+  from llama_jax.generation import engine as engine_lib
+  from llama_jax.parallel.topologies import get_topology
+
+  mesh = sharding.make_mesh(devices=get_topology("v5p-8").devices(), fsdp=2, tensor=2)
+  config = dataclasses.replace(CFG, head_dim=128, dtype="bfloat16")
+  model = Llama(config)
+  params = sharding.abstract_sharded_params(model, mesh)
+  pool = engine_lib.page_shardings(model, mesh)
+  kv = jax.ShapeDtypeStruct((2, 64, 16, 4, 128), jnp.bfloat16, sharding=pool)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  step = jax.jit(
+    functools.partial(engine_lib._step, model, mesh, "ragged_paged"),
+    in_shardings=(sharding.param_shardings(model, mesh), pool) + (replicated,) * 9,
+    out_shardings=(pool,) + (replicated,) * 3,
+  )
+  for rows, t in ((4, 32), (8, 1)):  # a prefill chunk, a decode step
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    args = (params, kv, i32(rows, t), i32(rows, t), i32(rows, 4), i32(rows),
+            jax.ShapeDtypeStruct((rows, 2), jnp.uint32), i32(rows),
+            jax.ShapeDtypeStruct((rows,), jnp.float32), i32(rows),
+            jax.ShapeDtypeStruct((rows,), jnp.float32))  # fmt: skip
+    lowered = step.lower(*args)
+    assert "tpu_custom_call" in lowered.as_text()  # the Mosaic kernel, not XLA attention
+    lowered.compile()
+
+
+def test_paged_kernels_are_checked_against_the_model_and_the_devices():
+  from llama_jax.model.attention import check_paged_kernel
+
+  assert check_paged_kernel("auto", 128, "tpu") == "ragged_paged"
+  assert check_paged_kernel("auto", 64, "tpu") == "xla"  # the kernel's lanes want 128
+  assert check_paged_kernel("auto", 128, "gpu") == check_paged_kernel("auto", 128, "cpu") == "xla"
+  with pytest.raises(ValueError, match="'ragged_paged'.*runs on \\('tpu',\\), not on 'cpu'"):
+    Engine(dataclasses.replace(CFG, head_dim=128), None, EngineConfig(attention="ragged_paged"))
+  with pytest.raises(ValueError, match="needs head_dim a multiple of 128; the model has 16"):
+    check_paged_kernel("ragged_paged", 16, "tpu")
+  with pytest.raises(ValueError, match="'flash': unknown"):
+    check_paged_kernel("flash", 16, "cpu")
