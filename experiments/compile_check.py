@@ -196,8 +196,11 @@ def _step_flops(rows: list[Row]) -> float:
 def summary_rows(target: targets.Target, rows: list[Row]) -> list[tuple[str, ...]]:
   """One row per stage of a target: its largest function against the HBM."""
   out = []
-  for stage in dict.fromkeys(r.stage for r in rows):
-    mine = [r for r in rows if r.stage == stage]
+  # The rollout engine's steps are a row of their own beside the decoder's (`engine_*`).
+  label = lambda r: r.stage + (" · engine" if r.report and r.report.name.startswith("engine_")
+                               else "")  # fmt: skip
+  for stage in dict.fromkeys(map(label, rows)):
+    mine = [r for r in rows if label(r) == stage]
     mesh = "×".join(str(mine[0].mesh.get(a, "?")) for a in ("data", "fsdp", "tensor"))
     reports = [r.report for r in mine if r.report]
     if not reports:

@@ -21,6 +21,7 @@ import numpy as np
 
 from experiments import data_sources, models, runs, sections
 from llama_jax.generation.decode import decode_program, model_stop_ids
+from llama_jax.generation.engine import engine_programs
 from llama_jax.parallel import aot, sharding
 from llama_jax.rl import scorers
 from llama_jax.rl.best_of_k import select_best
@@ -48,7 +49,10 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
   model_cfg = sections.model_config(cfg)
   sharding.check_fits_mesh(model_cfg, mesh)
   gen = sections.generation_config(cfg, model_stop_ids(model_cfg))
-  return [decode_program(model_cfg, gen, cfg.data.batch_size, assumed.prompt_len, mesh)]
+  return [
+    decode_program(model_cfg, gen, cfg.data.batch_size, assumed.prompt_len, mesh),
+    *engine_programs(model_cfg, sections.engine_config(cfg), mesh),
+  ]
 
 
 @runs.locked_run

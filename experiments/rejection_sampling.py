@@ -45,6 +45,7 @@ from experiments import data_sources, models, runs, sections
 from llama_jax.checkpoint import atomic
 from llama_jax.data import builders
 from llama_jax.generation.decode import decode_program, model_stop_ids
+from llama_jax.generation.engine import engine_programs
 from llama_jax.parallel import aot, sharding
 from llama_jax.rl import rejection_sampling as rs_lib
 from llama_jax.rl import rollouts, scorers
@@ -69,15 +70,16 @@ def programs(cfg: ml_collections.ConfigDict, mesh, assumed: aot.Assumed) -> list
   gen = sections.generation_config(cfg, model_stop_ids(model_cfg))
   policy = sharding.abstract_sharded_params(model_cfg, mesh)
   scorer = scorers.scorer_config(cfg.scorer)
+  reward_models = scorers.reward_model_params(scorer.kind, model_cfg, mesh)
   generate = decode_program(
-    model_cfg, gen, cfg.data.batch_size, assumed.prompt_len, mesh,
-    resident=scorers.reward_model_params(scorer.kind, model_cfg, mesh),
-  )  # fmt: skip
+    model_cfg, gen, cfg.data.batch_size, assumed.prompt_len, mesh, resident=reward_models
+  )
+  engine = engine_programs(model_cfg, sections.engine_config(cfg), mesh, resident=reward_models)
   seq_len = rollouts.row_length([[0] * assumed.prompt_len], gen.max_new_tokens, 64)
   scoring = scorers.reward_model_programs(
     scorer.kind, scorer.batch_size, model_cfg, mesh, seq_len, resident=policy
   )
-  return [generate, *scoring]
+  return [generate, *engine, *scoring]
 
 
 # --------------------------------------------------------------------------- files

@@ -16,7 +16,7 @@ import jax
 import ml_collections
 
 from llama_jax import LlamaConfig
-from llama_jax.generation import GenerationConfig, SamplingConfig
+from llama_jax.generation import EngineConfig, GenerationConfig, SamplingConfig
 from llama_jax.model import lora
 from llama_jax.parallel import sharding
 from llama_jax.training.train_state import OptimizerConfig
@@ -135,6 +135,11 @@ def train_optimizer_config(cfg: ml_collections.ConfigDict, num_steps: int) -> Op
 
 def loop_config(cfg: ml_collections.ConfigDict) -> LoopConfig:
   return from_section(LoopConfig, cfg)
+
+
+def engine_config(cfg: ml_collections.ConfigDict) -> EngineConfig:
+  """The `engine` section of `cfg` (the rollout engine's page pool and step shapes)."""
+  return from_section(EngineConfig, cfg.engine)
 
 
 def generation_config(

@@ -58,6 +58,7 @@ TARGETS = (
   Target("dpo", "llama3p1_70b", "h100-64"),
   Target("dpo", "llama3p1_405b", "v5p-1024"),
   Target("generate", "llama3p1_8b", "h100-8"),
+  Target("generate", "llama3p1_8b", "v5p-8"),
   Target("rejection_sampling", "llama3p1_8b", "h100-8"),
   Target("rejection_sampling", "llama2_70b", "h100-64"),
   Target("rejection_sampling", "llama2_70b", "v5p-128"),

@@ -18,6 +18,11 @@ Fields
   generation  max_new_tokens, num_samples (per prompt, sharing its prefilled KV cache),
               temperature (0 = greedy), top_k (0 = off), top_p (1 = off), prompt_bucket
               (0 = powers of two), seed.
+  engine      the rollout engine's `EngineConfig` (`llama_jax.generation.engine`): page_size,
+              num_pages (the KV page pool, scratch page included), max_seqs (sequences
+              decoded together), max_seq_len (0 = the model's), prefill_chunk, prefill_rows,
+              attention ("auto" | "xla" | "ragged_paged"); the compile check compiles its
+              largest prefill and decode steps with the pool.
   chat        wrap string prompts as a user message of the tokenizer's chat format.
   scorer      `llama_jax.rl.scorers.ScorerConfig` (`base.scorer_section`), as in the
               rejection-sampling, GRPO and PPO configs: kind "" (no scores), "check_answer"
@@ -41,6 +46,7 @@ import ml_collections
 
 from experiments.configs.base import TINY_MODEL, dataclass_section, pick, scorer_section
 from llama_jax.generation.decode import GenerationConfig
+from llama_jax.generation.engine import EngineConfig
 from llama_jax.generation.sampling import SamplingConfig
 from llama_jax.parallel.sharding import MeshConfig
 
@@ -77,6 +83,7 @@ def _base(**model_fields) -> ml_collections.ConfigDict:
         seed=0,
       )
       | dataclass_section(SamplingConfig),
+      "engine": dataclass_section(EngineConfig, num_pages=64, max_seqs=32, prefill_rows=8),
       "chat": True,
       "scorer": scorer_section("check_answer"),
     }
@@ -99,4 +106,8 @@ def llama3p1_8b():
   config.init_from = "/path/to/llama3.1-8b-instruct"
   config.data.update(num_prompts=512, batch_size=64)
   config.generation.update(max_new_tokens=1024, num_samples=8, prompt_bucket=128)
+  # 256 sequences of up to 2048 tokens decoded together; the pool of 16384 pages of 16
+  # tokens (2 MiB each: 32 layers × 8 kv heads × 128 × keys and values in bf16, 32 GiB) holds
+  # them all at their longest, beside the 15 GiB of weights on each device.
+  config.engine.update(num_pages=16384, max_seqs=256, max_seq_len=2048, prefill_chunk=512)
   return config

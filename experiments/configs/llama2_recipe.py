@@ -118,6 +118,7 @@ def llama2_7b():
   config.rejection_sampling.model.preset = "llama2_7b"
   # 16 H100s: 7B's full-size KV heads (no GQA) need tensor=2 to leave room for the cache.
   config.rejection_sampling.mesh.update(data=-1, fsdp=1, tensor=2)
+  config.rejection_sampling.engine.num_pages = 4096  # 16 GiB per GPU: 16 of 32 heads each
   config.rejection_sampling.tokenizer = config.tokenizer
   config.round_sft = sft.llama2_7b()
   config.ppo = ppo.llama2_7b()

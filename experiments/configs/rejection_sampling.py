@@ -73,6 +73,9 @@ def llama2_70b():
   config.generation.update(num_samples=16, temperature=1.2, max_new_tokens=1024)
   config.scorer.update(kind="llama2", helpful="/path/to/rm_helpful", safety="/path/to/rm_safety")
   config.scorer.batch_size = 64
+  # The pool split over tensor = 8 (one of the 8 kv heads per GPU): 8192 pages of 16 tokens,
+  # 5 GiB per GPU, for 256 sequences of up to 2048 tokens.
+  config.engine.update(num_pages=8192, max_seqs=256, max_seq_len=2048, prefill_chunk=512)
   return config
 
 
@@ -80,4 +83,5 @@ def llama3p1_8b():
   config = _with_rounds(generate.llama3p1_8b())
   config.data.split = "train"
   config.scorer.update(reward_model="/path/to/rm_llama3p1_8b", batch_size=64)
+  config.engine.num_pages = 8192  # 16 GiB: the reward model's 15 GiB sit beside it
   return config

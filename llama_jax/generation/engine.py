@@ -55,7 +55,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from llama_jax.generation.sampling import SamplingConfig, sample_rows
 from llama_jax.model import attention
 from llama_jax.model.llama import PagedKV, as_model
-from llama_jax.parallel import sharding
+from llama_jax.parallel import aot, sharding
 
 SCRATCH_PAGE = 0
 
@@ -201,6 +201,25 @@ def page_shardings(model, mesh: Mesh) -> NamedSharding:
   return sharding.named_sharding(mesh, (None, None, None, "act_kv_heads", None), rules)
 
 
+def step_function(model, mesh: Mesh | None, attention_impl: str):
+  """The engine's compiled step `(params, kv, tokens, segment_ids, page_table, lengths, keys,
+  draws, temperature, top_k, top_p) -> (kv, tokens, logprobs, model_logprobs)`, the pool
+  donated; on a mesh with the weights where `param_shardings` places them and the pool split
+  over kv heads (`page_shardings`), the rows replicated. A new function object: its compiled
+  shapes are its own (`Engine.compilations`)."""
+  step = functools.partial(_step, model, mesh, attention_impl)
+  if mesh is None:
+    return jax.jit(step, donate_argnums=(1,))
+  pages = page_shardings(model, mesh)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(
+    step,
+    in_shardings=(sharding.param_shardings(model, mesh), pages) + (replicated,) * 9,
+    out_shardings=(pages,) + (replicated,) * 3,
+    donate_argnums=(1,),
+  )
+
+
 def _copy_pages(kv, src, dst):
   """Copies pages src [n] onto dst [n] in every layer (pairs (0, 0) pad)."""
   return kv.at[:, dst].set(kv[:, src])
@@ -254,19 +273,10 @@ class Engine:
     self.mesh = mesh
     platform = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).platform
     self.attention = attention.check_paged_kernel(config.attention, cfg.head_dim, platform)
-    step = functools.partial(_step, self.model, mesh, self.attention)
-    if mesh is None:
-      self._step = jax.jit(step, donate_argnums=(1,))
-    else:  # the weights as the mesh holds them (no copy); pages split over kv heads
-      pages = page_shardings(self.model, mesh)
-      self.kv = jax.device_put(self.kv, pages)
-      replicated = NamedSharding(mesh, PartitionSpec())
-      self._step = jax.jit(
-        step,
-        in_shardings=(sharding.param_shardings(self.model, mesh), pages) + (replicated,) * 9,
-        out_shardings=(pages,) + (replicated,) * 3,
-        donate_argnums=(1,),
-      )
+    # On a mesh: the weights as the mesh holds them (no copy), the pool split over kv heads.
+    self._step = step_function(self.model, mesh, self.attention)
+    if mesh is not None:
+      self.kv = jax.device_put(self.kv, page_shardings(self.model, mesh))
     # A partial per engine: its own compilation count (`compilations`).
     self._copy = jax.jit(functools.partial(_copy_pages), donate_argnums=(0,))
 
@@ -534,3 +544,36 @@ def _fold(key_data: np.ndarray, i: int) -> np.ndarray:
   """`fold_in` on key data, as numpy: a sample's key, once per sample."""
   key = jax.random.fold_in(jax.random.wrap_key_data(jnp.asarray(key_data)), i)
   return np.asarray(jax.random.key_data(key))
+
+
+def engine_programs(
+  model, config: EngineConfig, mesh: Mesh, dtype=None, resident=()
+) -> list[aot.Program]:
+  """The engine's largest steps for ahead-of-time compile-and-fit checks: a prefill step
+  (`prefill_rows` × `prefill_chunk` tokens) and a decode step (`max_seqs` rows), every row
+  reading a whole sequence's pages (`max_seq_len`), with the page pool (`num_pages`) as the
+  donated argument whose bytes count (`resident`: what else stays on the devices). FLOPs:
+  the forward of the step's tokens at that context."""
+  model = as_model(model)
+  cfg = model.config
+  max_seq_len = config.max_seq_len or cfg.max_seq_len
+  width = _pages_for(max_seq_len, config.page_size)
+  platform = mesh.devices.flat[0].platform
+  impl = attention.check_paged_kernel(config.attention, cfg.head_dim, platform)
+  fn = step_function(model, mesh, impl)
+  pool = jax.eval_shape(lambda: PagedKV.init_pages(cfg, config.num_pages, config.page_size, dtype))
+  pool = jax.ShapeDtypeStruct(pool.shape, pool.dtype, sharding=page_shardings(model, mesh))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  row = lambda *shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+  params = sharding.abstract_sharded_params(model, mesh)
+  per_token = cfg.flops_per_token(max_seq_len) / 3  # the forward's share of a train step's
+  programs = []
+  for name, rows, t in (("engine_prefill", config.prefill_rows, config.prefill_chunk),
+                        ("engine_decode", config.max_seqs, 1)):  # fmt: skip
+    args = (params, pool, row(rows, t), row(rows, t), row(rows, width), row(rows),
+            row(rows, 2, dtype=jnp.uint32), row(rows), row(rows, dtype=jnp.float32), row(rows),
+            row(rows, dtype=jnp.float32))  # fmt: skip
+    note = (f"{rows} × {t} tokens, {config.num_pages} pages × {config.page_size} "
+            f"({impl} attention)")  # fmt: skip
+    programs.append(aot.Program(name, fn, args, per_token * rows * t, resident, note))
+  return programs

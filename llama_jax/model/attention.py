@@ -467,15 +467,17 @@ def _ragged_local(q, pages, page_table, lengths):
   """jax's ragged paged attention Pallas kernel on one device's heads."""
   b, t, n, h = q.shape
   flat, kv_lens, cu_q_lens, num_seqs = ragged_arguments(q, page_table, lengths)
-  # Block sizes: the kernel's own defaults for shapes its tuned table lacks, given here
-  # because that table is looked up on `jax.devices()`, which compiling ahead of time for a
-  # TPU from another host does not have. Traced at the default matmul precision: Mosaic
-  # refuses 16-bit matmuls at "highest" (see `_at_default_precision`; no gradient here).
+  # Block sizes as the kernel's tuned table has them for TPU v5/v6 (a sixteenth of a row's
+  # pages, 32 queries), given here because the table is looked up on `jax.devices()`, which
+  # compiling ahead of time for a TPU from another host does not have (its untuned default,
+  # 128 pages, overflows VMEM at page_size 16). Traced at the default matmul precision:
+  # Mosaic refuses 16-bit matmuls at "highest" (see `_at_default_precision`; no gradient).
+  pages_per_block = min(max(page_table.shape[1] // 16, 1), 16)
   sixteen_bit = jnp.dtype(q.dtype).itemsize < 4
   with jax.default_matmul_precision("default") if sixteen_bit else contextlib.nullcontext():
     out = ragged.ragged_paged_attention(
       flat, pages.astype(q.dtype), kv_lens, page_table.astype(jnp.int32), cu_q_lens, num_seqs,
-      sm_scale=h**-0.5, num_kv_pages_per_block=min(page_table.shape[1], 128),
+      sm_scale=h**-0.5, num_kv_pages_per_block=pages_per_block,
       num_queries_per_block=min(b * t, 32),
     )  # fmt: skip
   return out.reshape(b, t, n, h)

@@ -25,14 +25,15 @@ ASSUMED = aot.Assumed(prompt_len=40, num_pairs=640)
 # The LM stages' programs (pretrain, sft) and the decoder alone (generate) are also compiled
 # by the stages below and by the small-preset check: make test leaves them to -m full_size.
 _ALSO_ELSEWHERE = pytest.mark.full_size
+ENGINE = ("engine_prefill", "engine_decode")  # the rollout engine's largest steps, with its pool
 STAGES = (
   pytest.param("pretrain", "tiny", {"train_step", "eval_step"}, marks=_ALSO_ELSEWHERE),
   pytest.param("sft", "tiny", {"train_step", "eval_step"}, marks=_ALSO_ELSEWHERE),
   ("reward_model", "tiny_llama3", {"train_step", "eval_step"}),
   ("dpo", "tiny", {"reference_logps", "train_step[precomputed]", "eval_step[precomputed]",
                    "train_step[in_step]", "eval_step[in_step]"}),
-  pytest.param("generate", "tiny", {"generate"}, marks=_ALSO_ELSEWHERE),
-  ("rejection_sampling", "tiny", {"generate", "score[reward_model]"}),
+  pytest.param("generate", "tiny", {"generate", *ENGINE}, marks=_ALSO_ELSEWHERE),
+  ("rejection_sampling", "tiny", {"generate", *ENGINE, "score[reward_model]"}),
   ("grpo", "tiny", {"generate", "logps", "train_step"}),
   ("ppo", "tiny", {"generate", "logps", "policy_step", "value_step"}),
 )  # fmt: skip
