@@ -35,9 +35,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 # The end-to-end checks that need more training or more stages (marker full_size), beside the
-# smoke-size ones `make test` runs: 5 random kills of a training run, every findings ablation
-# with a third seed, the Llama 2 recipe, the learning checks (RL reward rises, RM and DPO
-# accuracy), the LoRA chain, two-process GRPO and PPO, the TRL benchmark run (README).
+# smoke-size ones `make test` runs: random kills of a training run, the findings, the Llama 2
+# recipe, the learning checks (RL reward rises, RM and DPO accuracy), the LoRA chain,
+# two-process GRPO and PPO, the TRL benchmark run, SmolLM2 through the engine (README).
 test-full: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 -m full_size
 

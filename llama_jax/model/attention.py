@@ -13,8 +13,10 @@ kernel and what is missing, instead of dropping part of a mask. The next kernel 
 attention, a new Pallas kernel) is one more entry in `KERNELS` and one more name in
 `llama_jax.model.config.AttentionImpl`.
 
-Decoding against a KV cache always uses `attend_xla`, which scores several KV parts (a
-shared prefix, the cache) under one softmax.
+Decoding against a KV cache uses `attend_xla`, which scores several KV parts (a shared
+prefix, the cache) under one softmax. The rollout engine's paged pool has its own table,
+`PAGED_KERNELS` (`paged_attention`): the XLA path everywhere, TPU's Pallas ragged paged
+attention on TPU.
 """
 
 from __future__ import annotations

@@ -330,3 +330,27 @@ def test_truncated_gguf_names_the_file(tiny, tmp_path):
   with pytest.raises(CheckpointError, match=rf"cut.gguf: not a readable GGUF file \(truncated or "
                                             rf"damaged\? {len(data) // 2} bytes\): ValueError"):
     load_gguf_checkpoint(path)
+
+
+@pytest.mark.full_size  # 30-layer prefill and decode programs of the engine (about a minute)
+def test_smollm2_greedy_through_the_engine_is_transformers_generate(smollm2):
+  """The real SmolLM2's greedy answers to the three prompts, 16 tokens each, through the rollout
+  engine (paged KV, the prompts batched together): token for token what `transformers`
+  `generate` gives on its own reading of the file."""
+  from llama_jax.generation.engine import Engine, EngineConfig, Request
+  from llama_jax.generation.sampling import SamplingConfig
+
+  path, config, params, _ = smollm2
+  engine = Engine(config, params, EngineConfig(page_size=16, num_pages=16, max_seqs=4,
+                                               max_seq_len=64, prefill_chunk=16))  # fmt: skip
+  greedy, eos = SamplingConfig(temperature=0.0), config.eos_token_id
+  done = engine.generate([Request(prompt=p, max_new_tokens=16, sampling=greedy, stop_ids=(eos,))
+                          for p in PROMPTS])  # fmt: skip
+  model = _transformers_gguf(path)
+  for prompt, (sample,) in zip(PROMPTS, done, strict=True):
+    with torch.no_grad():
+      out = model.generate(torch.as_tensor([prompt]), max_new_tokens=16, do_sample=False,
+                           eos_token_id=eos, pad_token_id=eos)  # fmt: skip
+    theirs = out[0, len(prompt) :].tolist()
+    theirs = theirs[: theirs.index(eos) + 1] if eos in theirs else theirs
+    assert sample.tokens == theirs, prompt

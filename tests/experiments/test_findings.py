@@ -1,8 +1,8 @@
 """`experiments.findings` at smoke size: every finding is computed from real stage runs with
 a per-seed difference, an interval and a verdict; the report files are written; a rerun
 reuses every finished stage, and with another seed runs only the new seed's; any other change
-is refused. `make test` runs the DPO ablations (26 s); `-m full_size` all of them and
-a third seed."""
+is refused. `-m full_size` runs the DPO ablations, then all of them and a third seed; `make
+test` runs the refusals (the paired statistics are tests/evaluation/test_ablation.py)."""
 
 import json
 import math
@@ -25,7 +25,8 @@ KEYS = {  # per ablation, in the papers' order
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("full", [False, pytest.param(True, marks=pytest.mark.full_size)])
+@pytest.mark.full_size  # 26-38 s at smoke size; statistics: tests/evaluation/test_ablation.py
+@pytest.mark.parametrize("full", [False, True])
 def test_findings_smoke_and_resume(tmp_path, capsys, full):
   cfg = findings_configs.get_config("smoke")
   if not full:

@@ -5,8 +5,8 @@ changed config is refused before anything is written; a run stopped after its la
 redoes its end (final evaluation, plot, record) and a finished run is left as it is.
 
 The runs are real `python -m experiments.pretrain` processes on the tiny model (1 layer):
-one random kill by default (beside the one inside a checkpoint write), 5 under
-`-m full_size` (`make test-full`).
+one random kill (beside the one inside a checkpoint write), then 5, under `-m full_size`
+(`make test-full`); `make test` runs the others.
 """
 
 import json
@@ -124,7 +124,8 @@ def holds_lock(workdir: Path, pid: int) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kills", [1, pytest.param(5, marks=pytest.mark.full_size)])
+@pytest.mark.full_size  # 30-37 s: four and seven runs as subprocesses
+@pytest.mark.parametrize("kills", [1, 5])
 def test_random_kills_resume_to_the_uninterrupted_run(tmp_path, kills):
   """`kills` kills at seeded random steps and one inside a checkpoint write; each relaunch
   resumes. While a run holds the workdir, a second writer is refused and changes nothing."""

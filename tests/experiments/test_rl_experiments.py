@@ -86,7 +86,7 @@ def test_grpo_raises_the_reward_with_bounded_kl(sft_workdir, tmp_path):
   assert (tmp_path / "metrics.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.full_size  # 20 s; `test_ppo_checkpoint_holds_both_models_and_resumes` below
+@pytest.mark.full_size  # 20 s
 def test_ppo_raises_the_reward_with_bounded_kl_and_resumes(sft_workdir, tmp_path):
   cfg = rl_config(ppo_configs, sft_workdir, batch_size=16)
   out = ppo.run(cfg, str(tmp_path))
@@ -101,6 +101,7 @@ def test_ppo_raises_the_reward_with_bounded_kl_and_resumes(sft_workdir, tmp_path
   assert resumed["iterations"] == 1 and len(read_metrics(tmp_path)) == 16
 
 
+@pytest.mark.full_size  # 21 s; the driver and checkpoints are GRPO's too (sampling-mesh test)
 def test_ppo_checkpoint_holds_both_models_and_resumes(short_sft_workdir, tmp_path):
   """The learning check's files and resume at smoke size (2 iterations, then a third)."""
   cfg = rl_config(ppo_configs, short_sft_workdir, batch_size=16, steps=2)
@@ -151,10 +152,17 @@ def test_grpo_with_lora_raises_the_reward_and_trains_only_adapters(sft_workdir, 
   assert any(float(abs(np.asarray(b)).max()) > 0 for b in jax.tree.leaves(trainable))
 
 
-def test_sampling_on_its_own_mesh_gives_the_shared_mesh_results(short_sft_workdir, tmp_path):
-  """`sampling_mesh`: data-parallel sampling on all 8 devices, and on half of them with
-  tensor = 2, beside fsdp = 8 training: the weights are resharded every iteration (timed)
-  and the iterations equal sampling on the training mesh. The GRPO runs write the metrics all
+@pytest.mark.parametrize(
+  "name, sampling",
+  [("half", dict(data=2, tensor=2, num_devices=4)),
+   pytest.param("data8", dict(data=8), marks=pytest.mark.full_size)],  # 7 s more
+)  # fmt: skip
+def test_sampling_on_its_own_mesh_gives_the_shared_mesh_results(
+  short_sft_workdir, tmp_path, name, sampling
+):
+  """`sampling_mesh`: sampling on half the devices with tensor = 2, or data-parallel on all 8,
+  beside fsdp = 8 training: the weights are resharded every iteration (timed) and the
+  iterations equal sampling on the training mesh. The GRPO runs write the metrics all
   algorithms share and their plot."""
   sft_workdir = short_sft_workdir
 
@@ -178,17 +186,16 @@ def test_sampling_on_its_own_mesh_gives_the_shared_mesh_results(short_sft_workdi
   cfg.mesh.update(data=1, fsdp=8, tensor=1)
   mesh = sections.build_mesh(cfg.mesh)
   assert online_rl.sampling_mesh(cfg, mesh) is mesh
-  for name, sampling in (("data8", dict(data=8)), ("half", dict(data=2, tensor=2, num_devices=4))):
-    cfg.sampling_mesh.update(**sampling)
-    sampling_mesh = online_rl.sampling_mesh(cfg, mesh)
-    assert sampling_mesh.devices.size == sampling.get("num_devices", 8)
-    assert dict(sampling_mesh.shape) != dict(mesh.shape)
-    own = run(name, **sampling)
-    assert all(r["time/weight_sync"] > 0 for r in own)
-    for key in ("loss/policy", "objective/kl", "policy/entropy", "score/mean"):
-      np.testing.assert_allclose(
-        [r[key] for r in own], [r[key] for r in shared], rtol=1e-5, atol=1e-6, err_msg=key
-      )
+  cfg.sampling_mesh.update(**sampling)
+  sampling_mesh = online_rl.sampling_mesh(cfg, mesh)
+  assert sampling_mesh.devices.size == sampling.get("num_devices", 8)
+  assert dict(sampling_mesh.shape) != dict(mesh.shape)
+  own = run(name, **sampling)
+  assert all(r["time/weight_sync"] > 0 for r in own)
+  for key in ("loss/policy", "objective/kl", "policy/entropy", "score/mean"):
+    np.testing.assert_allclose(
+      [r[key] for r in own], [r[key] for r in shared], rtol=1e-5, atol=1e-6, err_msg=key
+    )
 
 
 @pytest.mark.parametrize("stage", ["grpo", "ppo"])
@@ -241,7 +248,9 @@ def test_an_iteration_through_the_library_builder_equals_the_launchers(stage):
   (ours_params, ours_metrics), (their_params, their_metrics) = results
   assert ours_metrics.keys() == their_metrics.keys()
   for key in ours_metrics:
-    if not key.startswith("time/"):
+    if key == "rollout/logp_mismatch":  # round-off of each side's own decoder: both tiny
+      assert max(ours_metrics[key], their_metrics[key]) < 1e-5
+    elif not key.startswith("time/"):
       assert ours_metrics[key] == pytest.approx(their_metrics[key], rel=1e-6, abs=1e-7), key
   for x, y in zip(jax.tree.leaves(ours_params), jax.tree.leaves(their_params), strict=True):
     np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
