@@ -47,12 +47,13 @@ EXPERIMENT_CONFIG_FILE = "experiment_config.json"
 
 
 # What a resumed run may change: how long it runs, how often it logs, evaluates, saves and
-# plots, and where it runs (checkpoints restore onto any mesh at the exact data position). Keys
-# ending in "." cover their whole section.
+# plots, and where and in how much memory it runs (checkpoints restore onto any mesh at the
+# exact data position; the rollout engine's pool and step shapes change no sample, and a run
+# from before the section existed has none). Keys ending in "." cover their whole section.
 SAFE_TO_CHANGE = (
   "resume", "train.num_steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
   "train.keep_checkpoints", "train.async_checkpoint", "train.peak_flops", "train.plot", "mesh.",
-  "sampling_mesh.",
+  "sampling_mesh.", "engine.",
 )  # fmt: skip
 
 
