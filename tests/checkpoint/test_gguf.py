@@ -243,6 +243,7 @@ def test_smollm2_config(smollm2):
   assert (config.bos_token_id, config.eos_token_id) == (1, 2)
 
 
+@pytest.mark.full_size  # 27 s (float64 forward); the tiny GGUF files match transformers above
 def test_smollm2_matches_transformers(smollm2):
   """Right-padded batch of three prompts: logits at every real token against transformers'
   own GGUF loading (the same dequantized weights: checked exactly) in float32, and both

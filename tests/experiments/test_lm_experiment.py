@@ -117,6 +117,7 @@ def test_nonfinite_raise_names_the_step(tmp_path):
   assert read_metrics(tmp_path / "skip")[-2]["skipped"] == 2
 
 
+@pytest.mark.full_size  # 9 s; make test runs the compile check's and generate's command lines
 def test_command_line_with_overrides(tmp_path):
   cmd = [
     sys.executable,

@@ -1,12 +1,13 @@
-"""The notebooks: committed without outputs; the model tour and the algorithms notebook run top
-to bottom on the 8 emulated devices (the post-training walk-through runs in `test_recipes` on
-a recipe's workdir)."""
+"""The notebooks: committed without outputs; the model tour (`-m full_size`) and the algorithms
+notebook run top to bottom on the 8 emulated devices (the post-training walk-through runs in
+`test_recipes` on a recipe's workdir)."""
 
 import ast
 import math
 import re
 
 import nbformat
+import pytest
 
 from llama_jax.testing import NOTEBOOKS, execute_notebook, notebook_text
 
@@ -22,6 +23,7 @@ def test_notebooks_are_committed_without_outputs():
         assert cell.outputs == [] and cell.execution_count is None, path.name
 
 
+@pytest.mark.full_size  # 10 s; make test executes the algorithms notebook
 def test_model_tour_runs():
   text = notebook_text(execute_notebook("model_tour.ipynb"))
   assert "8 devices" in text and "mesh {'data': 1, 'fsdp': 4, 'tensor': 2}" in text
